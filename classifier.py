@@ -1,0 +1,191 @@
+"""The model seam: load, input size, preprocess, predict, label. Imported by the model worker only.
+
+A keras.applications model (ResNet50 by default) or your own saved Keras model plug in the same way:
+the worker sees a Classifier, hands it uint8 pixels and gets the top-k labels back.
+"""
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+# keras.applications models we know the preprocessing module of: name -> module.
+APPLICATIONS = {
+    "ResNet50": "resnet50",
+    "ResNet101": "resnet",
+    "ResNet152": "resnet",
+    "ResNet50V2": "resnet_v2",
+    "ResNet101V2": "resnet_v2",
+    "ResNet152V2": "resnet_v2",
+    "MobileNet": "mobilenet",
+    "MobileNetV2": "mobilenet_v2",
+    "MobileNetV3Small": "mobilenet_v3",
+    "MobileNetV3Large": "mobilenet_v3",
+    **{f"EfficientNetB{i}": "efficientnet" for i in range(8)},
+    **{f"EfficientNetV2{s}": "efficientnet_v2" for s in ("B0", "B1", "B2", "B3", "S", "M", "L")},
+    "VGG16": "vgg16",
+    "VGG19": "vgg19",
+    "InceptionV3": "inception_v3",
+    "InceptionResNetV2": "inception_resnet_v2",
+    "Xception": "xception",
+    "DenseNet121": "densenet",
+    "DenseNet169": "densenet",
+    "DenseNet201": "densenet",
+    "ConvNeXtTiny": "convnext",
+    "ConvNeXtSmall": "convnext",
+    "ConvNeXtBase": "convnext",
+    "NASNetMobile": "nasnet",
+}
+PREPROCESS_MODES = ("caffe", "tf", "torch", "none")
+
+# The ImageNet class index keras.applications.imagenet_utils.decode_predictions downloads.
+IMAGENET_INDEX_URL = "https://storage.googleapis.com/download.tensorflow.org/data/imagenet_class_index.json"
+IMAGENET_INDEX_MD5 = "c2c37ea517e94d9795004a39431a14cb"
+
+
+class ModelConfigError(ValueError):
+    """The model settings do not describe a model this worker can load."""
+
+
+@dataclass
+class Classifier:
+    name: str
+    model: object  # keras.Model
+    preprocess: Callable[[np.ndarray], np.ndarray]
+    labels: list[str]
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """(height, width) the model takes."""
+        _, height, width, _ = self.model.input_shape
+        return int(height), int(width)
+
+    def predict(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 (n, h, w, 3) -> class probabilities (n, classes), in one forward pass."""
+        x = self.preprocess(pixels.astype(np.float32))
+        return np.asarray(self.model.predict_on_batch(x))
+
+    def top_k(self, probabilities: np.ndarray, k: int) -> list[dict]:
+        """The k most probable labels of one row, most probable first."""
+        k = min(k, len(probabilities))
+        best = np.argpartition(-probabilities, k - 1)[:k]
+        best = best[np.argsort(-probabilities[best], kind="stable")]
+        return [{"label": self.labels[i], "probability": float(probabilities[i])} for i in best]
+
+    def warm_up(self, batch_size: int) -> dict[int, float]:
+        """Run every batch shape that traces a new function, so no request pays for tracing.
+
+        predict_on_batch traces for batch 1 and 2 and then reuses one function for any size; the
+        full batch also sizes the memory pools. Returns seconds per batch size, second call each.
+        """
+        height, width = self.input_size
+        timings = {}
+        for n in sorted({1, 2, batch_size}):
+            zeros = np.zeros((n, height, width, 3), np.uint8)
+            self.predict(zeros)
+            start = time.perf_counter()
+            self.predict(zeros)
+            timings[n] = time.perf_counter() - start
+        return timings
+
+
+def load_classifier(
+    name: str = "ResNet50",
+    weights: str = "imagenet",
+    model_path: str = "",
+    labels_path: str = "",
+    preprocess: str = "",
+) -> Classifier:
+    """Build the classifier the settings describe (see settings.py: MODEL_*, LABELS_PATH)."""
+    if preprocess and preprocess not in PREPROCESS_MODES:
+        raise ModelConfigError(f"MODEL_PREPROCESS must be one of {', '.join(PREPROCESS_MODES)}, got {preprocess!r}")
+    enable_gpu_memory_growth()
+    import keras
+
+    if model_path:
+        if not labels_path:
+            raise ModelConfigError("MODEL_PATH needs LABELS_PATH: a JSON list of the model's class names")
+        model = keras.saving.load_model(model_path, compile=False)
+        classifier = Classifier(model_path, model, preprocess_function(preprocess or "none"), load_labels(labels_path))
+    else:
+        if name not in APPLICATIONS:
+            raise ModelConfigError(f"MODEL_NAME {name!r} is not one of: {', '.join(APPLICATIONS)}")
+        model = build_application(name, weights)
+        module = getattr(keras.applications, APPLICATIONS[name])
+        prep = preprocess_function(preprocess) if preprocess else module.preprocess_input
+        labels = load_labels(labels_path) if labels_path else imagenet_labels()
+        classifier = Classifier(name, model, prep, labels)
+    classes = int(classifier.model.output_shape[-1])
+    if classes != len(classifier.labels):
+        raise ModelConfigError(
+            f"the model has {classes} outputs but the labels file has {len(classifier.labels)} labels"
+        )
+    return classifier
+
+
+def build_application(name: str, weights: str):
+    """A keras.applications model with ImageNet, local or no weights."""
+    import keras
+
+    constructor = getattr(keras.applications, name)
+    if weights in ("", "none"):
+        return constructor(weights=None)
+    if weights.endswith(".weights.h5"):  # Keras 3 format: build, then load
+        model = constructor(weights=None)
+        model.load_weights(weights)
+        return model
+    return constructor(weights=weights)  # "imagenet" (downloaded and cached) or a Keras 2 .h5 file
+
+
+def preprocess_function(mode: str) -> Callable[[np.ndarray], np.ndarray]:
+    """keras.applications' pixel scaling by mode; "none" leaves pixels as float 0..255."""
+    if mode == "none":
+        return lambda x: x
+    from keras.applications import imagenet_utils
+
+    return lambda x: imagenet_utils.preprocess_input(x, mode=mode)
+
+
+def load_labels(path: str) -> list[str]:
+    """A JSON list of names, {"0": "name", ...}, or the ImageNet index {"0": [wnid, name], ...}."""
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    if isinstance(data, list):
+        return [str(label) for label in data]
+    if isinstance(data, dict):
+        try:
+            ordered = [data[str(i)] for i in range(len(data))]
+        except KeyError:
+            raise ModelConfigError(f"{path}: keys must be the class numbers 0..{len(data) - 1}") from None
+        return [str(v[-1]) if isinstance(v, list) else str(v) for v in ordered]
+    raise ModelConfigError(f"{path}: expected a JSON list or object of labels")
+
+
+def imagenet_labels() -> list[str]:
+    """The ImageNet index from Keras's cache, downloading it once on a connected machine."""
+    import keras
+
+    path = keras.utils.get_file(
+        "imagenet_class_index.json", IMAGENET_INDEX_URL, cache_subdir="models", file_hash=IMAGENET_INDEX_MD5
+    )
+    return load_labels(path)
+
+
+def enable_gpu_memory_growth() -> None:
+    """On TensorFlow, take GPU memory as needed rather than all of it (CUDA_VISIBLE_DEVICES picks GPUs)."""
+    import keras
+
+    if keras.backend.backend() != "tensorflow":
+        return
+    import tensorflow as tf
+
+    for gpu in tf.config.list_physical_devices("GPU"):
+        try:
+            tf.config.experimental.set_memory_growth(gpu, True)
+        except RuntimeError as exc:  # GPUs already initialised
+            log.warning("could not turn on memory growth for %s: %s", gpu.name, exc)

@@ -1,0 +1,186 @@
+"""The model worker: load and warm the model, then claim a batch -> predict -> answer, until SIGTERM.
+
+One process per GPU (CUDA_VISIBLE_DEVICES picks it); on CPU one per machine is usually best.
+SIGTERM or SIGINT: finish the batch in hand, write its answers, leave, exit 0. A second signal: now.
+"""
+
+import logging
+import os
+import socket
+import sys
+import time
+import uuid
+
+import numpy as np
+
+import settings
+from helpers import MessageError, decode_message, encode_answer, encode_error
+from image_queue import REDIS_ERRORS, Backoff, Claim, Done, ImageQueue, ModelInfo, queue_from_config
+
+log = logging.getLogger("model_server")
+
+
+def answer_batch(classifier, messages: list[bytes], now: float) -> list[Done]:
+    """Turn claimed messages into answers: drop the unreadable and expired, predict the rest at once.
+
+    One bad message, or one batch that raises, yields error answers for those requests only.
+    """
+    done, batch = [], []
+    height, width = classifier.input_size
+    for raw in messages:
+        try:
+            message = decode_message(raw)
+        except MessageError as exc:
+            log.error("dropping an unusable queue message (%s), request id %s", exc, exc.request_id)
+            answer = encode_error(500, f"the queued request was unusable: {exc}") if exc.request_id else None
+            done.append(Done(raw, exc.request_id, answer))
+            continue
+        if message.deadline < now:
+            done.append(Done(raw, message.request_id, None, message.deadline))  # nobody is waiting
+        elif message.pixels.shape[:2] != (height, width):
+            got_height, got_width, _ = message.pixels.shape
+            error = f"the image was prepared as {got_width}x{got_height} but the model takes {width}x{height}; retry"
+            done.append(Done(raw, message.request_id, encode_error(503, error), message.deadline))
+        else:
+            batch.append((raw, message))
+    if batch:
+        try:
+            probabilities = classifier.predict(np.stack([m.pixels for _, m in batch]))
+            answers = [
+                encode_answer(classifier.top_k(p, m.top)) for (_, m), p in zip(batch, probabilities, strict=True)
+            ]
+        except Exception:
+            log.exception("the model failed on a batch of %d; answering 500 for each", len(batch))
+            answers = [encode_error(500, "the model failed on this request's batch")] * len(batch)
+        done += [Done(raw, m.request_id, answer, m.deadline) for (raw, m), answer in zip(batch, answers, strict=True)]
+    return done
+
+
+class ModelWorker:
+    """The worker loop: heartbeat and look for dead peers, claim, predict, acknowledge."""
+
+    def __init__(self, queue: ImageQueue, classifier, *, batch_size: int, max_wait_s: float, heartbeat_s: float):
+        self.queue = queue
+        self.classifier = classifier
+        self.batch_size = batch_size
+        self.max_wait_s = max_wait_s
+        self.heartbeat_s = heartbeat_s
+        self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        height, width = classifier.input_size
+        self.model_info = ModelInfo(classifier.name, height, width)
+        self.stopping = False
+
+    def request_stop(self, signum=None, frame=None) -> None:
+        """Signal handler: the first asks to stop after the batch in hand, the second stops now."""
+        if self.stopping:
+            raise KeyboardInterrupt
+        log.info("worker %s: stopping after the batch in hand", self.worker_id)
+        self.stopping = True
+
+    def run(self) -> None:
+        backoff, last_beat = Backoff(), -float("inf")
+        log.info(
+            "worker %s serving queue %r in batches of up to %d", self.worker_id, self.queue.keys.name, self.batch_size
+        )
+        while not self.stopping:
+            try:
+                if time.monotonic() - last_beat >= self.heartbeat_s:
+                    self.queue.heartbeat(self.worker_id, self.model_info)
+                    self.queue.requeue_dead_workers()
+                    last_beat = time.monotonic()
+                claim = self.queue.claim(self.worker_id, self.batch_size, self.max_wait_s)
+                if claim.messages:
+                    self.process(claim)
+                if backoff.failures:
+                    log.info("worker %s: Redis is back", self.worker_id)
+                backoff.reset()
+            except REDIS_ERRORS as exc:
+                delay = backoff.next_delay()
+                log.warning("worker %s: Redis unavailable (%s); retrying in %.2f s", self.worker_id, exc, delay)
+                time.sleep(delay)
+        try:
+            left = self.queue.unregister(self.worker_id)
+            log.info("worker %s stopped (%d messages handed back)", self.worker_id, left)
+        except REDIS_ERRORS as exc:
+            log.warning("worker %s stopped without unregistering: %s", self.worker_id, exc)
+
+    def process(self, claim: Claim) -> None:
+        start = time.perf_counter()
+        done = answer_batch(self.classifier, claim.messages, claim.server_time)
+        inferred = time.perf_counter()
+        answered, late = self._ack(done)
+        expired = sum(1 for d in done if d.answer is None and d.request_id is not None)
+        log.info(
+            "batch of %d in %.1f ms (+%.1f ms to answer): %d answered, %d expired in queue, %d too late",
+            len(claim.messages),
+            (inferred - start) * 1000,
+            (time.perf_counter() - inferred) * 1000,
+            len(answered),
+            expired,
+            len(late),
+        )
+        for request_id in answered:
+            log.debug("answered %s", request_id)
+
+    def _ack(self, done: list[Done]) -> tuple[list[str], list[str]]:
+        """Acknowledge, retrying through a short Redis outage; past WORKER_TTL_S peers own the batch."""
+        backoff, give_up = Backoff(), time.monotonic() + self.queue.worker_ttl_s
+        while True:
+            try:
+                return self.queue.ack(self.worker_id, done)
+            except REDIS_ERRORS as exc:
+                if time.monotonic() > give_up:
+                    raise
+                delay = backoff.next_delay()
+                log.warning("worker %s: could not answer (%s); retrying in %.2f s", self.worker_id, exc, delay)
+                time.sleep(delay)
+
+
+def main() -> int:
+    import signal
+
+    logging.basicConfig(level=settings.LOG_LEVEL, format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up chatter out of the log
+    from classifier import load_classifier
+
+    started = time.perf_counter()
+    classifier = load_classifier(
+        settings.MODEL_NAME,
+        settings.MODEL_WEIGHTS,
+        settings.MODEL_PATH,
+        settings.LABELS_PATH,
+        settings.MODEL_PREPROCESS,
+    )
+    timings = classifier.warm_up(settings.BATCH_SIZE)
+    height, width = classifier.input_size
+    log.info(
+        "model %s loaded and warmed in %.1f s: input %dx%d, %d classes; %s",
+        classifier.name,
+        time.perf_counter() - started,
+        width,
+        height,
+        len(classifier.labels),
+        ", ".join(f"batch {n}: {s * 1000:.0f} ms" for n, s in timings.items()),
+    )
+    if max(timings.values()) + settings.REDIS_BLOCK_S >= settings.WORKER_TTL_S:
+        log.warning(
+            "a full batch takes %.1f s: raise WORKER_TTL_S (%.1f s) or peers will think this worker dead",
+            max(timings.values()),
+            settings.WORKER_TTL_S,
+        )
+    queue = queue_from_config(vars(settings))
+    worker = ModelWorker(
+        queue,
+        classifier,
+        batch_size=settings.BATCH_SIZE,
+        max_wait_s=settings.MAX_BATCH_WAIT_MS / 1000,
+        heartbeat_s=settings.WORKER_HEARTBEAT_S,
+    )
+    signal.signal(signal.SIGTERM, worker.request_stop)
+    signal.signal(signal.SIGINT, worker.request_stop)
+    worker.run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
