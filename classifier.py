@@ -6,6 +6,7 @@ the worker sees a Classifier, hands it uint8 pixels and gets the top-k labels ba
 
 import json
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -104,12 +105,16 @@ def load_classifier(
     """Build the classifier the settings describe (see settings.py: MODEL_*, LABELS_PATH)."""
     if preprocess and preprocess not in PREPROCESS_MODES:
         raise ModelConfigError(f"MODEL_PREPROCESS must be one of {', '.join(PREPROCESS_MODES)}, got {preprocess!r}")
+    if model_path and not labels_path:
+        raise ModelConfigError("MODEL_PATH needs LABELS_PATH: a JSON list of the model's class names")
+    weights_file = "" if weights in ("imagenet", "none", "") else weights
+    for setting, path in (("MODEL_PATH", model_path), ("MODEL_WEIGHTS", weights_file), ("LABELS_PATH", labels_path)):
+        if path and not os.path.exists(path):
+            raise ModelConfigError(f"{setting} {path} does not exist")
     enable_gpu_memory_growth()
     import keras
 
     if model_path:
-        if not labels_path:
-            raise ModelConfigError("MODEL_PATH needs LABELS_PATH: a JSON list of the model's class names")
         model = keras.saving.load_model(model_path, compile=False)
         classifier = Classifier(model_path, model, preprocess_function(preprocess or "none"), load_labels(labels_path))
     else:

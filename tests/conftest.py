@@ -1,0 +1,182 @@
+"""Shared fixtures: a private redis-server, seeded ResNet50 weights, real photos, real processes."""
+
+import io
+import os
+import signal
+import sys
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import stack  # noqa: E402
+from image_queue import ImageQueue, connect  # noqa: E402
+
+IMAGENET_INDEX = ROOT / "models" / "imagenet_class_index.json"  # a copy of ../shared/models' file
+WEIGHTS_SEED = 1234
+
+
+# --- Redis ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    """A redis-server of our own on a free port, keeping nothing on disk; stopped after the session."""
+    workdir = tmp_path_factory.mktemp("redis")
+    port = stack.free_port()
+    server = stack.start_redis(port, str(workdir), workdir / "redis.log")
+    yield {"port": port, "url": f"redis://127.0.0.1:{port}/0", "service": server}
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server):
+    return redis_server["url"]
+
+
+@pytest.fixture
+def redis_client(redis_server):
+    """A client on the private server; the database is emptied after each test."""
+    client = redis.Redis.from_url(redis_server["url"])
+    yield client
+    client.flushdb()
+    client.close()
+
+
+@pytest.fixture
+def queue_name():
+    """A queue name of the test's own, so tests sharing the server never see each other's keys."""
+    return f"q{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def make_queue(redis_url, queue_name, redis_client):
+    """ImageQueue(**options) on the private Redis, with short timeouts suited to tests."""
+
+    def make(**options) -> ImageQueue:
+        options = {"queue_max": 100, "block_s": 0.2, "result_ttl_s": 30, "worker_ttl_s": 2.0} | options
+        return ImageQueue(connect(redis_url, options["block_s"]), queue_name, **options)
+
+    return make
+
+
+# --- Images -----------------------------------------------------------------------------------
+
+
+def photo(name: str = "chelsea") -> Image.Image:
+    """A real photo that ships with scikit-image (chelsea: a cat; coffee; astronaut; rocket)."""
+    from skimage import data
+
+    return Image.fromarray(getattr(data, name)())
+
+
+def encode(image: Image.Image, fmt: str = "JPEG", **options) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, fmt, **options)
+    return buf.getvalue()
+
+
+def distinct_photos(n: int) -> list[bytes]:
+    """n different real images as JPEG bytes: crops of four photos at different places and sizes."""
+    sources = [photo(name) for name in ("chelsea", "coffee", "astronaut", "rocket")]
+    rng = np.random.default_rng(7)
+    images = []
+    for i in range(n):
+        source = sources[i % len(sources)]
+        w, h = source.size
+        side = int(rng.integers(min(w, h) // 3, min(w, h)))
+        x, y = int(rng.integers(0, w - side + 1)), int(rng.integers(0, h - side + 1))
+        images.append(encode(source.crop((x, y, x + side, y + side)), "JPEG", quality=90))
+    return images
+
+
+# --- Model ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def resnet_weights(tmp_path_factory) -> Path:
+    """The real ResNet50 architecture with seeded random weights, saved in Keras 3 format."""
+    import keras
+
+    path = tmp_path_factory.mktemp("weights") / "resnet50-seeded.weights.h5"
+    keras.utils.set_random_seed(WEIGHTS_SEED)
+    keras.applications.ResNet50(weights=None).save_weights(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def resnet(resnet_weights):
+    """The same model the worker serves, loaded in the test process through the same seam."""
+    from classifier import load_classifier
+
+    return load_classifier("ResNet50", str(resnet_weights), labels_path=str(IMAGENET_INDEX))
+
+
+# --- Processes --------------------------------------------------------------------------------
+
+
+class Stack:
+    """Model workers and a gunicorn on the private Redis, on a queue of the test's own."""
+
+    def __init__(self, env: dict, logdir: Path):
+        self.env, self.logdir = env, logdir
+        self.url = f"http://127.0.0.1:{env['WEB_PORT']}/"
+        self.workers: list[stack.Service] = []
+        self.web: stack.Service | None = None
+
+    def start_worker(self, **env) -> stack.Service:
+        log_path = self.logdir / f"worker{len(self.workers)}.log"
+        worker = stack.start_model_worker(self.env | env, log_path)
+        self.workers.append(worker)
+        return worker
+
+    def start_web(self, **env) -> stack.Service:
+        self.web = stack.start_web(self.env | env, self.logdir / "web.log")
+        return self.web
+
+    def wait_ready(self, timeout_s: float = 180) -> None:
+        stack.wait_until_ready(self.url, [s for s in [self.web, *self.workers] if s], timeout_s)
+
+    def worker_logs(self) -> str:
+        return "".join(w.log_text() for w in self.workers)
+
+    def stop(self) -> None:
+        for service in [self.web, *self.workers]:
+            if service and service.alive():
+                os.kill(service.pid, signal.SIGCONT)  # in case the test stopped it
+            if service:
+                service.stop(timeout_s=20)
+
+
+@pytest.fixture
+def make_stack(redis_url, resnet_weights, tmp_path):
+    """make_stack(**env) -> Stack for ResNet50 with seeded weights; everything stops after the test."""
+    stacks = []
+
+    def make(**env) -> Stack:
+        base = {
+            "REDIS_URL": redis_url,
+            "IMAGE_QUEUE": f"q{uuid.uuid4().hex[:10]}",
+            "WEB_PORT": str(stack.free_port()),
+            "WEB_WORKERS": "2",
+            "WEB_THREADS": "32",
+            "MODEL_WEIGHTS": str(resnet_weights),
+            "LABELS_PATH": str(IMAGENET_INDEX),
+            "BATCH_SIZE": "16",
+            "WORKER_HEARTBEAT_S": "0.5",
+            "LOG_LEVEL": "DEBUG",
+            "TF_CPP_MIN_LOG_LEVEL": "2",
+        }
+        s = Stack(base | {k: str(v) for k, v in env.items()}, tmp_path)
+        stacks.append(s)
+        return s
+
+    yield make
+    for s in stacks:
+        s.stop()

@@ -1,0 +1,197 @@
+"""The queue protocol against a real redis-server, without a model."""
+
+import threading
+import time
+
+import pytest
+from redis.crc import key_slot
+
+from image_queue import Done, ImageQueue, Keys, ModelInfo, QueueFull
+
+MODEL = ModelInfo("TestNet", 8, 8)
+
+
+def answer_all(queue: ImageQueue, worker_id: str, messages: list[bytes], deadline: float = 1e18):
+    """Acknowledge messages b"<id>" with the answer b"answer:<id>"."""
+    done = [Done(m, m.decode(), b"answer:" + m, deadline) for m in messages]
+    return queue.ack(worker_id, done)
+
+
+def test_keys_share_one_hash_tag_and_cluster_slot():
+    keys = Keys("image_queue")
+    names = [keys.queue, keys.workers, keys.model, keys.processing("w1"), keys.result("abc")]
+    assert names == [
+        "{image_queue}:queue",
+        "{image_queue}:workers",
+        "{image_queue}:model",
+        "{image_queue}:processing:w1",
+        "{image_queue}:result:abc",
+    ]
+    assert len({key_slot(n.encode()) for n in names}) == 1
+
+
+@pytest.mark.parametrize("bad", ["", "a{b", "a}b", "a:b", "a b"])
+def test_keys_refuse_names_that_would_break_the_tag(bad):
+    with pytest.raises(ValueError):
+        Keys(bad)
+
+
+def test_claim_takes_oldest_first_and_ack_writes_each_answer_once(make_queue, redis_client):
+    queue = make_queue()
+    for i in range(5):
+        queue.enqueue(f"m{i}".encode())
+    claim = queue.claim("w1", 3)
+    assert claim.messages == [b"m0", b"m1", b"m2"]
+    assert abs(claim.server_time - time.time()) < 1
+    assert redis_client.llen(queue.keys.processing("w1")) == 3 and redis_client.llen(queue.keys.queue) == 2
+    answered, late = answer_all(queue, "w1", claim.messages)
+    assert answered == ["m0", "m1", "m2"] and late == []
+    assert redis_client.llen(queue.keys.processing("w1")) == 0
+    assert redis_client.lrange(queue.keys.result("m1"), 0, -1) == [b"answer:m1"]
+    assert 0 < redis_client.ttl(queue.keys.result("m1")) <= 30  # nothing leaks if the client left
+    assert queue.wait_for("m0", time.monotonic() + 1) == b"answer:m0"
+
+
+def test_a_full_queue_refuses_without_pushing(make_queue, redis_client):
+    queue = make_queue(queue_max=3)
+    for i in range(3):
+        assert queue.enqueue(f"m{i}".encode()) == i + 1
+    with pytest.raises(QueueFull):
+        queue.enqueue(b"one too many")
+    assert redis_client.llen(queue.keys.queue) == 3
+
+
+def test_an_idle_worker_blocks_and_wakes_as_soon_as_a_message_arrives(make_queue):
+    queue = make_queue(block_s=5.0)
+    got = {}
+
+    def worker():
+        started = time.monotonic()
+        got["claim"] = queue.claim("w1", 8)
+        got["waited"] = time.monotonic() - started
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    time.sleep(0.3)
+    pushed = time.monotonic()
+    queue.enqueue(b"lonely")
+    thread.join(5)
+    assert got["claim"].messages == [b"lonely"]
+    assert got["waited"] < 5.0 and time.monotonic() - pushed < 0.2  # woke at once, not at the timeout
+
+
+def test_an_empty_queue_returns_nothing_after_the_block_timeout(make_queue):
+    queue = make_queue(block_s=0.3)
+    started = time.monotonic()
+    assert queue.claim("w1", 8).messages == []
+    assert 0.25 < time.monotonic() - started < 1.5
+
+
+def test_concurrent_claims_never_take_the_same_message(make_queue, redis_client):
+    queue = make_queue(queue_max=1000)
+    sent = [f"m{i}".encode() for i in range(600)]
+    for message in sent:
+        queue.enqueue(message)
+    taken: dict[str, list[bytes]] = {}
+
+    def worker(worker_id):
+        own = make_queue(queue_max=1000)  # a connection of its own, like a separate process
+        mine = taken.setdefault(worker_id, [])
+        while claim := own.claim(worker_id, 7).messages:
+            mine += claim
+            answer_all(own, worker_id, claim)
+
+    threads = [threading.Thread(target=worker, args=(f"w{i}",)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    everything = [m for ms in taken.values() for m in ms]
+    assert len(everything) == len(sent) and set(everything) == set(sent)  # each exactly once
+    assert sum(1 for ms in taken.values() if ms) >= 2  # the claims really did run side by side
+    assert redis_client.llen(queue.keys.queue) == 0
+
+
+def test_partial_batch_is_held_for_max_wait_to_fill(make_queue):
+    queue = make_queue()
+    queue.enqueue(b"first")
+    threading.Timer(0.05, queue.enqueue, args=(b"second",)).start()
+    claim = queue.claim("w1", 8, wait_s=0.3)
+    assert claim.messages == [b"first", b"second"]
+
+
+def test_an_answer_past_the_deadline_is_not_written(make_queue, redis_client):
+    queue = make_queue()
+    queue.enqueue(b"slow")
+    claim = queue.claim("w1", 8)
+    answered, late = answer_all(queue, "w1", claim.messages, deadline=claim.server_time - 1)
+    assert answered == [] and late == ["slow"]
+    assert not redis_client.exists(queue.keys.result("slow"))
+    assert redis_client.llen(queue.keys.processing("w1")) == 0
+
+
+def test_unreadable_messages_are_released_without_an_answer(make_queue, redis_client):
+    queue = make_queue()
+    queue.enqueue(b"\x00garbage")
+    claim = queue.claim("w1", 8)
+    assert queue.ack("w1", [Done(claim.messages[0], None, None)]) == ([], [])
+    assert redis_client.llen(queue.keys.processing("w1")) == 0
+
+
+def test_status_counts_live_workers_and_reports_the_model(make_queue):
+    queue = make_queue(worker_ttl_s=1.0)
+    empty = queue.status()
+    assert empty.live_workers == 0 and empty.model is None and abs(empty.server_time - time.time()) < 1
+    queue.heartbeat("w1", MODEL)
+    queue.heartbeat("w2", MODEL)
+    queue.enqueue(b"x")
+    status = queue.status()
+    assert status.live_workers == 2 and status.model == MODEL and status.queue_depth == 1
+    time.sleep(1.2)
+    assert queue.status().live_workers == 0  # heartbeats older than the TTL do not count
+
+
+def test_a_dead_workers_batch_goes_back_to_the_head_of_the_queue(make_queue, redis_client):
+    queue = make_queue(worker_ttl_s=1.0)
+    for i in range(5):
+        queue.enqueue(f"m{i}".encode())
+    queue.heartbeat("dead", MODEL)
+    assert queue.claim("dead", 3).messages == [b"m0", b"m1", b"m2"]
+    queue.heartbeat("alive", MODEL)
+    assert queue.requeue_dead_workers() == 0  # "dead" is only quiet so far
+    time.sleep(1.2)
+    queue.heartbeat("alive", MODEL)
+    assert queue.requeue_dead_workers() == 3
+    assert redis_client.zscore(queue.keys.workers, "dead") is None
+    assert queue.claim("alive", 10).messages == [b"m0", b"m1", b"m2", b"m3", b"m4"]  # original order
+
+
+def test_a_stalled_worker_that_wakes_up_cannot_answer_a_requeued_message(make_queue, redis_client):
+    queue = make_queue(worker_ttl_s=1.0)
+    queue.enqueue(b"m0")
+    queue.heartbeat("stalled", MODEL)
+    stale = queue.claim("stalled", 8).messages
+    time.sleep(1.2)
+    queue.heartbeat("peer", MODEL)
+    assert queue.requeue_dead_workers() == 1
+    fresh = queue.claim("peer", 8).messages
+    assert answer_all(queue, "stalled", stale) == ([], [])  # woke up: its claim is no longer its own
+    assert answer_all(queue, "peer", fresh) == (["m0"], [])
+    assert redis_client.lrange(queue.keys.result("m0"), 0, -1) == [b"answer:m0"]  # exactly one answer
+
+
+def test_unregister_hands_back_what_a_leaving_worker_holds(make_queue, redis_client):
+    queue = make_queue()
+    queue.enqueue(b"m0")
+    queue.heartbeat("leaving", MODEL)
+    queue.claim("leaving", 8)
+    assert queue.unregister("leaving") == 1
+    assert redis_client.lrange(queue.keys.queue, 0, -1) == [b"m0"]
+    assert queue.status().live_workers == 0
+
+
+def test_wait_for_gives_up_at_its_deadline(make_queue):
+    queue = make_queue(block_s=0.2)
+    started = time.monotonic()
+    assert queue.wait_for("nobody-answers", started + 0.5) is None
+    assert 0.45 < time.monotonic() - started < 0.8  # the deadline, plus at most a Redis clock tick

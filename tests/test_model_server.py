@@ -1,0 +1,208 @@
+"""The worker's batch handling (stand-in model) and the model seam (real Keras models)."""
+
+import json
+import logging
+import time
+
+import numpy as np
+import pytest
+from conftest import IMAGENET_INDEX, distinct_photos
+
+import helpers
+from run_model_server import ModelWorker, answer_batch
+
+
+class StandInClassifier:
+    """Probabilities that depend on the pixels, so answers can be traced back to their image."""
+
+    name, input_size, labels = "StandIn", (4, 4), ["dark", "bright"]
+
+    def __init__(self, fail: bool = False):
+        self.fail, self.batches = fail, []
+
+    def predict(self, pixels):
+        self.batches.append(len(pixels))
+        if self.fail:
+            raise RuntimeError("out of memory")
+        bright = pixels.reshape(len(pixels), -1).mean(axis=1) / 255
+        return np.stack([1 - bright, bright], axis=1)
+
+    def top_k(self, probabilities, k):
+        order = np.argsort(-probabilities)[:k]
+        return [{"label": self.labels[i], "probability": float(probabilities[i])} for i in order]
+
+
+NOW = 1_800_000_000.0
+
+
+def message(request_id: str, value: int = 200, deadline: float = NOW + 10, size=(4, 4)) -> bytes:
+    return helpers.encode_message(request_id, deadline, 2, np.full((*size, 3), value, np.uint8))
+
+
+def answers(done) -> dict:
+    return {d.request_id: (helpers.decode_answer(d.answer) if d.answer else None) for d in done}
+
+
+def test_one_forward_pass_for_the_whole_batch_and_each_answer_is_its_own():
+    model = StandInClassifier()
+    done = answer_batch(model, [message("a", 255), message("b", 0), message("c", 51)], NOW)
+    assert model.batches == [3]
+    got = answers(done)
+    assert got["a"]["predictions"][0] == {"label": "bright", "probability": 1.0}
+    assert got["b"]["predictions"][0] == {"label": "dark", "probability": 1.0}
+    assert got["c"]["predictions"][0] == {"label": "dark", "probability": pytest.approx(0.8)}
+
+
+def test_expired_messages_are_dropped_unanswered_and_not_run():
+    model = StandInClassifier()
+    done = answer_batch(model, [message("late", deadline=NOW - 0.001), message("fine")], NOW)
+    assert answers(done)["late"] is None and "predictions" in answers(done)["fine"]
+    assert model.batches == [1]
+
+
+def test_poison_messages_are_dropped_and_answered_when_their_id_can_be_read(caplog):
+    wrong_dtype = json.loads(message("bad-dtype"))
+    wrong_dtype["dtype"] = "float32"
+    no_id = json.loads(message("x"))
+    del no_id["id"]
+    batch = [b"\x00not json", json.dumps(no_id).encode(), json.dumps(wrong_dtype).encode(), message("good")]
+    with caplog.at_level(logging.ERROR):
+        done = answer_batch(StandInClassifier(), batch, NOW)
+    assert len(done) == 4  # every message is released
+    unreadable = [d for d in done if d.request_id is None]
+    assert len(unreadable) == 2 and all(d.answer is None for d in unreadable)
+    assert answers(done)["bad-dtype"] == {
+        "error": "the queued request was unusable: dtype must be uint8, got 'float32'",
+        "status": 500,
+    }
+    assert "predictions" in answers(done)["good"]
+    assert caplog.text.count("dropping an unusable queue message") == 3
+
+
+def test_an_image_prepared_for_another_model_size_is_503_retry():
+    done = answer_batch(StandInClassifier(), [message("old", size=(8, 8))], NOW)
+    assert answers(done)["old"] == {
+        "error": "the image was prepared as 8x8 but the model takes 4x4; retry",
+        "status": 503,
+    }
+
+
+def test_a_failing_batch_answers_500_for_each_request_and_logs_once(caplog):
+    with caplog.at_level(logging.ERROR):
+        done = answer_batch(StandInClassifier(fail=True), [message("a"), message("b")], NOW)
+    assert {r["status"] for r in answers(done).values()} == {500}
+    assert caplog.text.count("Traceback") == 1
+
+
+def test_first_signal_finishes_the_batch_second_stops_now():
+    worker = ModelWorker(
+        object.__new__(type("Q", (), {})), StandInClassifier(), batch_size=8, max_wait_s=0, heartbeat_s=1
+    )
+    worker.request_stop()
+    assert worker.stopping
+    with pytest.raises(KeyboardInterrupt):
+        worker.request_stop()
+
+
+# --- The model seam, with real Keras -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def keras():
+    import keras
+
+    return keras
+
+
+def test_labels_files_in_each_supported_format(tmp_path):
+    from classifier import ModelConfigError, load_labels
+
+    assert load_labels(IMAGENET_INDEX)[281] == "tabby"
+    (tmp_path / "list.json").write_text('["cat", "dog"]')
+    (tmp_path / "dict.json").write_text('{"1": "dog", "0": "cat"}')
+    (tmp_path / "gap.json").write_text('{"0": "cat", "2": "dog"}')
+    assert load_labels(tmp_path / "list.json") == load_labels(tmp_path / "dict.json") == ["cat", "dog"]
+    with pytest.raises(ModelConfigError, match="class numbers"):
+        load_labels(tmp_path / "gap.json")
+
+
+@pytest.mark.parametrize(
+    ("settings", "words"),
+    [
+        ({"name": "NotANet"}, "is not one of"),
+        ({"preprocess": "sideways"}, "MODEL_PREPROCESS must be one of"),
+        ({"model_path": "/some/model.keras", "labels_path": ""}, "needs LABELS_PATH"),
+        ({"model_path": "/some/model.keras"}, "MODEL_PATH /some/model.keras does not exist"),
+        ({"weights": "/some/weights.h5"}, "MODEL_WEIGHTS /some/weights.h5 does not exist"),
+    ],
+)
+def test_bad_model_settings_fail_with_a_clear_message(settings, words):
+    from classifier import ModelConfigError, load_classifier
+
+    with pytest.raises(ModelConfigError, match=words):
+        load_classifier(**({"weights": "none", "labels_path": str(IMAGENET_INDEX)} | settings))
+
+
+@pytest.mark.parametrize(
+    ("name", "size", "module"),
+    [
+        ("MobileNetV2", (224, 224), "mobilenet_v2"),
+        ("EfficientNetB0", (224, 224), "efficientnet"),
+        ("VGG16", (224, 224), "vgg16"),
+    ],
+)
+def test_other_keras_applications_bring_their_own_input_size_and_preprocessing(keras, name, size, module):
+    from classifier import load_classifier
+
+    c = load_classifier(name, "none", labels_path=str(IMAGENET_INDEX))
+    assert c.name == name and c.input_size == size and len(c.labels) == 1000
+    x = np.random.default_rng(0).integers(0, 256, (2, *size, 3)).astype(np.float32)
+    own = getattr(keras.applications, module).preprocess_input(x.copy())
+    np.testing.assert_allclose(c.preprocess(x.copy()), own)
+    assert c.predict(x.astype(np.uint8)).shape == (2, 1000)
+
+
+def test_a_labels_count_that_does_not_match_the_model_is_refused(tmp_path):
+    from classifier import ModelConfigError, load_classifier
+
+    (tmp_path / "three.json").write_text('["a", "b", "c"]')
+    with pytest.raises(ModelConfigError, match="1000 outputs but the labels file has 3"):
+        load_classifier("MobileNetV2", "none", labels_path=str(tmp_path / "three.json"))
+
+
+def test_keras2_h5_weights_as_keras_downloads_them_load_through_model_weights(keras, resnet, tmp_path):
+    """Air-gapped sites copy Keras's resnet50_weights_tf_dim_ordering_tf_kernels.h5 (Keras 2 layout)."""
+    import h5py
+    from keras.src.legacy.saving.legacy_h5_format import save_weights_to_hdf5_group
+
+    from classifier import load_classifier
+
+    path = tmp_path / "resnet50_weights_tf_dim_ordering_tf_kernels.h5"
+    with h5py.File(path, "w") as f:
+        save_weights_to_hdf5_group(f, resnet.model)
+    copy = load_classifier("ResNet50", str(path), labels_path=str(IMAGENET_INDEX))
+    pixels = np.stack([helpers.prepare_image(helpers.open_image(d, 10**8), (224, 224)) for d in distinct_photos(2)])
+    np.testing.assert_allclose(copy.predict(pixels), resnet.predict(pixels), atol=1e-6)
+
+
+def test_top_k_is_sorted_and_labelled(resnet):
+    probabilities = np.zeros(1000, np.float32)
+    probabilities[[281, 5, 999]] = [0.2, 0.7, 0.1]
+    assert resnet.top_k(probabilities, 3) == [
+        {"label": "electric_ray", "probability": pytest.approx(0.7)},
+        {"label": "tabby", "probability": pytest.approx(0.2)},
+        {"label": "toilet_tissue", "probability": pytest.approx(0.1)},
+    ]
+
+
+def test_warm_up_leaves_no_tracing_for_the_first_request(resnet):
+    timings = resnet.warm_up(8)
+    assert set(timings) == {1, 2, 8}
+    x = np.zeros((5, 224, 224, 3), np.uint8)  # a size never run before
+    started = time.perf_counter()
+    resnet.predict(x)
+    first = time.perf_counter() - started
+    started = time.perf_counter()
+    resnet.predict(x)
+    second = time.perf_counter() - started
+    assert first < 2 * second + 0.2  # no retrace: tracing ResNet50 costs over a second here

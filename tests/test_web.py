@@ -1,0 +1,264 @@
+"""The Flask app against a real Redis, with a stand-in worker speaking the real queue protocol.
+
+Fast: no model. The stand-in answers with a checksum of the pixels it received, so these tests also
+show that what the web side prepared is exactly what a worker gets.
+"""
+
+import hashlib
+import io
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+from conftest import ROOT, encode, photo
+from PIL import Image
+
+import helpers
+from image_queue import Done, ImageQueue, ModelInfo
+from run_web_server import create_app
+
+MODEL = ModelInfo("StandIn", 32, 48)  # height, width: not square, so a transposed size would show
+
+
+class StandInWorker:
+    """A thread that heartbeats, claims and answers like run_model_server.py, with no model."""
+
+    def __init__(self, queue: ImageQueue, worker_id: str = "stand-in", error: tuple[int, str] | None = None):
+        self.queue, self.worker_id, self.error = queue, worker_id, error
+        self.batches: list[int] = []
+        self.running = True
+        self.thread = threading.Thread(target=self.run, daemon=True)
+
+    def run(self):
+        while self.running:
+            self.queue.heartbeat(self.worker_id, MODEL)
+            claim = self.queue.claim(self.worker_id, 16)
+            if not claim.messages:
+                continue
+            self.batches.append(len(claim.messages))
+            done = []
+            for raw in claim.messages:
+                message = helpers.decode_message(raw)
+                if self.error:
+                    answer = helpers.encode_error(*self.error)
+                else:
+                    checksum = fingerprint(message.pixels)
+                    answer = helpers.encode_answer([{"label": checksum, "probability": 1.0}] * message.top)
+                done.append(Done(raw, message.request_id, answer, message.deadline))
+            self.queue.ack(self.worker_id, done)
+
+    def __enter__(self):
+        self.queue.heartbeat(self.worker_id, MODEL)  # ready before the first request, as a real worker is
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.running = False
+        self.thread.join(5)
+
+
+@pytest.fixture
+def make_app(redis_url, queue_name, redis_client):
+    def make(**config):
+        defaults = {
+            "REDIS_URL": redis_url,
+            "IMAGE_QUEUE": queue_name,
+            "REDIS_BLOCK_S": 0.2,
+            "REQUEST_TIMEOUT_S": 1.5,
+            "WORKER_TTL_S": 2.0,
+            "QUEUE_MAX": 64,
+            "MAX_UPLOAD_MB": 1,
+            "MAX_IMAGE_PIXELS": 5_000_000,
+        }
+        return create_app(defaults | config)
+
+    return make
+
+
+@pytest.fixture
+def app(make_app):
+    return make_app()
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+@pytest.fixture
+def worker(app):
+    with StandInWorker(app.extensions["image_queue"]) as w:
+        yield w
+
+
+CAT = encode(photo("chelsea"), "JPEG")
+
+
+def fingerprint(pixels: np.ndarray) -> str:
+    return f"{hashlib.sha256(pixels.tobytes()).hexdigest()[:16]} {pixels.dtype} {pixels.shape}"
+
+
+def expected_checksum(data: bytes) -> str:
+    return fingerprint(helpers.prepare_image(helpers.open_image(data, 10**8), (MODEL.width, MODEL.height)))
+
+
+def post_image(client, data: bytes = CAT, query: str = "", **kwargs):
+    return client.post(f"/predict{query}", data={"image": (io.BytesIO(data), "cat.jpg")}, **kwargs)
+
+
+def assert_json_error(response, status: int, words: str):
+    assert response.status_code == status, response.get_data(as_text=True)
+    assert response.is_json and response.json["success"] is False
+    assert words in response.json["error"]
+
+
+# --- Serving ----------------------------------------------------------------------------------
+
+
+def test_predict_returns_the_seed_shape_with_the_workers_answer(client, worker):
+    response = post_image(client)
+    assert response.status_code == 200 and response.json["success"] is True
+    predictions = response.json["predictions"]
+    assert len(predictions) == 5 and set(predictions[0]) == {"label", "probability"}
+    assert predictions[0]["label"] == expected_checksum(CAT)  # the worker saw exactly these pixels
+    assert len(response.headers["X-Request-ID"]) == 32
+
+
+def test_a_raw_image_body_works_too(client, worker):
+    response = client.post("/predict", data=CAT, content_type="image/jpeg")
+    assert response.status_code == 200 and response.json["predictions"][0]["label"] == expected_checksum(CAT)
+
+
+@pytest.mark.parametrize("top", [1, 3, 20])
+def test_top_k_is_honoured(client, worker, top):
+    response = post_image(client, query=f"?top={top}")
+    assert response.status_code == 200 and len(response.json["predictions"]) == top
+
+
+@pytest.mark.parametrize("top", ["0", "21", "-1", "five", ""])
+def test_bad_top_is_400(client, top):
+    assert_json_error(post_image(client, query=f"?top={top}"), 400, "top must be")
+
+
+def test_concurrent_requests_each_get_their_own_answer_in_shared_batches(app, worker):
+    images = [encode(photo("coffee").rotate(angle), "PNG") for angle in range(0, 360, 18)]
+    results = [None] * len(images)
+
+    def call(i):
+        results[i] = post_image(app.test_client(), images[i])
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(images))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert [r.status_code for r in results] == [200] * len(images)
+    assert [r.json["predictions"][0]["label"] for r in results] == [expected_checksum(d) for d in images]
+    assert len(set(expected_checksum(d) for d in images)) == len(images)  # the images really differ
+    assert max(worker.batches) > 1  # concurrent requests shared batches
+
+
+# --- Refusals ---------------------------------------------------------------------------------
+
+
+def test_no_worker_is_503_at_once_with_retry_after(client):
+    started = time.monotonic()
+    response = post_image(client)
+    assert_json_error(response, 503, "no model worker")
+    assert response.headers["Retry-After"] == "5" and time.monotonic() - started < 0.5
+
+
+def test_a_full_queue_is_503_at_once_with_retry_after(make_app, redis_client):
+    app = make_app(QUEUE_MAX=4)
+    client, queue = app.test_client(), app.extensions["image_queue"]
+    queue.heartbeat("busy-elsewhere", MODEL)  # alive, but not taking anything
+    for i in range(4):
+        queue.enqueue(f"waiting{i}".encode())
+    started = time.monotonic()
+    response = post_image(client)
+    assert_json_error(response, 503, "queue holds 4")
+    assert response.headers["Retry-After"] == "1" and time.monotonic() - started < 0.5
+    assert redis_client.llen(queue.keys.queue) == 4
+
+
+def test_a_stalled_worker_means_504_at_the_deadline(app, client):
+    app.extensions["image_queue"].heartbeat("stalled", MODEL)  # fresh heartbeat, never claims
+    started = time.monotonic()
+    response = post_image(client)
+    assert_json_error(response, 504, "no answer within 1.5 s")
+    assert 1.4 < time.monotonic() - started < 1.5 + 0.3
+
+
+def test_redis_down_is_503_not_a_hang(make_app):
+    from stack import free_port
+
+    app = make_app(REDIS_URL=f"redis://127.0.0.1:{free_port()}/0")
+    started = time.monotonic()
+    response = post_image(app.test_client())
+    assert_json_error(response, 503, "Redis is unavailable")
+    assert time.monotonic() - started < 5
+    assert app.test_client().get("/readyz").status_code == 503
+
+
+def test_a_worker_error_keeps_its_status(app, client):
+    with StandInWorker(app.extensions["image_queue"], error=(500, "the model failed on this request's batch")):
+        assert_json_error(post_image(client), 500, "the model failed")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "status", "words"),
+    [
+        ({"data": {"image": (io.BytesIO(b""), "empty.jpg")}}, 400, "empty"),
+        ({"data": {"image": (io.BytesIO(b"just text"), "photo.jpg")}}, 400, "not an image"),
+        ({"data": {"image": (io.BytesIO(CAT[:3000]), "cut.jpg")}}, 400, "truncated"),
+        ({"data": {"photo": (io.BytesIO(CAT), "cat.jpg")}}, 400, "no 'image' field"),
+        ({"data": {"image": [(io.BytesIO(CAT), "a.jpg"), (io.BytesIO(CAT), "b.jpg")]}}, 400, "one image"),
+        ({"data": b"{}", "content_type": "application/json"}, 400, "no image"),
+        ({"data": b"<svg xmlns='http://www.w3.org/2000/svg'/>", "content_type": "image/svg+xml"}, 415, "SVG"),
+        ({"data": encode(Image.new("RGB", (16, 16)), "ICO"), "content_type": "image/x-icon"}, 415, "ICO"),
+        ({"data": b"\xff" * (1024 * 1024 + 1), "content_type": "image/jpeg"}, 413, "larger than 1 MB"),
+        ({"data": encode(Image.new("1", (3000, 3000)), "PNG"), "content_type": "image/png"}, 413, "pixels"),
+    ],
+)
+def test_bad_uploads_get_a_clear_4xx_and_the_next_good_request_is_served(client, worker, kwargs, status, words):
+    assert_json_error(client.post("/predict", **kwargs), status, words)
+    assert post_image(client).status_code == 200
+
+
+def test_wrong_method_and_unknown_path_are_json(client):
+    response = client.get("/predict")
+    assert_json_error(response, 405, "not allowed")
+    assert "POST" in response.headers["Allow"]
+    assert_json_error(client.get("/nowhere"), 404, "not found")
+
+
+# --- Health and welcome -----------------------------------------------------------------------
+
+
+def test_health_readiness_and_welcome(client):
+    assert client.get("/healthz").json == {"status": "ok"}
+    assert_json_error(client.get("/readyz"), 503, "no model worker")
+    welcome = client.get("/")
+    assert welcome.status_code == 200 and "curl -X POST -F image=@photo.jpg" in welcome.get_data(as_text=True)
+
+
+def test_ready_once_a_worker_heartbeats(client, worker):
+    body = client.get("/readyz").json
+    assert (
+        body["ready"] is True
+        and body["workers"] == 1
+        and body["model"] == {"name": "StandIn", "width": 48, "height": 32}
+    )
+
+
+def test_the_web_side_never_imports_tensorflow_or_keras():
+    code = (
+        "import sys, run_web_server, runpy; runpy.run_path('keras_rest_api_app.wsgi'); "
+        "import gunicorn_conf; heavy = [m for m in ('tensorflow', 'keras', 'jax', 'torch') if m in sys.modules]; "
+        "print(heavy); sys.exit(1 if heavy else 0)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
