@@ -116,7 +116,8 @@ def load_classifier(
 
     if model_path:
         model = keras.saving.load_model(model_path, compile=False)
-        classifier = Classifier(model_path, model, preprocess_function(preprocess or "none"), load_labels(labels_path))
+        name = os.path.splitext(os.path.basename(model_path))[0]
+        classifier = Classifier(name, model, preprocess_function(preprocess or "none"), load_labels(labels_path))
     else:
         if name not in APPLICATIONS:
             raise ModelConfigError(f"MODEL_NAME {name!r} is not one of: {', '.join(APPLICATIONS)}")

@@ -42,21 +42,22 @@ def redis_url(redis_server):
 
 @pytest.fixture
 def redis_client(redis_server):
-    """A client on the private server; the database is emptied after each test."""
     client = redis.Redis.from_url(redis_server["url"])
     yield client
-    client.flushdb()
     client.close()
 
 
 @pytest.fixture
-def queue_name():
-    """A queue name of the test's own, so tests sharing the server never see each other's keys."""
-    return f"q{uuid.uuid4().hex[:10]}"
+def queue_name(redis_client):
+    """A queue name of the test's own (tests share the server); its keys are deleted afterwards."""
+    name = f"q{uuid.uuid4().hex[:10]}"
+    yield name
+    for key in redis_client.scan_iter(match=f"{{{name}}}:*"):
+        redis_client.delete(key)
 
 
 @pytest.fixture
-def make_queue(redis_url, queue_name, redis_client):
+def make_queue(redis_url, queue_name):
     """ImageQueue(**options) on the private Redis, with short timeouts suited to tests."""
 
     def make(**options) -> ImageQueue:
@@ -154,29 +155,48 @@ class Stack:
                 service.stop(timeout_s=20)
 
 
-@pytest.fixture
-def make_stack(redis_url, resnet_weights, tmp_path):
-    """make_stack(**env) -> Stack for ResNet50 with seeded weights; everything stops after the test."""
-    stacks = []
+class StackFactory:
+    """make(**env) -> Stack for ResNet50 with seeded weights, each on its own queue and port."""
 
-    def make(**env) -> Stack:
+    def __init__(self, redis_url: str, weights: Path, logdir: Path):
+        self.redis_url, self.weights, self.logdir = redis_url, weights, logdir
+        self.stacks: list[Stack] = []
+
+    def __call__(self, **env) -> Stack:
         base = {
-            "REDIS_URL": redis_url,
+            "REDIS_URL": self.redis_url,
             "IMAGE_QUEUE": f"q{uuid.uuid4().hex[:10]}",
             "WEB_PORT": str(stack.free_port()),
             "WEB_WORKERS": "2",
             "WEB_THREADS": "32",
-            "MODEL_WEIGHTS": str(resnet_weights),
+            "MODEL_WEIGHTS": str(self.weights),
             "LABELS_PATH": str(IMAGENET_INDEX),
             "BATCH_SIZE": "16",
             "WORKER_HEARTBEAT_S": "0.5",
             "LOG_LEVEL": "DEBUG",
-            "TF_CPP_MIN_LOG_LEVEL": "2",
         }
-        s = Stack(base | {k: str(v) for k, v in env.items()}, tmp_path)
-        stacks.append(s)
+        logdir = self.logdir / f"stack{len(self.stacks)}"
+        logdir.mkdir()
+        s = Stack(base | {k: str(v) for k, v in env.items()}, logdir)
+        self.stacks.append(s)
         return s
 
-    yield make
-    for s in stacks:
-        s.stop()
+    def stop_all(self) -> None:
+        for s in self.stacks:
+            s.stop()
+
+
+@pytest.fixture
+def make_stack(redis_url, resnet_weights, tmp_path):
+    """Stacks for one test; everything stops after it."""
+    factory = StackFactory(redis_url, resnet_weights, tmp_path)
+    yield factory
+    factory.stop_all()
+
+
+@pytest.fixture(scope="module")
+def make_module_stack(redis_server, resnet_weights, tmp_path_factory):
+    """Stacks shared by the tests of one module."""
+    factory = StackFactory(redis_server["url"], resnet_weights, tmp_path_factory.mktemp("stacks"))
+    yield factory
+    factory.stop_all()

@@ -61,7 +61,7 @@ class StandInWorker:
 
 
 @pytest.fixture
-def make_app(redis_url, queue_name, redis_client):
+def make_app(redis_url, queue_name):
     def make(**config):
         defaults = {
             "REDIS_URL": redis_url,
