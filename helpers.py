@@ -171,7 +171,7 @@ def decode_message(raw: bytes) -> Message:
         top = int(body["top"])
         shape = tuple(int(n) for n in body["shape"])
         dtype = body["dtype"]
-        data = base64.b64decode(body["data"], validate=True)
+        data = binascii.a2b_base64(body["data"], strict_mode=True)
     except (KeyError, TypeError, ValueError, binascii.Error) as exc:
         raise MessageError(f"bad or missing field ({exc})", request_id) from None
     if dtype != "uint8":

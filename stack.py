@@ -164,6 +164,7 @@ def main() -> int:
                 print(f"stack: started redis-server on 127.0.0.1:{port} (set REDIS_URL to use your own)", flush=True)
             services += [start_model_worker(env) for _ in range(args.workers)]
             services.append(start_web(env))
+            print("stack: " + ", ".join(f"{s.name} pid {s.pid}" for s in services), flush=True)
             host = "127.0.0.1" if settings.WEB_HOST in ("0.0.0.0", "::", "") else settings.WEB_HOST
             host = f"[{host}]" if ":" in host else host
             url = f"http://{host}:{settings.WEB_PORT}/"

@@ -5,8 +5,11 @@ this process on the same prepared pixels, returns. Seeded random weights give ne
 labels for every image, so answers are matched on their probabilities, tightly.
 """
 
+import json
 import re
 import signal
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -14,11 +17,12 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import requests
-from conftest import distinct_photos, encode, photo
+from conftest import ROOT, distinct_photos, encode, photo
 from PIL import Image
 
 import helpers
 from image_queue import Keys
+from stack import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -254,3 +258,33 @@ def wait_for(condition, timeout_s: float):
             return value
         time.sleep(0.02)
     raise AssertionError(f"condition not met within {timeout_s} s")
+
+
+# --- The clients against the live service -------------------------------------------------------
+
+
+def test_simple_request_prints_the_predictions_and_fails_loudly(served, tmp_path):
+    def run(*args):
+        return subprocess.run(
+            [sys.executable, "simple_request.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=60
+        )
+
+    ok = run("images/chelsea.jpg", "--url", served.url + "predict", "--top", "3")
+    assert ok.returncode == 0 and len(ok.stdout.strip().splitlines()) == 3 and ok.stdout.startswith("1. ")
+    (tmp_path / "notes.jpg").write_text("not a photo")
+    bad = run(str(tmp_path / "notes.jpg"), "--url", served.url + "predict")
+    assert bad.returncode == 1 and "HTTP 400" in bad.stderr
+    unreachable = run("images/chelsea.jpg", "--url", f"http://127.0.0.1:{free_port()}/predict")
+    assert unreachable.returncode == 1 and "error:" in unreachable.stderr
+
+
+def test_stress_test_waits_for_every_answer_and_summarises(served, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "stress_test.py", "--url", served.url + "predict", "--count", "30", "--spacing", "0.02",
+         "--image", "images/chelsea.jpg", "--image", "images/coffee.jpg", "--json", str(tmp_path / "s.json")],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["sent"] == summary["succeeded"] == 30 and summary["failed"] == {}
+    assert "latency p50" in result.stdout and summary["latency_ms"]["p50"] > 0

@@ -1,0 +1,170 @@
+"""Load the service and report what it did: sent, succeeded, failed by status, throughput, latency.
+
+By default the seed's pattern: 500 requests, a new one every 0.05 s, each from its own thread (open
+loop); it waits for every answer, then prints a summary. --concurrency N runs a closed loop instead:
+N clients, each sending its next request as soon as its last is answered.
+
+    python stress_test.py [--count 500] [--spacing 0.05] [--concurrency N] [--url URL] [--image FILE ...]
+"""
+
+import argparse
+import itertools
+import json
+import math
+import sys
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import requests
+
+DEFAULT_URL = "http://127.0.0.1:5000/predict"
+DEFAULT_IMAGE = Path(__file__).resolve().parent / "images" / "chelsea.jpg"
+TIMEOUT_S = 60  # client timeout: longer than the service's REQUEST_TIMEOUT_S and gunicorn's timeout
+
+
+@dataclass
+class Result:
+    started: float  # seconds since the run began
+    latency: float  # seconds
+    outcome: str  # "200", another HTTP status, or the client-side error's name
+
+
+class LoadRun:
+    """Sends requests from threads and collects one Result each; thread-safe."""
+
+    def __init__(self, url: str, images: list[bytes], timeout_s: float = TIMEOUT_S):
+        self.url, self.images, self.timeout_s = url, images, timeout_s
+        self.results: list[Result] = []
+        self.sent = 0
+        self.lock = threading.Lock()
+        self.start = time.monotonic()
+
+    def send_one(self, index: int, session: requests.Session | None = None) -> None:
+        image = self.images[index % len(self.images)]
+        started = time.monotonic()
+        with self.lock:
+            self.sent += 1
+        try:
+            post = session.post if session else requests.post
+            response = post(self.url, files={"image": ("image.jpg", image)}, timeout=self.timeout_s)
+            outcome = str(response.status_code)
+        except requests.RequestException as exc:
+            outcome = type(exc).__name__
+        result = Result(started - self.start, time.monotonic() - started, outcome)
+        with self.lock:
+            self.results.append(result)
+
+    def open_loop(self, count: int, spacing_s: float) -> None:
+        """A new request every spacing_s seconds, each from its own thread, until count are sent."""
+        threads = []
+        for i in range(count):
+            time.sleep(max(0.0, self.start + i * spacing_s - time.monotonic()))  # pacing, on a fixed schedule
+            thread = threading.Thread(target=self.send_one, args=(i,), daemon=True)
+            thread.start()
+            threads.append(thread)
+        for thread in threads:
+            thread.join()
+
+    def closed_loop(self, clients: int, count: int | None = None, duration_s: float | None = None) -> None:
+        """clients threads, each sending its next request when the last is answered."""
+        counter = itertools.count()
+        stop_at = None if duration_s is None else self.start + duration_s
+
+        def client():
+            with requests.Session() as session:
+                while True:
+                    i = next(counter)
+                    if (count is not None and i >= count) or (stop_at is not None and time.monotonic() >= stop_at):
+                        return
+                    self.send_one(i, session)
+
+        threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+
+    def print_progress(self, count: int, every_s: float = 1.0) -> None:
+        """Run in a thread of its own: a line a second until every answer is in."""
+        while True:
+            time.sleep(every_s)
+            with self.lock:
+                done, ok = len(self.results), sum(r.outcome == "200" for r in self.results)
+            print(
+                f"  {time.monotonic() - self.start:5.1f} s  sent {self.sent}/{count}  answered {done}  ok {ok}",
+                flush=True,
+            )
+            if done >= count:
+                return
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    """Nearest-rank percentile of an ascending list (q in 0..100)."""
+    if not sorted_values:
+        return float("nan")
+    rank = max(1, min(len(sorted_values), math.ceil(q / 100 * len(sorted_values))))
+    return sorted_values[rank - 1]
+
+
+def summarize(results: list[Result]) -> dict:
+    """Throughput over the run, latency percentiles of the successes, outcomes by status."""
+    ok = sorted(r.latency for r in results if r.outcome == "200")
+    wall = max((r.started + r.latency for r in results), default=0.0) - min((r.started for r in results), default=0.0)
+    return {
+        "sent": len(results),
+        "succeeded": len(ok),
+        "failed": dict(Counter(r.outcome for r in results if r.outcome != "200")),
+        "wall_s": round(wall, 3),
+        "throughput_per_s": round(len(ok) / wall, 3) if wall else 0.0,
+        "latency_ms": {
+            name: round(percentile(ok, q) * 1000, 1)
+            for name, q in (("p50", 50), ("p95", 95), ("p99", 99), ("max", 100))
+        },
+    }
+
+
+def format_summary(summary: dict) -> str:
+    lat = summary["latency_ms"]
+    by_status = ", ".join(f"{k}: {v}" for k, v in sorted(summary["failed"].items())) or "none"
+    failed = sum(summary["failed"].values())
+    return (
+        f"sent {summary['sent']}, succeeded {summary['succeeded']}, failed {failed} ({by_status})\n"
+        f"throughput {summary['throughput_per_s']:.2f} answers/s over {summary['wall_s']:.1f} s\n"
+        f"latency p50 {lat['p50']:.0f} ms, p95 {lat['p95']:.0f} ms, p99 {lat['p99']:.0f} ms, max {lat['max']:.0f} ms"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--url", default=DEFAULT_URL, help=f"the /predict endpoint (default {DEFAULT_URL})")
+    parser.add_argument("--image", action="append", type=Path, help="image file; repeat to rotate through several")
+    parser.add_argument("--count", "-n", type=int, default=500, help="requests to send (default 500)")
+    parser.add_argument("--spacing", type=float, default=0.05, help="seconds between new requests (default 0.05)")
+    parser.add_argument("--concurrency", type=int, help="closed loop with this many clients instead of --spacing")
+    parser.add_argument(
+        "--timeout", type=float, default=TIMEOUT_S, help=f"client timeout, seconds (default {TIMEOUT_S})"
+    )
+    parser.add_argument("--json", type=Path, help="also write the summary as JSON to this file")
+    args = parser.parse_args(argv)
+
+    images = [path.read_bytes() for path in (args.image or [DEFAULT_IMAGE])]
+    run = LoadRun(args.url, images, args.timeout)
+    threading.Thread(target=run.print_progress, args=(args.count,), daemon=True).start()
+    if args.concurrency:
+        print(f"stress test: {args.count} requests from {args.concurrency} clients in a closed loop", flush=True)
+        run.closed_loop(args.concurrency, count=args.count)
+    else:
+        print(f"stress test: {args.count} requests, one every {args.spacing} s, each in its own thread", flush=True)
+        run.open_loop(args.count, args.spacing)
+    summary = summarize(run.results)
+    print(format_summary(summary))
+    if args.json:
+        args.json.write_text(json.dumps(summary, indent=2))
+    return 0 if summary["succeeded"] == summary["sent"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
