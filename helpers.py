@@ -8,8 +8,9 @@ Queue message (web -> model worker), one JSON object, UTF-8, "id" first:
     A 224 x 224 image is 150,528 pixel bytes, 200,704 in base64, ~200.8 KB with the JSON around it.
 
 Answer (model worker -> web), one JSON object pushed on the request's own result key:
-    {"predictions": [{"label": "tabby", "probability": 0.93}, ...]}   on success
-    {"error": "<for a person>", "status": <HTTP status>}               on failure
+    {"predictions": [{"label": "tabby", "probability": 0.93}, ...],
+     "batch_size": <images in the forward pass>, "inference_ms": <its duration>}   on success
+    {"error": "<for a person>", "status": <HTTP status>}                           on failure
 """
 
 import base64
@@ -186,8 +187,9 @@ def decode_message(raw: bytes) -> Message:
     return Message(request_id, deadline, top, pixels)
 
 
-def encode_answer(predictions: list[dict]) -> bytes:
-    return json.dumps({"predictions": predictions}).encode("utf-8")
+def encode_answer(predictions: list[dict], batch_size: int, inference_ms: float) -> bytes:
+    body = {"predictions": predictions, "batch_size": batch_size, "inference_ms": round(inference_ms, 2)}
+    return json.dumps(body).encode("utf-8")
 
 
 def encode_error(status: int, error: str) -> bytes:

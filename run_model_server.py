@@ -45,9 +45,12 @@ def answer_batch(classifier, messages: list[bytes], now: float) -> list[Done]:
             batch.append((raw, message))
     if batch:
         try:
+            started = time.perf_counter()
             probabilities = classifier.predict(np.stack([m.pixels for _, m in batch]))
+            took_ms = (time.perf_counter() - started) * 1000
             answers = [
-                encode_answer(classifier.top_k(p, m.top)) for (_, m), p in zip(batch, probabilities, strict=True)
+                encode_answer(classifier.top_k(p, m.top), len(batch), took_ms)
+                for (_, m), p in zip(batch, probabilities, strict=True)
             ]
         except Exception:
             log.exception("the model failed on a batch of %d; answering 500 for each", len(batch))

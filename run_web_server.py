@@ -108,13 +108,26 @@ def predict():
     pixels = helpers.prepare_image(image, (status.model.width, status.model.height))
     deadline = status.server_time + timeout - (time.monotonic() - arrived)  # on the Redis clock
     queue().enqueue(helpers.encode_message(request_id, deadline, top, pixels))
+    queued = time.monotonic()
     raw = queue().wait_for(request_id, arrived + timeout)
     if raw is None:
         return error_response(504, f"no answer within {timeout:g} s; the model workers are overloaded or stalled")
     answer = helpers.decode_answer(raw)
     if "error" in answer:
         return error_response(answer["status"], answer["error"])
-    return jsonify(success=True, predictions=answer["predictions"])
+    response = jsonify(success=True, predictions=answer["predictions"])
+    response.headers["Server-Timing"] = server_timing(arrived, queued, answer)
+    return response
+
+
+def server_timing(arrived: float, queued: float, answer: dict) -> str:
+    """Where the request's time went (ms): upload + preparation, waiting for the answer, of which inference."""
+    now = time.monotonic()
+    return (
+        f"prepare;dur={(queued - arrived) * 1000:.1f}, wait;dur={(now - queued) * 1000:.1f}, "
+        f'inference;dur={answer["inference_ms"]:.1f};desc="batch of {answer["batch_size"]}", '
+        f"total;dur={(now - arrived) * 1000:.1f}"
+    )
 
 
 def requested_top() -> int:

@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import requests
@@ -30,6 +30,21 @@ class Result:
     started: float  # seconds since the run began
     latency: float  # seconds
     outcome: str  # "200", another HTTP status, or the client-side error's name
+    timing: dict[str, float] = field(default_factory=dict)  # the service's Server-Timing, ms; batch size
+
+
+def parse_server_timing(header: str) -> dict[str, float]:
+    """'prepare;dur=3.1, inference;dur=70.2;desc="batch of 4"' -> {"prepare": 3.1, "inference": 70.2, "batch": 4}"""
+    timing: dict[str, float] = {}
+    for metric in filter(None, (m.strip() for m in header.split(","))):
+        name, *params = metric.split(";")
+        for param in params:
+            key, _, value = param.partition("=")
+            if key == "dur":
+                timing[name] = float(value)
+            elif key == "desc" and value.strip('"').startswith("batch of "):
+                timing["batch"] = float(value.strip('"').split()[-1])
+    return timing
 
 
 class LoadRun:
@@ -47,13 +62,15 @@ class LoadRun:
         started = time.monotonic()
         with self.lock:
             self.sent += 1
+        timing = {}
         try:
             post = session.post if session else requests.post
             response = post(self.url, files={"image": ("image.jpg", image)}, timeout=self.timeout_s)
             outcome = str(response.status_code)
+            timing = parse_server_timing(response.headers.get("Server-Timing", ""))
         except requests.RequestException as exc:
             outcome = type(exc).__name__
-        result = Result(started - self.start, time.monotonic() - started, outcome)
+        result = Result(started - self.start, time.monotonic() - started, outcome, timing)
         with self.lock:
             self.results.append(result)
 

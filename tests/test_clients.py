@@ -19,3 +19,11 @@ def test_summary_counts_failures_by_status_and_times_only_successes():
     assert summary["wall_s"] == 3.0 and summary["throughput_per_s"] == round(2 / 3.0, 3)
     assert summary["latency_ms"]["p50"] == 100.0 and summary["latency_ms"]["max"] == 300.0
     assert "failed 2 (503: 1, 504: 1)" in format_summary(summary)
+
+
+def test_server_timing_is_parsed_with_the_batch_size():
+    from stress_test import parse_server_timing
+
+    header = 'prepare;dur=3.1, wait;dur=80.5, inference;dur=70.2;desc="batch of 4", total;dur=84.0'
+    assert parse_server_timing(header) == {"prepare": 3.1, "wait": 80.5, "inference": 70.2, "batch": 4, "total": 84.0}
+    assert parse_server_timing("") == {}

@@ -218,7 +218,11 @@ def test_bad_messages_say_what_is_wrong_and_keep_the_id_when_readable(raw, reque
 
 def test_answers_round_trip():
     predictions = [{"label": "tabby", "probability": 0.5}]
-    assert helpers.decode_answer(helpers.encode_answer(predictions)) == {"predictions": predictions}
+    assert helpers.decode_answer(helpers.encode_answer(predictions, 3, 41.234)) == {
+        "predictions": predictions,
+        "batch_size": 3,
+        "inference_ms": 41.23,
+    }
     assert helpers.decode_answer(helpers.encode_error(500, "boom")) == {"error": "boom", "status": 500}
 
 

@@ -6,6 +6,7 @@ show that what the web side prepared is exactly what a worker gets.
 
 import hashlib
 import io
+import re
 import subprocess
 import sys
 import threading
@@ -46,7 +47,8 @@ class StandInWorker:
                     answer = helpers.encode_error(*self.error)
                 else:
                     checksum = fingerprint(message.pixels)
-                    answer = helpers.encode_answer([{"label": checksum, "probability": 1.0}] * message.top)
+                    predictions = [{"label": checksum, "probability": 1.0}] * message.top
+                    answer = helpers.encode_answer(predictions, len(claim.messages), 12.5)
                 done.append(Done(raw, message.request_id, answer, message.deadline))
             self.queue.ack(self.worker_id, done)
 
@@ -124,7 +126,14 @@ def test_predict_returns_the_seed_shape_with_the_workers_answer(client, worker):
     predictions = response.json["predictions"]
     assert len(predictions) == 5 and set(predictions[0]) == {"label", "probability"}
     assert predictions[0]["label"] == expected_checksum(CAT)  # the worker saw exactly these pixels
+    assert set(response.json) == {"success", "predictions"}  # the seed's shape, nothing else
     assert len(response.headers["X-Request-ID"]) == 32
+    timing = dict(
+        part.split(";dur=") for part in re.sub(r';desc="[^"]*"', "", response.headers["Server-Timing"]).split(", ")
+    )
+    assert set(timing) == {"prepare", "wait", "inference", "total"} and float(timing["inference"]) == 12.5
+    assert float(timing["prepare"]) + float(timing["wait"]) <= float(timing["total"]) + 0.2
+    assert 'desc="batch of 1"' in response.headers["Server-Timing"]
 
 
 def test_a_raw_image_body_works_too(client, worker):
