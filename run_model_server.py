@@ -92,11 +92,11 @@ class ModelWorker:
                     self.queue.requeue_dead_workers()
                     last_beat = time.monotonic()
                 claim = self.queue.claim(self.worker_id, self.batch_size, self.max_wait_s)
-                if claim.messages:
-                    self.process(claim)
                 if backoff.failures:
                     log.info("worker %s: Redis is back", self.worker_id)
-                backoff.reset()
+                    backoff.reset()
+                if claim.messages:
+                    self.process(claim)
             except REDIS_ERRORS as exc:
                 delay = backoff.next_delay()
                 log.warning("worker %s: Redis unavailable (%s); retrying in %.2f s", self.worker_id, exc, delay)

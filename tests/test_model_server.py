@@ -206,3 +206,43 @@ def test_warm_up_leaves_no_tracing_for_the_first_request(resnet):
     resnet.predict(x)
     second = time.perf_counter() - started
     assert first < 2 * second + 0.2  # no retrace: tracing ResNet50 costs over a second here
+
+
+# --- The worker loop against a Redis that goes away ----------------------------------------------
+
+
+def test_worker_rides_out_a_redis_restart_without_busy_looping(tmp_path, caplog):
+    import threading
+
+    import stack
+    from image_queue import ImageQueue, connect
+
+    port = stack.free_port()
+    server = stack.start_redis(port, str(tmp_path))
+    url = f"redis://127.0.0.1:{port}/0"
+    queue = ImageQueue(connect(url, 0.2), "restart", block_s=0.2, worker_ttl_s=2.0)
+    worker = ModelWorker(queue, StandInClassifier(), batch_size=8, max_wait_s=0, heartbeat_s=0.2)
+    thread = threading.Thread(target=worker.run, daemon=True)
+    try:
+        with caplog.at_level(logging.INFO, logger="model_server"):
+            thread.start()
+            time.sleep(0.5)
+            assert queue.status().live_workers == 1
+            server.stop()
+            time.sleep(3)
+            outage_warnings = caplog.text.count("Redis unavailable")
+            assert thread.is_alive()  # it did not die
+            assert 3 <= outage_warnings <= 15  # it retried, with backoff, not in a tight loop
+            server = stack.start_redis(port, str(tmp_path))  # a fresh, empty Redis on the same address
+            deadline = time.monotonic() + 10
+            while queue.status().live_workers == 0 and time.monotonic() < deadline:
+                time.sleep(0.05)  # test-side polling, waiting for the worker's next heartbeat
+            assert queue.status().live_workers == 1 and queue.status().model.name == "StandIn"
+            queue.enqueue(message("after-restart", deadline=time.time() + 30))
+            answer = queue.wait_for("after-restart", time.monotonic() + 5)
+            assert answer is not None and "predictions" in helpers.decode_answer(answer)
+            assert "Redis is back" in caplog.text
+    finally:
+        worker.request_stop()
+        thread.join(5)
+        server.stop()
