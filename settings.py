@@ -16,26 +16,23 @@ def _str(name: str, default: str) -> str:
     return os.environ.get(name, default).strip()
 
 
-def _int(name: str, default: int, minimum: int = 0) -> int:
+def _number(name: str, default: float, minimum: float, kind: type, what: str):
     raw = _str(name, str(default))
     try:
-        value = int(raw)
+        value = kind(raw)
     except ValueError:
-        raise SettingError(f"{name} must be a whole number, got {raw!r}") from None
+        raise SettingError(f"{name} must be {what}, got {raw!r}") from None
     if value < minimum:
         raise SettingError(f"{name} must be at least {minimum}, got {value}")
     return value
+
+
+def _int(name: str, default: int, minimum: int = 0) -> int:
+    return _number(name, default, minimum, int, "a whole number")
 
 
 def _float(name: str, default: float, minimum: float = 0.0) -> float:
-    raw = _str(name, str(default))
-    try:
-        value = float(raw)
-    except ValueError:
-        raise SettingError(f"{name} must be a number, got {raw!r}") from None
-    if value < minimum:
-        raise SettingError(f"{name} must be at least {minimum}, got {value}")
-    return value
+    return _number(name, default, minimum, float, "a number")
 
 
 # --- Redis ------------------------------------------------------------------------------------
