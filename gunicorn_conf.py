@@ -8,7 +8,7 @@ import logging
 
 import settings
 
-logging.basicConfig(level=settings.LOG_LEVEL, format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
+logging.basicConfig(level=settings.LOG_LEVEL, format=settings.LOG_FORMAT)
 
 # Where to listen: 127.0.0.1 by default; WEB_HOST=0.0.0.0 (or ::) to serve other machines.
 _host = f"[{settings.WEB_HOST}]" if ":" in settings.WEB_HOST else settings.WEB_HOST

@@ -85,16 +85,22 @@ def _unidentified(data: bytes) -> ImageError:
 
 
 def prepare_image(image: Image.Image, size: tuple[int, int]) -> np.ndarray:
-    """Decode, orient (EXIF), convert to 8-bit RGB and resize to (width, height): uint8 (h, w, 3)."""
+    """Decode, orient (EXIF), resize to (width, height) and convert to 8-bit RGB: uint8 (h, w, 3).
+
+    Memory stays near one decoded copy of the upload: JPEGs decode at 1/2, 1/4 or 1/8 scale when
+    that is still larger than the target, and images are resized before their colours are converted.
+    """
     try:
+        if image.format in ("JPEG", "MPO"):
+            image.draft(None, (max(size), max(size)))  # either orientation still covers the target
         image.load()
         image = ImageOps.exif_transpose(image)
-        image = to_rgb(image)
+        if image.mode in ("1", "P", "PA"):  # these resize by nearest neighbour: convert first
+            image = image.convert("RGBA" if image.mode == "PA" or "transparency" in image.info else "RGB")
         if image.size != size:
-            image = image.resize(size, Image.Resampling.BILINEAR, reducing_gap=3.0)
-        pixels = np.asarray(image, dtype=np.uint8)
-    except ImageError:
-        raise
+            gap = None if image.mode.startswith("I;16") else 3.0  # Pillow cannot reduce() 16-bit images
+            image = image.resize(size, Image.Resampling.BILINEAR, reducing_gap=gap)
+        pixels = np.asarray(to_rgb(image), dtype=np.uint8)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ImageTooLarge("the image decodes to too many pixels") from None
     except (OSError, ValueError, SyntaxError, EOFError, IndexError, KeyError, TypeError) as exc:
@@ -103,12 +109,12 @@ def prepare_image(image: Image.Image, size: tuple[int, int]) -> np.ndarray:
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """8-bit RGB from any mode: 16/32-bit gray scaled (not clipped), transparency over white."""
+    """8-bit RGB from any mode: 16-bit gray scaled (not clipped), transparency over white."""
     mode = image.mode
     if mode == "RGB":
         return image
     if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
-        # 16-bit samples (PNG, TIFF); Pillow widens them to "I". 65535 -> 255.
+        # 16-bit samples (PNG, TIFF); Pillow widens some to "I". 65535 -> 255.
         gray = np.asarray(image, dtype=np.float64) / 257.0
         image = Image.fromarray(np.clip(np.rint(gray), 0, 255).astype(np.uint8), "L")
     elif mode == "F":

@@ -39,9 +39,16 @@ from redis.retry import Retry
 
 log = logging.getLogger(__name__)
 
-# What a lost or restarting Redis raises; both sides retry these with backoff.
-REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError)
-SOCKET_MARGIN_S = 2.0  # a connection's socket timeout exceeds the longest blocking call by this
+# What a lost, restarting, stalled, read-only (after a failover) or full Redis raises: transient,
+# so both sides retry them with backoff (the web answers 503 where it cannot wait).
+REDIS_ERRORS = (
+    redis.ConnectionError,
+    redis.TimeoutError,
+    redis.exceptions.ReadOnlyError,
+    redis.exceptions.OutOfMemoryError,
+)
+WEB_SOCKET_MARGIN_S = 0.5  # web: a stalled Redis delays a 503/504 by at most REDIS_BLOCK_S + this
+WORKER_SOCKET_MARGIN_S = 2.0  # worker: room to move a batch of messages over a slow link
 NO_DEADLINE = 1e18  # deadline for answers that must go out whatever the time (poison messages)
 
 
@@ -57,18 +64,18 @@ class QueueUnavailable(Exception):
     """Redis cannot be reached."""
 
 
-def connect(url: str, block_s: float) -> redis.Redis:
-    """A client whose socket timeout outlives the longest blocking call made through it.
+def connect(url: str, block_s: float, margin_s: float = WORKER_SOCKET_MARGIN_S) -> redis.Redis:
+    """A client whose socket timeout outlives the longest blocking call made through it by margin_s.
 
-    One retry on a fresh connection absorbs pooled connections a Redis restart left dead; longer
-    outages are the callers' to handle, with backoff (redis-py's default of 10 retries would hold a
-    web request for seconds and could push a message twice).
+    No automatic retries: the scripts are not idempotent, and a retry after a lost reply could push a
+    message twice or claim messages the worker never sees (redis-py's default retries 10 times, also on
+    timeouts, which would hold a web request for seconds). Callers handle outages, with backoff.
     """
     return redis.Redis.from_url(
         url,
-        socket_timeout=block_s + SOCKET_MARGIN_S,
-        socket_connect_timeout=SOCKET_MARGIN_S,
-        retry=Retry(NoBackoff(), 1),
+        socket_timeout=block_s + margin_s,
+        socket_connect_timeout=block_s + margin_s,
+        retry=Retry(NoBackoff(), 0),
         health_check_interval=30,
     )
 
@@ -151,12 +158,13 @@ class Done:
 _NOW = "local t = redis.call('TIME') local now = tonumber(t[1]) + tonumber(t[2]) / 1000000 "
 
 # KEYS: workers, model, queue. ARGV: ttl. -> {now sec, now usec, live workers, model hash, depth}
-_STATUS = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+_STATUS = (
+    _NOW
+    + """
 local live = redis.call('ZCOUNT', KEYS[1], now - tonumber(ARGV[1]), '+inf')
 return {t[1], t[2], live, redis.call('HGETALL', KEYS[2]), redis.call('LLEN', KEYS[3])}
 """
+)
 
 # KEYS: queue. ARGV: message, queue_max. -> new length, or -1 when full
 _ENQUEUE = """
@@ -197,20 +205,20 @@ return {answered, late}
 """
 )
 
-# KEYS: workers, model. ARGV: worker id, model name, height, width. -> now
+# KEYS: workers, model. ARGV: worker id, model name, height, width.
 _HEARTBEAT = (
     _NOW
     + """
 redis.call('ZADD', KEYS[1], now, ARGV[1])
 redis.call('HSET', KEYS[2], 'name', ARGV[2], 'height', ARGV[3], 'width', ARGV[4])
-return tostring(now)
 """
 )
 
 # KEYS: workers. ARGV: ttl. -> ids of workers silent for longer than ttl
 _DEAD = _NOW + "return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. (now - tonumber(ARGV[1])))"
 
-# KEYS: workers, processing, queue. ARGV: worker id, min silence. -> messages requeued, -1 if alive
+# KEYS: workers, processing, queue. ARGV: worker id, min silence, forget (1: drop its heartbeat).
+# -> messages requeued, or -1 if the worker has spoken within min silence
 _REQUEUE = (
     _NOW
     + """
@@ -218,7 +226,7 @@ local beat = redis.call('ZSCORE', KEYS[1], ARGV[1])
 if beat and tonumber(beat) > now - tonumber(ARGV[2]) then return -1 end
 local n = 0
 while redis.call('LMOVE', KEYS[2], KEYS[3], 'LEFT', 'RIGHT') do n = n + 1 end
-redis.call('ZREM', KEYS[1], ARGV[1])
+if ARGV[3] == '1' then redis.call('ZREM', KEYS[1], ARGV[1]) end
 return n
 """
 )
@@ -257,7 +265,10 @@ class ImageQueue:
         """Server time, live workers, the served model's input size and queue depth, in one round trip."""
         keys = [self.keys.workers, self.keys.model, self.keys.queue]
         try:
-            sec, usec, live, fields, depth = self._status(keys=keys, args=[self.worker_ttl_s])
+            try:
+                sec, usec, live, fields, depth = self._status(keys=keys, args=[self.worker_ttl_s])
+            except redis.ConnectionError:  # read-only, so safe to retry once: a pooled connection a restart killed
+                sec, usec, live, fields, depth = self._status(keys=keys, args=[self.worker_ttl_s])
         except REDIS_ERRORS as exc:
             raise QueueUnavailable(f"Redis is unavailable: {exc}") from exc
         info = {k.decode(): v.decode() for k, v in zip(fields[::2], fields[1::2], strict=True)}
@@ -291,13 +302,11 @@ class ImageQueue:
 
     # --- worker side --------------------------------------------------------------------------
 
-    def heartbeat(self, worker_id: str, model: ModelInfo) -> float:
-        """Say this worker is alive and which model it serves; returns the server time."""
-        now = self._heartbeat(
-            keys=[self.keys.workers, self.keys.model],
-            args=[worker_id, model.name, model.height, model.width],
+    def heartbeat(self, worker_id: str, model: ModelInfo) -> None:
+        """Say this worker is alive and which model it serves."""
+        self._heartbeat(
+            keys=[self.keys.workers, self.keys.model], args=[worker_id, model.name, model.height, model.width]
         )
-        return float(now)
 
     def claim(self, worker_id: str, max_n: int, wait_s: float = 0.0) -> Claim:
         """Move up to max_n messages onto this worker's processing list, atomically.
@@ -344,25 +353,33 @@ class ImageQueue:
         requeued = 0
         for raw_id in self._dead(keys=[self.keys.workers], args=[self.worker_ttl_s]):
             worker_id = raw_id.decode()
-            n = self._requeue_worker(worker_id, self.worker_ttl_s)
+            n = self._requeue_worker(worker_id, self.worker_ttl_s, forget=True)
             if n >= 0:
                 log.warning("worker %s is silent for %.0f s: requeued its %d messages", worker_id, self.worker_ttl_s, n)
                 requeued += n
         return requeued
 
+    def requeue_own(self, worker_id: str) -> int:
+        """Between batches a worker holds nothing: put back what a failed call left on its list.
+
+        A claim whose reply was lost, or an ack that could not be written, leaves messages on the
+        worker's processing list that it does not have in hand; no peer looks there while it lives.
+        """
+        return self._requeue_worker(worker_id, 0, forget=False)
+
     def unregister(self, worker_id: str) -> int:
         """A worker leaving: requeue whatever it still holds and drop its heartbeat."""
-        return self._requeue_worker(worker_id, 0)
+        return self._requeue_worker(worker_id, 0, forget=True)
 
-    def _requeue_worker(self, worker_id: str, min_silence_s: float) -> int:
+    def _requeue_worker(self, worker_id: str, min_silence_s: float, forget: bool) -> int:
         keys = [self.keys.workers, self.keys.processing(worker_id), self.keys.queue]
-        return int(self._requeue(keys=keys, args=[worker_id, min_silence_s]))
+        return int(self._requeue(keys=keys, args=[worker_id, min_silence_s, int(forget)]))
 
 
-def queue_from_config(config: Mapping) -> ImageQueue:
+def queue_from_config(config: Mapping, margin_s: float = WORKER_SOCKET_MARGIN_S) -> ImageQueue:
     """The queue that settings (or a Flask app's config, which copies them) describe."""
     return ImageQueue(
-        connect(config["REDIS_URL"], config["REDIS_BLOCK_S"]),
+        connect(config["REDIS_URL"], config["REDIS_BLOCK_S"], margin_s),
         config["IMAGE_QUEUE"],
         queue_max=config["QUEUE_MAX"],
         block_s=config["REDIS_BLOCK_S"],

@@ -9,5 +9,5 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import settings  # noqa: E402
 from run_web_server import create_app  # noqa: E402
 
-logging.basicConfig(level=settings.LOG_LEVEL, format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
+logging.basicConfig(level=settings.LOG_LEVEL, format=settings.LOG_FORMAT)
 application = create_app()

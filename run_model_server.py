@@ -87,14 +87,16 @@ class ModelWorker:
         )
         while not self.stopping:
             try:
+                if backoff.failures:
+                    # A failed call may have left messages on our list that we do not hold: hand them back.
+                    left = self.queue.requeue_own(self.worker_id)
+                    log.info("worker %s: Redis is back (%d messages handed back)", self.worker_id, left)
+                    backoff.reset()
                 if time.monotonic() - last_beat >= self.heartbeat_s:
                     self.queue.heartbeat(self.worker_id, self.model_info)
                     self.queue.requeue_dead_workers()
                     last_beat = time.monotonic()
                 claim = self.queue.claim(self.worker_id, self.batch_size, self.max_wait_s)
-                if backoff.failures:
-                    log.info("worker %s: Redis is back", self.worker_id)
-                    backoff.reset()
                 if claim.messages:
                     self.process(claim)
             except REDIS_ERRORS as exc:
@@ -126,7 +128,7 @@ class ModelWorker:
             log.debug("answered %s", request_id)
 
     def _ack(self, done: list[Done]) -> tuple[list[str], list[str]]:
-        """Acknowledge, retrying through a short Redis outage; past WORKER_TTL_S peers own the batch."""
+        """Acknowledge, retrying through a short Redis outage; then give up and let run() requeue the batch."""
         backoff, give_up = Backoff(), time.monotonic() + self.queue.worker_ttl_s
         while True:
             try:
@@ -142,7 +144,7 @@ class ModelWorker:
 def main() -> int:
     import signal
 
-    logging.basicConfig(level=settings.LOG_LEVEL, format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
+    logging.basicConfig(level=settings.LOG_LEVEL, format=settings.LOG_FORMAT)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up chatter out of the log
     from classifier import load_classifier
 

@@ -51,7 +51,7 @@ def create_app(config: dict | None = None) -> Flask:
     app.config.update(config or {})
     app.config["MAX_CONTENT_LENGTH"] = int(app.config["MAX_UPLOAD_MB"] * 1024 * 1024)
     helpers.configure_pillow(app.config["MAX_IMAGE_PIXELS"])
-    app.extensions["image_queue"] = image_queue.queue_from_config(app.config)
+    app.extensions["image_queue"] = image_queue.queue_from_config(app.config, image_queue.WEB_SOCKET_MARGIN_S)
     app.register_blueprint(bp)
     for error in ERRORS:
         app.register_error_handler(error, domain_error)
@@ -82,9 +82,7 @@ def healthz():
 @bp.get("/readyz")
 def readyz():
     """Ready when Redis answers and a model worker's heartbeat is fresh."""
-    status = queue().status()
-    if not status.live_workers or status.model is None:
-        return error_response(503, "no model worker is running", retry_after=5)
+    status = live_status()
     model = status.model
     return jsonify(
         ready=True,
@@ -102,11 +100,14 @@ def predict():
     timeout = current_app.config["REQUEST_TIMEOUT_S"]
     top = requested_top()
     image = helpers.open_image(read_upload(), current_app.config["MAX_IMAGE_PIXELS"])
-    status = queue().status()
-    if not status.live_workers or status.model is None:
-        raise image_queue.NoWorker("no model worker is running")
+    status = live_status()
+    # The message's deadline on the Redis clock: the server time just read, plus what is left of ours.
+    deadline = status.server_time + timeout - (time.monotonic() - arrived)
+    if status.queue_depth >= current_app.config["QUEUE_MAX"]:  # refuse before decoding; enqueue re-checks
+        raise image_queue.QueueFull(f"the queue holds {status.queue_depth} images")
     pixels = helpers.prepare_image(image, (status.model.width, status.model.height))
-    deadline = status.server_time + timeout - (time.monotonic() - arrived)  # on the Redis clock
+    if time.monotonic() >= arrived + timeout:
+        return error_response(504, f"the image took longer than {timeout:g} s to prepare")
     queue().enqueue(helpers.encode_message(request_id, deadline, top, pixels))
     queued = time.monotonic()
     raw = queue().wait_for(request_id, arrived + timeout)
@@ -114,7 +115,8 @@ def predict():
         return error_response(504, f"no answer within {timeout:g} s; the model workers are overloaded or stalled")
     answer = helpers.decode_answer(raw)
     if "error" in answer:
-        return error_response(answer["status"], answer["error"])
+        status_code = answer["status"]
+        return error_response(status_code, answer["error"], retry_after=1 if status_code == 503 else None)
     response = jsonify(success=True, predictions=answer["predictions"])
     response.headers["Server-Timing"] = server_timing(arrived, queued, answer)
     return response
@@ -130,11 +132,19 @@ def server_timing(arrived: float, queued: float, answer: dict) -> str:
     )
 
 
+def live_status() -> image_queue.Status:
+    """The queue's status, or NoWorker (503) when no model worker's heartbeat is fresh."""
+    status = queue().status()
+    if not status.live_workers or status.model is None:
+        raise image_queue.NoWorker("no model worker is running")
+    return status
+
+
 def requested_top() -> int:
     raw, most = request.args.get("top"), current_app.config["TOP_K_MAX"]
     if raw is None:
         return current_app.config["TOP_K"]
-    if not raw.isdigit() or not 1 <= int(raw) <= most:
+    if not (raw.isascii() and raw.isdecimal() and len(raw) <= 3 and 1 <= int(raw) <= most):
         raise BadRequest(f"top must be a whole number from 1 to {most}, got {raw!r}")
     return int(raw)
 
@@ -198,5 +208,5 @@ def add_request_id(response):
 app = create_app()
 
 if __name__ == "__main__":
-    logging.basicConfig(level=settings.LOG_LEVEL)
+    logging.basicConfig(level=settings.LOG_LEVEL, format=settings.LOG_FORMAT)
     app.run(host=settings.WEB_HOST, port=settings.WEB_PORT, threaded=True)

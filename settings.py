@@ -5,6 +5,7 @@ workers and the model workers of one queue must agree on the Redis, queue and he
 See the README's settings table for how the timeouts are ordered.
 """
 
+import math
 import os
 
 
@@ -22,6 +23,8 @@ def _number(name: str, default: float, minimum: float, kind: type, what: str):
         value = kind(raw)
     except ValueError:
         raise SettingError(f"{name} must be {what}, got {raw!r}") from None
+    if not math.isfinite(value):
+        raise SettingError(f"{name} must be finite, got {raw!r}")
     if value < minimum:
         raise SettingError(f"{name} must be at least {minimum}, got {value}")
     return value
@@ -81,3 +84,4 @@ TOP_K = _int("TOP_K", 5, 1)  # predictions per answer unless the request asks ?t
 TOP_K_MAX = 20  # the largest ?top=K accepted
 
 LOG_LEVEL = _str("LOG_LEVEL", "INFO").upper()  # DEBUG logs every request id a worker answers
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"  # one format for every process

@@ -229,3 +229,18 @@ def test_answers_round_trip():
 def test_base64_is_standard_so_any_language_can_decode_it():
     raw = helpers.encode_message("x", 1.0, 1, np.full((1, 1, 3), 200, np.uint8))
     assert base64.b64decode(json.loads(raw)["data"]) == bytes([200, 200, 200])
+
+
+def test_a_large_jpeg_decoded_at_reduced_scale_matches_a_full_decode():
+    big = photo("astronaut").resize((2400, 2400))  # draft() will decode this at 1/8 scale
+    data = encode(big, "JPEG", quality=95)
+    fast = prepare(data)
+    full = np.asarray(Image.open(io.BytesIO(data)).convert("RGB").resize(SIZE, Image.Resampling.BILINEAR))
+    assert np.abs(fast.astype(int) - full.astype(int)).mean() < 4
+
+
+def test_a_large_16_bit_image_is_scaled_and_resized():
+    levels = np.zeros((3000, 4000), np.uint16)
+    levels[:, 2000:] = 40000
+    pixels = prepare(encode(Image.fromarray(levels), "PNG"))
+    assert pixels[100, 10].tolist() == [0, 0, 0] and pixels[100, 200].tolist() == [156, 156, 156]

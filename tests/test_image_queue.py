@@ -6,7 +6,7 @@ import time
 import pytest
 from redis.crc import key_slot
 
-from image_queue import Done, ImageQueue, Keys, ModelInfo, QueueFull
+from image_queue import Done, ImageQueue, Keys, ModelInfo, QueueFull, connect
 
 MODEL = ModelInfo("TestNet", 8, 8)
 
@@ -195,3 +195,46 @@ def test_wait_for_gives_up_at_its_deadline(make_queue):
     started = time.monotonic()
     assert queue.wait_for("nobody-answers", started + 0.5) is None
     assert 0.45 < time.monotonic() - started < 0.8  # the deadline, plus at most a Redis clock tick
+
+
+def test_requeue_own_hands_back_what_a_failed_call_left_and_keeps_the_worker_alive(make_queue, redis_client):
+    queue = make_queue()
+    queue.heartbeat("w1", MODEL)
+    queue.enqueue(b"m0")
+    queue.claim("w1", 8)  # pretend the reply was lost: the worker does not have m0 in hand
+    assert queue.requeue_own("w1") == 1
+    assert redis_client.lrange(queue.keys.queue, 0, -1) == [b"m0"]
+    assert queue.status().live_workers == 1  # still registered
+
+
+@pytest.fixture
+def stallable_redis(tmp_path):
+    """A redis-server of the test's own, which the test may SIGSTOP."""
+    import signal
+
+    import stack
+
+    port = stack.free_port()
+    server = stack.start_redis(port, str(tmp_path))
+    yield f"redis://127.0.0.1:{port}/0", server
+    server.process.send_signal(signal.SIGCONT)
+    server.stop()
+
+
+def test_a_stalled_redis_delays_a_503_or_504_by_at_most_one_block_plus_the_margin(stallable_redis):
+    import signal
+
+    from image_queue import WEB_SOCKET_MARGIN_S, QueueUnavailable
+
+    url, server = stallable_redis
+    block_s = 0.5
+    queue = ImageQueue(connect(url, block_s, WEB_SOCKET_MARGIN_S), "stall", block_s=block_s)
+    queue.status()  # a pooled connection, as a busy web worker has
+    server.process.send_signal(signal.SIGSTOP)
+    started = time.monotonic()
+    with pytest.raises(QueueUnavailable):
+        queue.status()
+    assert time.monotonic() - started < block_s + WEB_SOCKET_MARGIN_S + 0.3  # one socket timeout: no retry
+    started = time.monotonic()
+    assert queue.wait_for("anything", started + 1.2) is None
+    assert time.monotonic() - started < 1.2 + block_s + WEB_SOCKET_MARGIN_S + 0.3

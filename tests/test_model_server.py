@@ -246,3 +246,35 @@ def test_worker_rides_out_a_redis_restart_without_busy_looping(tmp_path, caplog)
         worker.request_stop()
         thread.join(5)
         server.stop()
+
+
+def test_a_claim_whose_reply_was_lost_is_handed_back_and_answered(redis_url, queue_name, caplog):
+    import threading
+
+    import redis
+
+    from image_queue import ImageQueue, connect
+
+    queue = ImageQueue(connect(redis_url, 0.2), queue_name, block_s=0.2, worker_ttl_s=5.0)
+    real_claim, lost = queue.claim, []
+
+    def claim_losing_the_first_reply(*args, **kwargs):
+        claim = real_claim(*args, **kwargs)  # the messages really moved to the processing list ...
+        if claim.messages and not lost:
+            lost.append(claim)
+            raise redis.ConnectionError("connection reset")  # ... but the worker never saw them
+        return claim
+
+    queue.claim = claim_losing_the_first_reply
+    worker = ModelWorker(queue, StandInClassifier(), batch_size=8, max_wait_s=0, heartbeat_s=0.2)
+    thread = threading.Thread(target=worker.run, daemon=True)
+    with caplog.at_level(logging.INFO, logger="model_server"):
+        thread.start()
+        try:
+            queue.enqueue(message("lost-once", deadline=time.time() + 30))
+            answer = queue.wait_for("lost-once", time.monotonic() + 10)
+        finally:
+            worker.request_stop()
+            thread.join(5)
+    assert lost and answer is not None and "predictions" in helpers.decode_answer(answer)
+    assert "Redis is back (1 messages handed back)" in caplog.text

@@ -73,3 +73,6 @@ def test_bad_values_fail_at_start_with_the_setting_named():
     assert result.returncode != 0 and "BATCH_SIZE must be at least 1" in result.stderr
     result = load(REQUEST_TIMEOUT_S="soon")
     assert result.returncode != 0 and "REQUEST_TIMEOUT_S must be a number" in result.stderr
+    for infinite in ("inf", "nan", "-inf"):
+        result = load(REQUEST_TIMEOUT_S=infinite)
+        assert result.returncode != 0 and "REQUEST_TIMEOUT_S must be finite" in result.stderr

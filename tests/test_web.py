@@ -147,7 +147,7 @@ def test_top_k_is_honoured(client, worker, top):
     assert response.status_code == 200 and len(response.json["predictions"]) == top
 
 
-@pytest.mark.parametrize("top", ["0", "21", "-1", "five", ""])
+@pytest.mark.parametrize("top", ["0", "21", "-1", "five", "", "²", "٣", "1" * 5000])
 def test_bad_top_is_400(client, top):
     assert_json_error(post_image(client, query=f"?top={top}"), 400, "top must be")
 
@@ -215,6 +215,22 @@ def test_redis_down_is_503_not_a_hang(make_app):
 def test_a_worker_error_keeps_its_status(app, client):
     with StandInWorker(app.extensions["image_queue"], error=(500, "the model failed on this request's batch")):
         assert_json_error(post_image(client), 500, "the model failed")
+
+
+def test_a_503_from_the_worker_says_when_to_retry(app, client):
+    with StandInWorker(app.extensions["image_queue"], error=(503, "the image was prepared for another model")):
+        response = post_image(client)
+    assert_json_error(response, 503, "another model")
+    assert response.headers["Retry-After"] == "1"
+
+
+def test_a_full_queue_is_refused_before_the_image_is_decoded(make_app, monkeypatch):
+    app = make_app(QUEUE_MAX=1)
+    queue = app.extensions["image_queue"]
+    queue.heartbeat("busy-elsewhere", MODEL)
+    queue.enqueue(b"waiting")
+    monkeypatch.setattr(helpers, "prepare_image", lambda *a: pytest.fail("decoded an image it could not queue"))
+    assert_json_error(post_image(app.test_client()), 503, "queue holds 1")
 
 
 @pytest.mark.parametrize(
