@@ -173,13 +173,15 @@ return redis.call('LPUSH', KEYS[1], ARGV[1])
 """
 
 # KEYS: queue, processing. ARGV: count. -> {now sec, now usec, messages (oldest first)}
-_TAKE = """
-local t = redis.call('TIME')
+_TAKE = (
+    _NOW
+    + """
 local taken = redis.call('RPOP', KEYS[1], ARGV[1])
 if not taken then return {t[1], t[2], {}} end
 for _, message in ipairs(taken) do redis.call('LPUSH', KEYS[2], message) end
 return {t[1], t[2], taken}
 """
+)
 
 # KEYS: processing, result key per answer. ARGV: result ttl, n unanswered, unanswered raws...,
 # then (raw, answer, deadline) per result key. -> {positions answered, positions too late} (1-based)
