@@ -75,5 +75,6 @@ def test_own_model_classifies_held_out_digits_over_http(make_stack, digits_model
     assert [r.status_code for r in responses] == [200] * 200
     predicted = [r.json()["predictions"][0]["label"] for r in responses]
     accuracy = np.mean([p == str(t) for p, t in zip(predicted, test_y[:200], strict=True)])
+    print(f"held-out digits classified right over HTTP: {accuracy:.1%}")  # shown by pytest -rP
     assert accuracy >= 0.90, accuracy
     assert len(set(predicted)) == 10  # every digit is recognised, not one label for everything
