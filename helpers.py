@@ -109,7 +109,8 @@ def prepare_image(image: Image.Image, size: tuple[int, int]) -> np.ndarray:
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """8-bit RGB from any mode: 16-bit gray scaled (not clipped), transparency over white."""
+    """8-bit RGB from any mode but palette ones (prepare_image converts those first): 16-bit gray
+    scaled (not clipped), transparency over white."""
     mode = image.mode
     if mode == "RGB":
         return image
@@ -119,9 +120,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
         image = Image.fromarray(np.clip(np.rint(gray), 0, 255).astype(np.uint8), "L")
     elif mode == "F":
         image = Image.fromarray(np.clip(np.rint(np.asarray(image)), 0, 255).astype(np.uint8), "L")
-    if image.mode == "P":
-        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+    if image.mode in ("RGBA", "LA", "RGBa", "La") or "transparency" in image.info:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, BACKGROUND + (255,))
         return Image.alpha_composite(background, rgba).convert("RGB")
