@@ -4,11 +4,29 @@ Timeouts, shortest first: a Redis blocking call (REDIS_BLOCK_S, 1 s) < a request
 (REQUEST_TIMEOUT_S, 10 s) < gunicorn's worker timeout (GUNICORN_TIMEOUT_S, 30 s) < the client's (60 s).
 """
 
-import logging
+import glob
+import os
+import shutil
+import tempfile
 
+from gunicorn.glogging import Logger
+
+import logs
 import settings
 
-logging.basicConfig(level=settings.LOG_LEVEL, format=settings.LOG_FORMAT)
+logs.configure()  # the app's own loggers, in the workers too (they are forked from this process)
+
+
+class ServiceLogger(Logger):
+    """gunicorn's own log and its access log in the service's format (text, or JSON with LOG_JSON)."""
+
+    def setup(self, cfg):
+        super().setup(cfg)
+        for handler in [*self.error_log.handlers, *self.access_log.handlers]:
+            handler.setFormatter(logs.formatter())
+
+
+logger_class = ServiceLogger
 
 # Where to listen: 127.0.0.1 by default; WEB_HOST=0.0.0.0 (or ::) to serve other machines.
 _host = f"[{settings.WEB_HOST}]" if ":" in settings.WEB_HOST else settings.WEB_HOST
@@ -31,6 +49,37 @@ backlog = 2048  # connections waiting to be accepted
 # (tests, a stack beside a service) would collide, and this service does not use gunicornc.
 control_socket_disable = True
 
-# One access-log line per request on stderr: status, bytes, duration (microseconds), request id.
+# One access-log line per request on stdout: status, bytes, duration (microseconds), and the request id
+# that the model worker's log also carries (its INFO line per batch lists ids=...).
 accesslog = "-"
 access_log_format = '%(h)s "%(r)s" %(s)s %(B)s %(D)sus id=%({x-request-id}o)s'
+
+# --- Prometheus metrics across worker processes (see metrics.py) -----------------------------------
+
+
+def on_starting(server):
+    """Before any worker forks: an empty directory for prometheus-client's per-process files.
+
+    PROMETHEUS_MULTIPROC_DIR if set (its old files removed: stale counts of an earlier run would be
+    summed in), else a private temporary one. Workers inherit the variable, so prometheus-client
+    starts in multiprocess mode in each and /metrics sums them all, whichever worker is scraped.
+    """
+    path = settings.PROMETHEUS_MULTIPROC_DIR or tempfile.mkdtemp(prefix="gunicorn-metrics-")
+    os.makedirs(path, exist_ok=True)
+    for stale in glob.glob(os.path.join(path, "*.db")):
+        os.remove(stale)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+
+
+def child_exit(server, worker):
+    """A dead worker's counts stay (counters must not go back); its live gauges, if any, go."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server):
+    """Remove the private directory; one the operator named stays (it is emptied at the next start)."""
+    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if path and not settings.PROMETHEUS_MULTIPROC_DIR:
+        shutil.rmtree(path, ignore_errors=True)

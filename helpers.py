@@ -75,7 +75,23 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
     return image
 
 
+# The first bytes of each accepted format: an upload that starts like one but that Pillow cannot open is
+# a broken image, not "not an image".
+SIGNATURES = {
+    b"\xff\xd8\xff": "JPEG",
+    b"\x89PNG\r\n\x1a\n": "PNG",
+    b"GIF87a": "GIF",
+    b"GIF89a": "GIF",
+    b"II*\x00": "TIFF",
+    b"MM\x00*": "TIFF",
+}
+
+
 def _unidentified(data: bytes) -> ImageError:
+    kind = "WebP" if data[:4] == b"RIFF" and data[8:12] == b"WEBP" else None
+    kind = kind or next((name for magic, name in SIGNATURES.items() if data.startswith(magic)), None)
+    if kind:
+        return NotAnImage(f"the {kind} image is corrupt or truncated (its header cannot be read)")
     head = data[:512].lstrip().lower()
     if head.startswith((b"<?xml", b"<svg")) and b"<svg" in data[:4096].lower():
         return UnsupportedImage("SVG images are not supported; send a raster image (JPEG, PNG, ...)")
@@ -114,6 +130,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
     mode = image.mode
     if mode == "RGB":
         return image
+    if mode == "La":  # gray with premultiplied alpha (TIFF): Pillow converts it to nothing but LA
+        image = image.convert("LA")
     if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
         # 16-bit samples (PNG, TIFF); Pillow widens some to "I". 65535 -> 255.
         gray = np.asarray(image, dtype=np.float64) / 257.0
@@ -178,7 +196,7 @@ def decode_message(raw: bytes) -> Message:
         shape = tuple(int(n) for n in body["shape"])
         dtype = body["dtype"]
         data = binascii.a2b_base64(body["data"], strict_mode=True)
-    except (KeyError, TypeError, ValueError, binascii.Error) as exc:
+    except (KeyError, TypeError, ValueError, OverflowError, binascii.Error) as exc:  # OverflowError: int(inf)
         raise MessageError(f"bad or missing field ({exc})", request_id) from None
     if dtype != "uint8":
         raise MessageError(f"dtype must be uint8, got {dtype!r}", request_id)

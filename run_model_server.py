@@ -10,9 +10,12 @@ import socket
 import sys
 import time
 import uuid
+from typing import NamedTuple
 
 import numpy as np
+import redis
 
+import logs
 import settings
 from helpers import MessageError, decode_message, encode_answer, encode_error
 from image_queue import REDIS_ERRORS, Backoff, Claim, Done, ImageQueue, ModelInfo, queue_from_config
@@ -20,12 +23,20 @@ from image_queue import REDIS_ERRORS, Backoff, Claim, Done, ImageQueue, ModelInf
 log = logging.getLogger("model_server")
 
 
-def answer_batch(classifier, messages: list[bytes], now: float) -> list[Done]:
+class Answered(NamedTuple):
+    """What answer_batch made of a claimed batch."""
+
+    done: list[Done]  # one per claimed message
+    batch_size: int  # images the model ran (0: it ran none, or failed)
+    inference_s: float  # seconds the model took for them
+
+
+def answer_batch(classifier, messages: list[bytes], now: float) -> Answered:
     """Turn claimed messages into answers: drop the unreadable and expired, predict the rest at once.
 
     One bad message, or one batch that raises, yields error answers for those requests only.
     """
-    done, batch = [], []
+    done, batch, ran, took_ms = [], [], 0, 0.0
     height, width = classifier.input_size
     for raw in messages:
         try:
@@ -52,11 +63,12 @@ def answer_batch(classifier, messages: list[bytes], now: float) -> list[Done]:
                 encode_answer(classifier.top_k(p, m.top), len(batch), took_ms)
                 for (_, m), p in zip(batch, probabilities, strict=True)
             ]
+            ran = len(batch)
         except Exception:
             log.exception("the model failed on a batch of %d; answering 500 for each", len(batch))
             answers = [encode_error(500, "the model failed on this request's batch")] * len(batch)
         done += [Done(raw, m.request_id, answer, m.deadline) for (raw, m), answer in zip(batch, answers, strict=True)]
-    return done
+    return Answered(done, ran, took_ms / 1000)
 
 
 class ModelWorker:
@@ -92,6 +104,7 @@ class ModelWorker:
                     left = self.queue.requeue_own(self.worker_id)
                     log.info("worker %s: Redis is back (%d messages handed back)", self.worker_id, left)
                     backoff.reset()
+                    last_beat = -float("inf")  # heartbeat first: Redis may have lost us (a restart without AOF)
                 if time.monotonic() - last_beat >= self.heartbeat_s:
                     self.queue.heartbeat(self.worker_id, self.model_info)
                     self.queue.requeue_dead_workers()
@@ -110,29 +123,32 @@ class ModelWorker:
             log.warning("worker %s stopped without unregistering: %s", self.worker_id, exc)
 
     def process(self, claim: Claim) -> None:
+        """Run and answer one batch; one INFO line names its requests (ids=...), so the web's lines join it."""
         start = time.perf_counter()
-        done = answer_batch(self.classifier, claim.messages, claim.server_time)
+        result = answer_batch(self.classifier, claim.messages, claim.server_time)
         inferred = time.perf_counter()
-        answered, late = self._ack(done)
-        expired = sum(1 for d in done if d.answer is None and d.request_id is not None)
+        answered, late = self._ack(result)
+        expired = sum(1 for d in result.done if d.answer is None and d.request_id is not None)
         log.info(
-            "batch of %d in %.1f ms (+%.1f ms to answer): %d answered, %d expired in queue, %d too late",
+            "batch of %d in %.1f ms (+%.1f ms to answer): %d answered, %d expired in queue, %d too late; ids=%s",
             len(claim.messages),
             (inferred - start) * 1000,
             (time.perf_counter() - inferred) * 1000,
             len(answered),
             expired,
             len(late),
+            ",".join(answered + late) or "-",
+            extra={"request_ids": answered + late},
         )
         for request_id in answered:
-            log.debug("answered %s", request_id)
+            log.debug("answered %s", request_id, extra={"request_id": request_id})
 
-    def _ack(self, done: list[Done]) -> tuple[list[str], list[str]]:
+    def _ack(self, result: Answered) -> tuple[list[str], list[str]]:
         """Acknowledge, retrying through a short Redis outage; then give up and let run() requeue the batch."""
         backoff, give_up = Backoff(), time.monotonic() + self.queue.worker_ttl_s
         while True:
             try:
-                return self.queue.ack(self.worker_id, done)
+                return self.queue.ack(self.worker_id, result.done, result.batch_size, result.inference_s)
             except REDIS_ERRORS as exc:
                 if time.monotonic() > give_up:
                     raise
@@ -141,11 +157,32 @@ class ModelWorker:
                 time.sleep(delay)
 
 
+def credentials_accepted(queue: ImageQueue) -> bool:
+    """Check the Redis password before loading the model: a refused one is a setting to fix, not an outage.
+
+    An unreachable Redis is fine here (the worker loop waits for it with backoff); a wrong password
+    would only make that loop retry forever, so the worker says so once and exits.
+    """
+    try:
+        queue.redis.ping()
+    except redis.AuthenticationError as exc:
+        log.error("Redis refused this worker's credentials (%s): check the password in REDIS_URL; exiting", exc)
+        return False
+    except REDIS_ERRORS as exc:
+        log.warning("Redis is not reachable yet (%s); the worker will wait for it once the model is loaded", exc)
+    return True
+
+
 def main() -> int:
     import signal
 
-    logging.basicConfig(level=settings.LOG_LEVEL, format=settings.LOG_FORMAT)
+    logs.configure()
+    if settings.WORKER_NICE:  # before any thread starts: threads inherit it
+        os.setpriority(os.PRIO_PROCESS, 0, settings.WORKER_NICE)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up chatter out of the log
+    queue = queue_from_config(vars(settings))
+    if not credentials_accepted(queue):
+        return 2
     from classifier import load_classifier
 
     started = time.perf_counter()
@@ -173,7 +210,6 @@ def main() -> int:
             max(timings.values()),
             settings.WORKER_TTL_S,
         )
-    queue = queue_from_config(vars(settings))
     worker = ModelWorker(
         queue,
         classifier,

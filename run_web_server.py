@@ -4,15 +4,26 @@ Never imports TensorFlow or Keras. Serve it with `gunicorn -c gunicorn_conf.py r
 `python run_web_server.py` starts Flask's development server instead.
 """
 
+import ctypes
+import hashlib
+import hmac
 import logging
+import math
+import threading
 import time
 import uuid
+from contextlib import contextmanager
+from pathlib import Path
 
-from flask import Blueprint, Flask, current_app, g, jsonify, request
-from werkzeug.exceptions import BadRequest, HTTPException, RequestEntityTooLarge
+from flask import Blueprint, Flask, Request, current_app, g, jsonify, request
+from flask_limiter import Limiter, RateLimitExceeded
+from werkzeug.exceptions import BadRequest, ClientDisconnected, HTTPException, RequestEntityTooLarge
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 import helpers
 import image_queue
+import logs
+import metrics
 import settings
 
 log = logging.getLogger(__name__)
@@ -21,7 +32,13 @@ log = logging.getLogger(__name__)
 CONFIG_KEYS = (
     "REDIS_URL", "REDIS_BLOCK_S", "IMAGE_QUEUE", "QUEUE_MAX", "REQUEST_TIMEOUT_S", "RESULT_TTL_S",
     "WORKER_TTL_S", "MAX_UPLOAD_MB", "MAX_IMAGE_PIXELS", "TOP_K", "TOP_K_MAX",
+    "API_KEYS", "RATE_LIMIT", "TRUSTED_PROXIES", "DECODE_SLOTS",
 )  # fmt: skip
+
+
+class Busy(Exception):
+    """Every decode slot of this web process stayed taken until the request's deadline."""
+
 
 # Domain errors -> (HTTP status, Retry-After seconds or None).
 ERRORS = {
@@ -31,6 +48,29 @@ ERRORS = {
     image_queue.QueueFull: (503, 1),
     image_queue.NoWorker: (503, 5),
     image_queue.QueueUnavailable: (503, 5),
+    image_queue.Draining: (503, 5),
+    Busy: (503, 1),
+}
+# /predict's 503s by cause, for predict_rejected_total{reason}; also "worker_503" (a 503 answered through the
+# queue: an image prepared for another model size, or purged by an operator) and "rate_limit" (429).
+REJECT_REASONS = {
+    image_queue.QueueFull: "queue_full",
+    image_queue.NoWorker: "no_worker",
+    image_queue.QueueUnavailable: "redis",
+    image_queue.Draining: "draining",
+    Busy: "busy",
+}
+
+# What anyone may call even when API_KEYS is set: the welcome text, health checks, the API description.
+OPEN_PATHS = frozenset({"/", "/healthz", "/readyz", "/openapi.json"})
+OPEN_PREFIX = "/static/"  # the web page's own files (static/: script and style sheet), open like the page
+
+# What GET / sends a browser: plain HTML, CSS and JS from static/, no build step, nothing from elsewhere.
+PAGE_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'self'; img-src 'self' blob:; form-action 'self'; base-uri 'none'; frame-ancestors 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
 }
 
 WELCOME = """Image classification service.
@@ -39,7 +79,11 @@ POST an image to /predict and get the top-{top} labels with probabilities as JSO
     curl -X POST -F image=@photo.jpg {url}predict
     curl -X POST -H 'Content-Type: image/jpeg' --data-binary @photo.jpg '{url}predict?top=3'
 Health: GET /healthz (process up), GET /readyz (Redis and a model worker ready).
+Open {url} in a browser for a page that sends an image and shows the answer.
 """
+
+# The API's OpenAPI description, kept in the repository beside this module and served as is.
+OPENAPI = Path(__file__).with_name("openapi.json").read_bytes()
 
 bp = Blueprint("api", __name__)
 
@@ -47,30 +91,157 @@ bp = Blueprint("api", __name__)
 def create_app(config: dict | None = None) -> Flask:
     """The Flask app; config overrides settings (tests pass their Redis URL, queue name, ...)."""
     app = Flask(__name__)
+    app.request_class = UploadRequest
     app.config.from_mapping({key: getattr(settings, key) for key in CONFIG_KEYS})
     app.config.update(config or {})
     app.config["MAX_CONTENT_LENGTH"] = int(app.config["MAX_UPLOAD_MB"] * 1024 * 1024)
     helpers.configure_pillow(app.config["MAX_IMAGE_PIXELS"])
+    return_large_blocks_to_the_os()
     app.extensions["image_queue"] = image_queue.queue_from_config(app.config, image_queue.WEB_SOCKET_MARGIN_S)
+    app.extensions["decode_slots"] = threading.BoundedSemaphore(app.config["DECODE_SLOTS"])
+    app.extensions["api_keys"] = [hashlib.sha256(key.encode()).digest() for key in app.config["API_KEYS"]]
+    app.before_request(require_api_key)  # registered first: runs before the rate limit, before any body is read
+    if app.config["RATE_LIMIT"]:
+        app.extensions["rate_limiter"] = rate_limiter(app)
+    if app.config["TRUSTED_PROXIES"]:
+        hops = app.config["TRUSTED_PROXIES"]
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops)
     app.register_blueprint(bp)
     for error in ERRORS:
         app.register_error_handler(error, domain_error)
     app.register_error_handler(RequestEntityTooLarge, too_large)
+    app.register_error_handler(RateLimitExceeded, too_many_requests)
     app.register_error_handler(HTTPException, http_error)
     app.register_error_handler(Exception, unexpected_error)
     app.after_request(add_request_id)
+    app.after_request(drain_unread_body)
+    app.after_request(count_request)
+    app.teardown_request(lambda exc: logs.REQUEST_ID.set(None))  # threads serve many requests
     return app
+
+
+def return_large_blocks_to_the_os() -> None:
+    """Have glibc hand every allocation over 128 KiB straight back to the OS when it is freed.
+
+    By default glibc raises that threshold after the first large free, and each thread's arena then
+    keeps the memory of the huge images it decoded: 16 threads took 4.5 GB where 1.2 GB were ever in
+    use at once (DECODE_SLOTS=2, 50-megapixel PNGs). The cost is one mmap per large buffer (decoded
+    images, uploads, ~200 KB messages): microseconds against a decode. Process-wide; elsewhere than
+    glibc, nothing to do.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD; setting it also stops glibc from raising it
+    except (OSError, AttributeError):
+        pass
 
 
 def queue() -> image_queue.ImageQueue:
     return current_app.extensions["image_queue"]
 
 
+# --- API keys and rate limit --------------------------------------------------------------------
+
+
+def require_api_key():
+    """With API_KEYS set, every request but OPEN_PATHS needs a valid key: 401 before its body is read.
+
+    The presented key is hashed like the configured ones, so every comparison is between equal
+    lengths, and it is compared with every key (hmac.compare_digest, no early exit): the time taken
+    tells neither which key matched nor how much of one. The key itself is never logged.
+    """
+    known = current_app.extensions["api_keys"]
+    if not known or request.path in OPEN_PATHS or request.path.startswith(OPEN_PREFIX):
+        return None
+    presented = presented_api_key()
+    if presented is None:
+        return unauthorized("an API key is required: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'")
+    digest = hashlib.sha256(presented.encode()).digest()
+    valid = False
+    for key_digest in known:
+        valid |= hmac.compare_digest(digest, key_digest)
+    if not valid:
+        log.info("%s %s: 401, an unknown API key from %s", request.method, request.path, request.remote_addr)
+        return unauthorized("the API key is not valid")
+    g.client_id = f"key-{digest.hex()[:16]}"  # what the rate limit counts against: a hash, not the key
+    return None
+
+
+def presented_api_key() -> str | None:
+    """The key from "Authorization: Bearer <key>", else from "X-API-Key: <key>"; None if neither is sent."""
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    return request.headers.get("X-API-Key", "").strip() or None
+
+
+def unauthorized(message: str):
+    response = error_response(401, message)
+    response.headers["WWW-Authenticate"] = 'Bearer realm="predict"'
+    return response
+
+
+def rate_limiter(app: Flask) -> Limiter:
+    """Flask-Limiter applying RATE_LIMIT to /predict, per client, counted in the queue's own Redis.
+
+    The counters go through the queue's connection pool (same URL, password, TLS, timeouts, no
+    retries) under "{IMAGE_QUEUE}:ratelimit:", so two services sharing a Redis count apart. When that
+    Redis fails, counting falls back to this process's memory (same limits, per process) until it
+    answers again, rechecked with backoff: a dead Redis must not turn requests into 500s, and
+    /predict answers 503 on its own then. swallow_errors would let everything through unlimited and
+    log a traceback per request instead.
+    """
+    limiter = Limiter(
+        client_id,
+        app=app,
+        default_limits=[app.config["RATE_LIMIT"]],
+        strategy="fixed-window",
+        storage_uri="redis://",  # picks limits' Redis storage; the connection is the pool below
+        storage_options={
+            "connection_pool": app.extensions["image_queue"].redis.connection_pool,
+            "key_prefix": f"{{{app.config['IMAGE_QUEUE']}}}:ratelimit",
+        },
+        in_memory_fallback_enabled=True,
+    )
+    limiter.request_filter(lambda: request.endpoint != "api.predict")  # health checks are never limited
+    return limiter
+
+
+def client_id() -> str:
+    """Whom a request counts against: its API key (hashed) when keys are on, else its remote address."""
+    return g.get("client_id") or request.remote_addr or "unknown"
+
+
+def too_many_requests(exc: RateLimitExceeded):
+    """429 with Retry-After: the seconds until this client's window resets (at least 1)."""
+    try:
+        reset_at = current_app.extensions["rate_limiter"].current_limit.reset_at
+    except Exception:  # its storage failed since counting this request: a whole window is always enough
+        reset_at = time.time() + exc.limit.limit.get_expiry()
+    retry_after = max(1, math.ceil(reset_at - time.time()))
+    message = f"too many requests: the limit is {exc.description}; retry in {retry_after} s"
+    g.reject_reason = "rate_limit"
+    return error_response(429, message, retry_after)
+
+
 @bp.get("/")
 def index():
-    """A short welcome saying how to call /predict."""
-    text = WELCOME.format(top=current_app.config["TOP_K"], url=request.host_url)
-    return text, 200, {"Content-Type": "text/plain; charset=utf-8"}
+    """The web page (static/index.html) for browsers, which prefer HTML; a short text on how to call
+    /predict for curl and every other client (no Accept header, */*, text/plain)."""
+    if request.accept_mimetypes.best_match(["text/plain", "text/html"]) == "text/html":
+        response = current_app.send_static_file("index.html")
+        response.headers.update(PAGE_HEADERS)
+    else:
+        text = WELCOME.format(top=current_app.config["TOP_K"], url=request.host_url)
+        response = current_app.make_response((text, 200, {"Content-Type": "text/plain; charset=utf-8"}))
+    response.vary.add("Accept")  # one URL, two bodies: caches must keep them apart
+    return response
+
+
+@bp.get("/openapi.json")
+def openapi():
+    """This API's OpenAPI description (openapi.json in the repository)."""
+    return OPENAPI, 200, {"Content-Type": "application/json"}
 
 
 @bp.get("/healthz")
@@ -89,7 +260,16 @@ def readyz():
         workers=status.live_workers,
         model={"name": model.name, "width": model.width, "height": model.height},
         queue_depth=status.queue_depth,
+        in_progress=status.held - status.queue_depth,
     )
+
+
+@bp.get("/metrics")
+def prometheus_metrics():
+    """Prometheus metrics (metrics.py says which). With API_KEYS set it needs a key, as /predict does:
+    request counts and queue depths tell traffic volumes, which are not for everyone to see."""
+    body, content_type = metrics.exposition(queue(), request.headers.get("Accept"))
+    return body, 200, {"Content-Type": content_type}
 
 
 @bp.post("/predict")
@@ -97,17 +277,25 @@ def predict():
     """Classify one image: multipart field "image", or the raw body with Content-Type image/*."""
     arrived = time.monotonic()
     g.request_id = request_id = uuid.uuid4().hex
+    logs.REQUEST_ID.set(request_id)  # every line logged while serving it carries the id (LOG_JSON)
     timeout = current_app.config["REQUEST_TIMEOUT_S"]
     top = requested_top()
-    image = helpers.open_image(read_upload(), current_app.config["MAX_IMAGE_PIXELS"])
+    # No worker, no Redis or a full queue: 503 before the upload is even read, so that refusing is cheap
+    # when it matters most, under overload. enqueue() re-checks the queue atomically.
     status = live_status()
     # The message's deadline on the Redis clock: the server time just read, plus what is left of ours.
     deadline = status.server_time + timeout - (time.monotonic() - arrived)
-    if status.queue_depth >= current_app.config["QUEUE_MAX"]:  # refuse before decoding; enqueue re-checks
-        raise image_queue.QueueFull(f"the queue holds {status.queue_depth} images")
-    pixels = helpers.prepare_image(image, (status.model.width, status.model.height))
-    if time.monotonic() >= arrived + timeout:
-        return error_response(504, f"the image took longer than {timeout:g} s to prepare")
+    if status.held >= current_app.config["QUEUE_MAX"]:
+        raise image_queue.QueueFull(f"the queue holds {status.held} images")
+    image = helpers.open_image(read_upload(), current_app.config["MAX_IMAGE_PIXELS"])
+    try:
+        with decode_slot(arrived + timeout):
+            late = time.monotonic() >= arrived + timeout  # a slow upload, or a slot freed at the deadline
+            pixels = None if late else helpers.prepare_image(image, (status.model.width, status.model.height))
+    finally:
+        image.close()  # frees the decoded upload (~200 MB for a 50-megapixel RGBA image) before the wait
+    if pixels is None or time.monotonic() >= arrived + timeout:
+        return error_response(504, f"the image took longer than {timeout:g} s to upload and prepare")
     queue().enqueue(helpers.encode_message(request_id, deadline, top, pixels))
     queued = time.monotonic()
     raw = queue().wait_for(request_id, arrived + timeout)
@@ -116,10 +304,30 @@ def predict():
     answer = helpers.decode_answer(raw)
     if "error" in answer:
         status_code = answer["status"]
+        if status_code == 503:
+            g.reject_reason = "worker_503"
         return error_response(status_code, answer["error"], retry_after=1 if status_code == 503 else None)
     response = jsonify(success=True, predictions=answer["predictions"])
     response.headers["Server-Timing"] = server_timing(arrived, queued, answer)
+    now = time.monotonic()
+    metrics.observe_prediction(now - arrived, now - queued, answer["inference_ms"] / 1000)
     return response
+
+
+@contextmanager
+def decode_slot(deadline: float):
+    """Hold one of this process's DECODE_SLOTS while an image is decoded.
+
+    A decode can take ~12 bytes per pixel (a 50-megapixel RGBA PNG: ~600 MB), so a flood of huge
+    images would otherwise take WEB_THREADS times that. Waits its turn until the deadline, then 503.
+    """
+    slots = current_app.extensions["decode_slots"]
+    if not slots.acquire(timeout=max(0.0, deadline - time.monotonic())):
+        raise Busy(f"all {current_app.config['DECODE_SLOTS']} image decoders stayed busy until the deadline")
+    try:
+        yield
+    finally:
+        slots.release()
 
 
 def server_timing(arrived: float, queued: float, answer: dict) -> str:
@@ -135,13 +343,18 @@ def server_timing(arrived: float, queued: float, answer: dict) -> str:
 def live_status() -> image_queue.Status:
     """The queue's status, or NoWorker (503) when no model worker's heartbeat is fresh."""
     status = queue().status()
+    if status.paused:
+        raise image_queue.Draining("the service is draining for maintenance; retry shortly")
     if not status.live_workers or status.model is None:
         raise image_queue.NoWorker("no model worker is running")
     return status
 
 
 def requested_top() -> int:
-    raw, most = request.args.get("top"), current_app.config["TOP_K_MAX"]
+    try:
+        raw, most = request.args.get("top"), current_app.config["TOP_K_MAX"]
+    except UnicodeDecodeError:  # a raw byte that is not UTF-8: gunicorn refuses it itself, mod_wsgi passes it on
+        raise BadRequest("the query string is not valid UTF-8 (percent-encode it)") from None
     if raw is None:
         return current_app.config["TOP_K"]
     if not (raw.isascii() and raw.isdecimal() and len(raw) <= 3 and 1 <= int(raw) <= most):
@@ -149,22 +362,59 @@ def requested_top() -> int:
     return int(raw)
 
 
+class UploadRequest(Request):
+    """Flask's request, except that a multipart form werkzeug cannot parse raises (read_upload says why)
+    instead of reading as an empty form, which made a cut-short or malformed upload look like a missing field."""
+
+    def make_form_data_parser(self):
+        parser = super().make_form_data_parser()
+        parser.silent = False
+        return parser
+
+
 def read_upload() -> bytes:
     """The image bytes from a multipart form or a raw image body; 400 says how to send one."""
     if request.mimetype == "multipart/form-data":
-        files = request.files.getlist("image")
+        try:
+            files = request.files.getlist("image")
+        except ClientDisconnected:
+            raise BadRequest(CUT_SHORT) from None
+        except UnicodeDecodeError:
+            raise BadRequest("a form part's headers are not UTF-8: send the file name in UTF-8") from None
+        except ValueError as exc:
+            raise BadRequest(f"the multipart form is malformed or cut short ({exc})") from None
         if len(files) > 1:
             raise BadRequest(f"send one image per request, not {len(files)} 'image' fields")
+        if not files and "image" in request.form:
+            raise BadRequest("the 'image' field is text, not a file: send the file itself (curl -F image=@photo.jpg)")
         if not files:
-            sent = sorted(set(request.files) | set(request.form))
+            sent = sorted({name or "(no name)" for name in (*request.files, *request.form)})  # a part may have none
             raise BadRequest(f"no 'image' field in the form (fields sent: {', '.join(sent) or 'none'})")
         return files[0].read()
     if request.mimetype.startswith("image/") or request.mimetype == "application/octet-stream":
-        return request.get_data(cache=False)
+        return read_body()
     raise BadRequest(
         "no image: send it as the multipart form field 'image' (curl -F image=@photo.jpg) "
         "or as the request body with Content-Type image/*"
     )
+
+
+CUT_SHORT = "the upload was cut short: the body ended before the length its Content-Length header gave"
+
+
+def read_body() -> bytes:
+    """The raw request body. werkzeug quietly stops a chunked body at MAX_CONTENT_LENGTH and returns what
+    arrived of a body cut short: the first is refused with 413, the second with 400."""
+    try:
+        data = request.get_data(cache=False)
+    except ClientDisconnected:
+        raise BadRequest(CUT_SHORT) from None
+    declared = request.content_length
+    if declared is None and len(data) >= request.max_content_length and request.input_stream.read(1):
+        raise RequestEntityTooLarge()
+    if declared is not None and len(data) < declared:
+        raise BadRequest(CUT_SHORT)
+    return data
 
 
 def error_response(status: int, message: str, retry_after: int | None = None):
@@ -177,6 +427,9 @@ def error_response(status: int, message: str, retry_after: int | None = None):
 
 def domain_error(exc: Exception):
     status, retry_after = next(v for cls, v in ERRORS.items() if isinstance(exc, cls))
+    reason = next((r for cls, r in REJECT_REASONS.items() if isinstance(exc, cls)), None)
+    if reason:
+        g.reject_reason = reason
     if status >= 500:
         log.warning("%s %s: %d %s", request.method, request.path, status, exc)
     return error_response(status, str(exc), retry_after)
@@ -205,8 +458,50 @@ def add_request_id(response):
     return response
 
 
+DRAIN_S = 5.0  # the longest drain_unread_body reads a refused upload (gunicorn drains 64 KB for as long)
+
+
+def drain_unread_body(response):
+    """Under gunicorn, read and drop what is left of an upload answered without being read (a 503 before
+    the upload is read, 401, 429, a bad ?top=), up to the upload limit and for at most DRAIN_S.
+
+    gunicorn drains at most 64 KB of a body left unread before it reuses the connection; past that it
+    closes the socket with the rest unread, so the kernel resets the connection and the client never sees
+    the answer ("Connection aborted" instead of the 503): a photo over 64 KB lost its refusal. The time
+    bound (gunicorn's own for its drain) keeps a refusal cheap for a client that trickles its body: it
+    then gets the connection closed, as before. A body declared over the limit (413) or chunked is never
+    read. Other servers keep their own handling (Apache reads and drops an unread body itself).
+    """
+    sock = request.environ.get("gunicorn.socket")
+    length = request.content_length
+    if sock is None or not length or length > request.max_content_length:
+        return response
+    deadline = time.monotonic() + DRAIN_S
+    try:
+        while (left := deadline - time.monotonic()) > 0:
+            sock.settimeout(left)
+            if not request.stream.read(64 * 1024):
+                break
+    except (ClientDisconnected, OSError):
+        pass  # gone, stalled or too slow: gunicorn finds the body unread and closes the connection
+    finally:
+        sock.settimeout(None)  # gunicorn's threads use blocking sockets
+    return response
+
+
+def count_request(response):
+    """Count every answer by route, method and status; /predict's refusals by cause and its timeouts."""
+    metrics.count_request(request.url_rule.rule if request.url_rule else None, request.method, response.status_code)
+    if request.endpoint == "api.predict":
+        if "reject_reason" in g:
+            metrics.PREDICT_REJECTED.labels(g.reject_reason).inc()
+        elif response.status_code == 504:
+            metrics.PREDICT_TIMEOUTS.inc()
+    return response
+
+
 app = create_app()
 
 if __name__ == "__main__":
-    logging.basicConfig(level=settings.LOG_LEVEL, format=settings.LOG_FORMAT)
+    logs.configure()
     app.run(host=settings.WEB_HOST, port=settings.WEB_PORT, threaded=True)

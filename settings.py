@@ -38,6 +38,48 @@ def _float(name: str, default: float, minimum: float = 0.0) -> float:
     return _number(name, default, minimum, float, "a number")
 
 
+def _flag(name: str, default: bool = False) -> bool:
+    """On: 1, true, yes, on; off: 0, false, no, off or empty (any case)."""
+    raw = _str(name, "").lower()
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    if raw:
+        raise SettingError(f"{name} must be 1/true/yes/on or 0/false/no/off, got {raw!r}")
+    return default
+
+
+API_KEY_MIN_LENGTH = 16  # shorter keys are guessable: refused at start
+
+
+def _api_keys(name: str) -> tuple[str, ...]:
+    """Comma-separated keys, blanks ignored. Errors name a key's position, never the key (a secret)."""
+    keys = tuple(key.strip() for key in _str(name, "").split(",") if key.strip())
+    for position, key in enumerate(keys, 1):
+        if len(key) < API_KEY_MIN_LENGTH or not (key.isascii() and key.isprintable()) or " " in key:
+            raise SettingError(
+                f"{name}: key {position} of {len(keys)} must be at least {API_KEY_MIN_LENGTH} printable ASCII "
+                "characters without spaces (e.g. the output of `openssl rand -hex 32`)"
+            )
+    return keys
+
+
+def _rate_limit(name: str) -> str:
+    """A Flask-Limiter limit string ("10/second;300/minute"), parsed now so that a typo fails at start."""
+    value = _str(name, "")
+    if value:
+        from limits import parse_many  # Flask-Limiter's parser; imported only when a limit is set
+
+        try:
+            items = parse_many(value)
+        except ValueError:
+            items = []
+        if not items or any(item.amount < 1 for item in items):
+            raise SettingError(f"{name} must be limits like '10/second;300/minute' (at least 1 each), got {value!r}")
+    return value
+
+
 # --- Redis ------------------------------------------------------------------------------------
 REDIS_HOST = _str("REDIS_HOST", "localhost")  # host name; ignored when REDIS_URL is set
 REDIS_PORT = _int("REDIS_PORT", 6379, 1)  # TCP port; ignored when REDIS_URL is set
@@ -61,6 +103,17 @@ WORKER_HEARTBEAT_S = _float("WORKER_HEARTBEAT_S", 1.0, 0.1)  # seconds between a
 WORKER_TTL_S = _float("WORKER_TTL_S", 10.0, 1.0)
 
 # --- Model (the model worker only) -------------------------------------------------------------
+# Niceness the model worker runs at (0-19); 0: unchanged. On a CPU-only box whose cores the model shares
+# with gunicorn and Redis, 10-19 lets their short work preempt the model, so 503s stay fast under
+# overload (twice the capacity, 2 cores: 503 p99 21-51 ms at 0, 29 ms at 19; served rate unchanged).
+# The cost: a flood of huge images decoding on every core can starve a niced worker past WORKER_TTL_S,
+# and peers then count it dead. Not needed on a GPU box.
+WORKER_NICE = _int("WORKER_NICE", 0)
+if WORKER_NICE > 19:
+    raise SettingError(f"WORKER_NICE must be 0 to 19, got {WORKER_NICE}")
+# Model worker processes `python stack.py` starts: 0 = one per visible GPU (CUDA_VISIBLE_DEVICES=<that GPU>
+# each), or 1 without a GPU; N = exactly N (spread over the GPUs in turn). `stack.py --workers N` overrides it.
+MODEL_WORKERS = _int("MODEL_WORKERS", 0)
 MODEL_NAME = _str("MODEL_NAME", "ResNet50")  # a keras.applications model, e.g. MobileNetV2, VGG16
 # "imagenet" (Keras downloads and caches it), a local weights file (.h5 or .weights.h5), or "none".
 MODEL_WEIGHTS = _str("MODEL_WEIGHTS", "imagenet")
@@ -73,15 +126,40 @@ LABELS_PATH = _str("LABELS_PATH", "")
 MODEL_PREPROCESS = _str("MODEL_PREPROCESS", "").lower()
 
 # --- Web --------------------------------------------------------------------------------------
-WEB_HOST = _str("WEB_HOST", "127.0.0.1")  # address gunicorn binds; 0.0.0.0 or :: to serve others
+# Address the web server binds; 0.0.0.0 or :: to serve others. An IPv6 address may be in brackets ([::1]),
+# as uWSGI needs it; the brackets are dropped here.
+WEB_HOST = _str("WEB_HOST", "127.0.0.1").removeprefix("[").removesuffix("]")
 WEB_PORT = _int("WEB_PORT", 5000, 1)  # TCP port gunicorn binds
 WEB_WORKERS = _int("WEB_WORKERS", 2, 1)  # gunicorn worker processes
 WEB_THREADS = _int("WEB_THREADS", 16, 1)  # threads per gunicorn worker: concurrent requests each
 GUNICORN_TIMEOUT_S = _int("GUNICORN_TIMEOUT_S", 30, 1)  # seconds; must exceed REQUEST_TIMEOUT_S
 MAX_UPLOAD_MB = _float("MAX_UPLOAD_MB", 16.0, 0.001)  # megabytes: larger bodies get 413 unread
+# Images one web process decodes at once; more wait their turn (503 at the deadline). A decode takes up
+# to ~12 bytes per pixel, so this x WEB_WORKERS x that is the web tier's worst case for image memory.
+DECODE_SLOTS = _int("DECODE_SLOTS", 2, 1)
 MAX_IMAGE_PIXELS = _int("MAX_IMAGE_PIXELS", 50_000_000, 1)  # width x height: more gets 413 undecoded
 TOP_K = _int("TOP_K", 5, 1)  # predictions per answer unless the request asks ?top=K
 TOP_K_MAX = 20  # the largest ?top=K accepted
 
+# --- Security (web) ---------------------------------------------------------------------------
+# API keys, comma-separated: empty (the default, for local use) leaves the service open; with keys set,
+# every request but /, /healthz, /readyz and /openapi.json needs "Authorization: Bearer <key>" or
+# "X-API-Key: <key>". Keys are secrets: set them from the environment or a secret store, never in code
+# or a committed file. Each must be at least API_KEY_MIN_LENGTH characters, or the service refuses to start.
+API_KEYS = _api_keys("API_KEYS")
+# Per-client limit on /predict, in Flask-Limiter's syntax ("10/second;300/minute"); empty: no limit.
+# Counted in the queue's Redis, per API key (or per remote address when API_KEYS is empty).
+RATE_LIMIT = _rate_limit("RATE_LIMIT")
+# Proxies in front of gunicorn (nginx: 1) whose X-Forwarded-For/-Proto are trusted; 0: none. Behind a
+# proxy with 0, every client has the proxy's address, and so shares one rate-limit counter.
+TRUSTED_PROXIES = _int("TRUSTED_PROXIES", 0)
+
 LOG_LEVEL = _str("LOG_LEVEL", "INFO").upper()  # DEBUG logs every request id a worker answers
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"  # one format for every process
+# One JSON object per log line (time, level, logger, pid, message, request_id where known) from the web
+# app, gunicorn's own and access logs, and the model worker; off: the text format above. See logs.py.
+LOG_JSON = _flag("LOG_JSON")
+# prometheus-client's multiprocess mode: a directory for each web process's metric files. Under gunicorn,
+# gunicorn_conf.py empties it at start (a private temporary one when unset). Apache mod_wsgi or uWSGI with
+# several processes need it set, to an empty directory of their own. See metrics.py.
+PROMETHEUS_MULTIPROC_DIR = _str("PROMETHEUS_MULTIPROC_DIR", "")

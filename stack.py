@@ -1,9 +1,11 @@
-"""Run the whole stack on one machine: redis-server (unless one is configured), model worker, gunicorn.
+"""Run the whole stack on one machine: redis-server (unless one is configured), model workers, gunicorn.
 
     python stack.py [--workers N]        (scripts/stack.sh installs what is missing first)
 
-Ctrl-C (or SIGTERM) stops it in order: gunicorn lets in-flight requests finish, the model worker
-finishes its batch, then redis-server. The same functions start the processes for the tests and the
+Model workers: one per visible GPU, each with CUDA_VISIBLE_DEVICES set to its GPU, or one on a machine
+without a GPU (MODEL_WORKERS=0, the default); MODEL_WORKERS=N or --workers N starts exactly N.
+Ctrl-C (or SIGTERM) stops it in order: gunicorn lets in-flight requests finish, the model workers
+finish their batches, then redis-server. The same functions start the processes for the tests and the
 benchmark, so each is started one way everywhere.
 """
 
@@ -55,10 +57,59 @@ class Service:
         return self.process.wait()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def web_url(host: str, port: int) -> str:
+    """The URL this machine reaches a web server bound to host:port at: a wildcard address becomes the
+    loopback of its family (0.0.0.0 -> 127.0.0.1, :: -> ::1), and an IPv6 address goes in brackets."""
+    host = host.removeprefix("[").removesuffix("]")
+    host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
+
+
+# --- Model workers: one per GPU ---------------------------------------------------------------
+
+
+def visible_gpus(cuda_visible_devices: str | None, nvidia_smi_output: str | None) -> list[str]:
+    """The GPUs this stack may use, as CUDA_VISIBLE_DEVICES entries (indices, or GPU-/MIG- UUIDs).
+
+    A CUDA_VISIBLE_DEVICES already set wins: its entries as given, up to the first negative one (CUDA
+    ignores everything from an invalid entry on; "" or "-1" hides every GPU). Unset: the indices
+    `nvidia-smi --query-gpu=index --format=csv,noheader` printed, one a line; None: no nvidia-smi.
+    """
+    if cuda_visible_devices is not None:
+        gpus = []
+        for entry in (e.strip() for e in cuda_visible_devices.split(",")):
+            if not entry or entry.startswith("-"):
+                break
+            gpus.append(entry)
+        return gpus
+    return [line.strip() for line in (nvidia_smi_output or "").splitlines() if line.strip().isdigit()]
+
+
+def detect_gpus() -> list[str]:
+    """visible_gpus() for this machine: its CUDA_VISIBLE_DEVICES, else what nvidia-smi lists (if installed)."""
+    output = None
+    if "CUDA_VISIBLE_DEVICES" not in os.environ and shutil.which("nvidia-smi"):
+        try:
+            query = ["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"]
+            output = subprocess.run(query, capture_output=True, text=True, timeout=30).stdout
+        except (OSError, subprocess.SubprocessError):
+            output = None  # a broken driver: run on the CPU rather than not at all
+    return visible_gpus(os.environ.get("CUDA_VISIBLE_DEVICES"), output)
+
+
+def worker_environments(count: int, gpus: list[str]) -> list[dict[str, str]]:
+    """The environment of each model worker to start: count 0 means one per GPU, or one without a GPU;
+    otherwise exactly count, given the GPUs in turn. Each GPU worker sees only its own GPU, so TensorFlow
+    in it places the model there and takes no memory on the others."""
+    if count == 0:
+        count = max(1, len(gpus))
+    return [{"CUDA_VISIBLE_DEVICES": gpus[i % len(gpus)]} if gpus else {} for i in range(count)]
 
 
 try:
@@ -103,7 +154,7 @@ def start_redis(port: int, workdir: str, log_path: Path | None = None, *extra: s
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
                 s.sendall(b"PING\r\n")
-                if s.recv(7) == b"+PONG\r\n":
+                if s.recv(64).startswith((b"+PONG\r\n", b"-NOAUTH")):  # up (NOAUTH: up, with --requirepass)
                     return service
         except OSError:
             if not service.alive():
@@ -120,6 +171,11 @@ def start_model_worker(env: dict | None = None, log_path: Path | None = None) ->
 def start_web(env: dict | None = None, log_path: Path | None = None) -> Service:
     argv = [sys.executable, "-m", "gunicorn", "-c", "gunicorn_conf.py", "run_web_server:app"]
     return _start("gunicorn", argv, env, log_path)
+
+
+def start_uwsgi(env: dict | None = None, log_path: Path | None = None) -> Service:
+    """The web tier under uWSGI instead of gunicorn (uwsgi.ini; the uwsgi program beside this Python)."""
+    return _start("uwsgi", [str(Path(sys.executable).parent / "uwsgi"), "--ini", "uwsgi.ini"], env, log_path)
 
 
 def wait_until_ready(base_url: str, services: list[Service], timeout_s: float = WORKER_READY_TIMEOUT_S) -> None:
@@ -143,10 +199,18 @@ def wait_until_ready(base_url: str, services: list[Service], timeout_s: float = 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workers", type=int, default=1, help="model worker processes (default 1)")
+    parser.add_argument(
+        "--workers", type=int, metavar="N", help="model workers; 0: one per visible GPU, or 1 without (MODEL_WORKERS)"
+    )
     args = parser.parse_args()
+    if args.workers is not None and args.workers < 0:
+        parser.error("--workers must be 0 (one per GPU) or more")
 
     import settings
+
+    count = settings.MODEL_WORKERS if args.workers is None else args.workers
+    gpus = detect_gpus()
+    workers = worker_environments(count, gpus)
 
     services: list[Service] = []
     env: dict[str, str] = {}
@@ -162,12 +226,13 @@ def main() -> int:
                 services.append(start_redis(port, redis_dir))
                 env["REDIS_URL"] = f"redis://127.0.0.1:{port}/0"
                 print(f"stack: started redis-server on 127.0.0.1:{port} (set REDIS_URL to use your own)", flush=True)
-            services += [start_model_worker(env) for _ in range(args.workers)]
+            for worker_env in workers:
+                services.append(start_model_worker(env | worker_env))
+            where = f"on GPUs {', '.join(w['CUDA_VISIBLE_DEVICES'] for w in workers)}" if gpus else "on the CPU"
+            print(f"stack: {len(workers)} model worker(s) {where}", flush=True)
             services.append(start_web(env))
             print("stack: " + ", ".join(f"{s.name} pid {s.pid}" for s in services), flush=True)
-            host = "127.0.0.1" if settings.WEB_HOST in ("0.0.0.0", "::", "") else settings.WEB_HOST
-            host = f"[{host}]" if ":" in host else host
-            url = f"http://{host}:{settings.WEB_PORT}/"
+            url = web_url(settings.WEB_HOST, settings.WEB_PORT)
             print(f"stack: loading the model; {url} answers once it is ready", flush=True)
             wait_until_ready(url, services)
             print(f"stack: ready. curl -X POST -F image=@images/chelsea.jpg {url}predict  (Ctrl-C stops)", flush=True)

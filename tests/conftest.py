@@ -7,6 +7,7 @@ import sys
 import uuid
 from pathlib import Path
 
+import hypothesis
 import numpy as np
 import pytest
 import redis
@@ -16,6 +17,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import stack  # noqa: E402
+
+# Property tests draw the same examples on every run: CI must not fail on an input nobody ran before.
+# To hunt for new counterexamples: HYPOTHESIS_PROFILE=explore pytest tests/test_properties.py
+hypothesis.settings.register_profile("ci", derandomize=True, database=None, deadline=None)
+hypothesis.settings.register_profile("explore", max_examples=2000, deadline=None)
+hypothesis.settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 from image_queue import ImageQueue, connect  # noqa: E402
 
 IMAGENET_INDEX = ROOT / "models" / "imagenet_class_index.json"  # a copy of ../shared/models' file
@@ -63,6 +70,28 @@ def make_queue(redis_url, queue_name):
     def make(**options) -> ImageQueue:
         options = {"queue_max": 100, "block_s": 0.2, "result_ttl_s": 30, "worker_ttl_s": 2.0} | options
         return ImageQueue(connect(redis_url, options["block_s"]), queue_name, **options)
+
+    return make
+
+
+@pytest.fixture
+def make_app(redis_url, queue_name):
+    """create_app(**config) on the private Redis and the test's own queue, with short timeouts."""
+
+    def make(**config):
+        from run_web_server import create_app
+
+        defaults = {
+            "REDIS_URL": redis_url,
+            "IMAGE_QUEUE": queue_name,
+            "REDIS_BLOCK_S": 0.2,
+            "REQUEST_TIMEOUT_S": 1.5,
+            "WORKER_TTL_S": 2.0,
+            "QUEUE_MAX": 64,
+            "MAX_UPLOAD_MB": 1,
+            "MAX_IMAGE_PIXELS": 5_000_000,
+        }
+        return create_app(defaults | config)
 
     return make
 
@@ -179,6 +208,14 @@ class StackFactory:
         logdir.mkdir()
         s = Stack(base | {k: str(v) for k, v in env.items()}, logdir)
         self.stacks.append(s)
+        return s
+
+    def serve(self, **env) -> Stack:
+        """A stack with one model worker and gunicorn, started and ready."""
+        s = self(**env)
+        s.start_worker()
+        s.start_web()
+        s.wait_ready()
         return s
 
     def stop_all(self) -> None:

@@ -61,6 +61,20 @@ def test_a_full_queue_refuses_without_pushing(make_queue, redis_client):
     assert redis_client.llen(queue.keys.queue) == 3
 
 
+def test_messages_being_processed_count_against_queue_max_so_redis_holds_at_most_that(make_queue):
+    queue = make_queue(queue_max=3)
+    for i in range(3):
+        queue.enqueue(f"m{i}".encode())
+    queue.heartbeat("w1", MODEL)
+    assert len(queue.claim("w1", 2).messages) == 2
+    status = queue.status()
+    assert (status.queue_depth, status.held) == (1, 3)
+    with pytest.raises(QueueFull):  # only one waits, but three are in Redis
+        queue.enqueue(b"one too many")
+    queue.ack("w1", [Done(b"m0", "m0", b"answer:m0", time.time() + 30)])
+    assert queue.enqueue(b"m3") == 3  # an answered message frees its place
+
+
 def test_an_idle_worker_blocks_and_wakes_as_soon_as_a_message_arrives(make_queue):
     queue = make_queue(block_s=5.0)
     got = {}
@@ -151,6 +165,24 @@ def test_status_counts_live_workers_and_reports_the_model(make_queue):
     assert queue.status().live_workers == 0  # heartbeats older than the TTL do not count
 
 
+def test_ack_names_each_message_by_its_head_and_length_not_by_sending_its_pixels_back(make_queue, redis_client):
+    queue = make_queue()
+    pixels = b"p" * 200_000
+    same_head = [b'{"id":"a"' + pixels, b'{"id":"a"' + pixels + b"x"]  # alike for 200 KB: the length tells
+    for message in same_head:
+        queue.enqueue(message)
+    queue.heartbeat("w1", MODEL)
+    claimed = queue.claim("w1", 8).messages
+    sent = []
+    script = queue._ack
+    queue._ack = lambda keys, args: sent.append(args) or script(keys=keys, args=args)
+    queue.ack("w1", [Done(claimed[1], "second", b"answer:second", time.time() + 30)])
+    assert sum(len(a) if isinstance(a, bytes) else 8 for a in sent[0]) < 200  # the handle, not 200 KB
+    assert redis_client.lrange(queue.keys.processing("w1"), 0, -1) == [claimed[0]]  # the right one left
+    queue.ack("w1", [Done(claimed[0], None, None)])
+    assert redis_client.llen(queue.keys.processing("w1")) == 0
+
+
 def test_a_dead_workers_batch_goes_back_to_the_head_of_the_queue(make_queue, redis_client):
     queue = make_queue(worker_ttl_s=1.0)
     for i in range(5):
@@ -178,6 +210,21 @@ def test_a_stalled_worker_that_wakes_up_cannot_answer_a_requeued_message(make_qu
     assert answer_all(queue, "stalled", stale) == ([], [])  # woke up: its claim is no longer its own
     assert answer_all(queue, "peer", fresh) == (["m0"], [])
     assert redis_client.lrange(queue.keys.result("m0"), 0, -1) == [b"answer:m0"]  # exactly one answer
+
+
+def test_a_worker_written_off_while_stalled_is_counted_and_watched_again_as_soon_as_it_claims(make_queue):
+    queue = make_queue(worker_ttl_s=1.0, queue_max=3)
+    queue.heartbeat("stalled", MODEL)
+    time.sleep(1.2)
+    queue.heartbeat("peer", MODEL)
+    queue.requeue_dead_workers()  # "stalled" is written off: out of the workers set
+    for i in range(3):
+        queue.enqueue(f"m{i}".encode())
+    assert queue.claim("stalled", 2).messages == [b"m0", b"m1"]  # it wakes and claims before any heartbeat
+    assert queue.status().held == 3  # its messages still count against QUEUE_MAX ...
+    time.sleep(1.2)
+    queue.heartbeat("peer", MODEL)
+    assert queue.requeue_dead_workers() == 2  # ... and go back if it dies now
 
 
 def test_unregister_hands_back_what_a_leaving_worker_holds(make_queue, redis_client):

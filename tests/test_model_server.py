@@ -45,9 +45,9 @@ def answers(done) -> dict:
 
 def test_one_forward_pass_for_the_whole_batch_and_each_answer_is_its_own():
     model = StandInClassifier()
-    done = answer_batch(model, [message("a", 255), message("b", 0), message("c", 51)], NOW)
-    assert model.batches == [3]
-    got = answers(done)
+    result = answer_batch(model, [message("a", 255), message("b", 0), message("c", 51)], NOW)
+    assert model.batches == [3] and result.batch_size == 3 and result.inference_s > 0  # what /metrics counts
+    got = answers(result.done)
     assert got["a"]["predictions"][0] == {"label": "bright", "probability": 1.0}
     assert got["b"]["predictions"][0] == {"label": "dark", "probability": 1.0}
     assert got["c"]["predictions"][0] == {"label": "dark", "probability": pytest.approx(0.8)}
@@ -55,9 +55,9 @@ def test_one_forward_pass_for_the_whole_batch_and_each_answer_is_its_own():
 
 def test_expired_messages_are_dropped_unanswered_and_not_run():
     model = StandInClassifier()
-    done = answer_batch(model, [message("late", deadline=NOW - 0.001), message("fine")], NOW)
-    assert answers(done)["late"] is None and "predictions" in answers(done)["fine"]
-    assert model.batches == [1]
+    result = answer_batch(model, [message("late", deadline=NOW - 0.001), message("fine")], NOW)
+    assert answers(result.done)["late"] is None and "predictions" in answers(result.done)["fine"]
+    assert model.batches == [1] and result.batch_size == 1
 
 
 def test_poison_messages_are_dropped_and_answered_when_their_id_can_be_read(caplog):
@@ -67,7 +67,7 @@ def test_poison_messages_are_dropped_and_answered_when_their_id_can_be_read(capl
     del no_id["id"]
     batch = [b"\x00not json", json.dumps(no_id).encode(), json.dumps(wrong_dtype).encode(), message("good")]
     with caplog.at_level(logging.ERROR):
-        done = answer_batch(StandInClassifier(), batch, NOW)
+        done = answer_batch(StandInClassifier(), batch, NOW).done
     assert len(done) == 4  # every message is released
     unreadable = [d for d in done if d.request_id is None]
     assert len(unreadable) == 2 and all(d.answer is None for d in unreadable)
@@ -80,7 +80,7 @@ def test_poison_messages_are_dropped_and_answered_when_their_id_can_be_read(capl
 
 
 def test_an_image_prepared_for_another_model_size_is_503_retry():
-    done = answer_batch(StandInClassifier(), [message("old", size=(8, 8))], NOW)
+    done = answer_batch(StandInClassifier(), [message("old", size=(8, 8))], NOW).done
     assert answers(done)["old"] == {
         "error": "the image was prepared as 8x8 but the model takes 4x4; retry",
         "status": 503,
@@ -89,8 +89,9 @@ def test_an_image_prepared_for_another_model_size_is_503_retry():
 
 def test_a_failing_batch_answers_500_for_each_request_and_logs_once(caplog):
     with caplog.at_level(logging.ERROR):
-        done = answer_batch(StandInClassifier(fail=True), [message("a"), message("b")], NOW)
-    assert {r["status"] for r in answers(done).values()} == {500}
+        result = answer_batch(StandInClassifier(fail=True), [message("a"), message("b")], NOW)
+    assert {r["status"] for r in answers(result.done).values()} == {500}
+    assert result.batch_size == 0  # a failed batch is not counted as one the model ran
     assert caplog.text.count("Traceback") == 1
 
 

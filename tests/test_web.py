@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -19,7 +20,6 @@ from PIL import Image
 
 import helpers
 from image_queue import Done, ImageQueue, ModelInfo
-from run_web_server import create_app
 
 MODEL = ModelInfo("StandIn", 32, 48)  # height, width: not square, so a transposed size would show
 
@@ -50,7 +50,8 @@ class StandInWorker:
                     predictions = [{"label": checksum, "probability": 1.0}] * message.top
                     answer = helpers.encode_answer(predictions, len(claim.messages), 12.5)
                 done.append(Done(raw, message.request_id, answer, message.deadline))
-            self.queue.ack(self.worker_id, done)
+            ran = 0 if self.error else len(claim.messages)  # counted in the stats hash as the real worker does
+            self.queue.ack(self.worker_id, done, ran, 0.0125)
 
     def __enter__(self):
         self.queue.heartbeat(self.worker_id, MODEL)  # ready before the first request, as a real worker is
@@ -60,24 +61,6 @@ class StandInWorker:
     def __exit__(self, *exc):
         self.running = False
         self.thread.join(5)
-
-
-@pytest.fixture
-def make_app(redis_url, queue_name):
-    def make(**config):
-        defaults = {
-            "REDIS_URL": redis_url,
-            "IMAGE_QUEUE": queue_name,
-            "REDIS_BLOCK_S": 0.2,
-            "REQUEST_TIMEOUT_S": 1.5,
-            "WORKER_TTL_S": 2.0,
-            "QUEUE_MAX": 64,
-            "MAX_UPLOAD_MB": 1,
-            "MAX_IMAGE_PIXELS": 5_000_000,
-        }
-        return create_app(defaults | config)
-
-    return make
 
 
 @pytest.fixture
@@ -224,13 +207,42 @@ def test_a_503_from_the_worker_says_when_to_retry(app, client):
     assert response.headers["Retry-After"] == "1"
 
 
-def test_a_full_queue_is_refused_before_the_image_is_decoded(make_app, monkeypatch):
+def test_a_full_queue_is_refused_before_the_upload_is_read(make_app, monkeypatch):
     app = make_app(QUEUE_MAX=1)
     queue = app.extensions["image_queue"]
     queue.heartbeat("busy-elsewhere", MODEL)
     queue.enqueue(b"waiting")
+    monkeypatch.setattr(helpers, "open_image", lambda *a: pytest.fail("read an upload it could not queue"))
     monkeypatch.setattr(helpers, "prepare_image", lambda *a: pytest.fail("decoded an image it could not queue"))
     assert_json_error(post_image(app.test_client()), 503, "queue holds 1")
+
+
+def test_decode_slots_bound_how_many_images_one_process_decodes_at_once(make_app, monkeypatch):
+    app = make_app(DECODE_SLOTS=2, REQUEST_TIMEOUT_S=5)
+    real, inside, most, lock = helpers.prepare_image, [0], [0], threading.Lock()
+
+    def slow_prepare(*args):
+        with lock:
+            inside[0] += 1
+            most[0] = max(most[0], inside[0])
+        time.sleep(0.2)
+        with lock:
+            inside[0] -= 1
+        return real(*args)
+
+    monkeypatch.setattr(helpers, "prepare_image", slow_prepare)
+    with StandInWorker(app.extensions["image_queue"]), ThreadPoolExecutor(6) as pool:
+        statuses = list(pool.map(lambda _: post_image(app.test_client()).status_code, range(6)))
+    assert statuses == [200] * 6 and most[0] == 2  # all served, never more than two decoding
+
+
+def test_no_decode_slot_free_by_the_deadline_is_503_with_retry_after(app, client, worker):
+    app.extensions["decode_slots"].acquire()  # a huge image is decoding
+    app.extensions["decode_slots"].acquire()
+    started = time.monotonic()
+    response = post_image(client)
+    assert_json_error(response, 503, "decoders stayed busy")
+    assert response.headers["Retry-After"] == "1" and 1.4 < time.monotonic() - started < 4
 
 
 @pytest.mark.parametrize(

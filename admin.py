@@ -1,0 +1,79 @@
+"""Operate a running service's queue: look at it, drain it for maintenance, purge it safely.
+
+    python admin.py status            what is waiting, being processed, and which workers are alive
+    python admin.py drain [--wait S]  refuse new requests (503 + Retry-After) and wait until every held
+                                      message is answered; then stop or upgrade the workers
+    python admin.py resume            accept requests again
+    python admin.py purge --yes       answer every waiting request with 503 at once and drop its message
+
+Uses the same settings as the service (REDIS_URL, IMAGE_QUEUE, ...). Purge touches this queue's waiting
+list only: requests being processed finish, and nothing else in Redis is deleted (never FLUSHALL a
+Redis that holds a queue: waiting clients would hang until their deadline and other data would go).
+"""
+
+import argparse
+import sys
+import time
+
+import settings
+from image_queue import ImageQueue, queue_from_config
+
+
+def show(queue: ImageQueue) -> None:
+    status, stats = queue.status(), queue.stats()
+    model = f"{status.model.name} {status.model.width}x{status.model.height}" if status.model else "none yet"
+    print(
+        f"queue {queue.keys.name!r}: {status.queue_depth} waiting, {status.held - status.queue_depth} being processed"
+    )
+    print(f"{'draining: new requests are refused' if status.paused else 'accepting requests'}; model {model}")
+    print(f"workers alive: {status.live_workers}")
+    for worker, beat in sorted(stats.heartbeats.items()):
+        age = stats.server_time - beat
+        state = "alive" if age <= queue.worker_ttl_s else "silent (its messages go back to the queue)"
+        print(f"  {worker}: last heartbeat {age:.1f} s ago, {state}")
+
+
+def drain(queue: ImageQueue, wait_s: float) -> int:
+    queue.pause()
+    print("draining: new requests get 503 with Retry-After; waiting for held messages to be answered")
+    deadline = time.monotonic() + wait_s
+    while (held := queue.status().held) and time.monotonic() < deadline:
+        print(f"  {held} held", flush=True)
+        time.sleep(1)
+    if held:
+        print(f"{held} messages still held after {wait_s:g} s (are the workers running?)", file=sys.stderr)
+        return 1
+    print("drained: nothing is held; stop or upgrade the workers, then `python admin.py resume`")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("status", help="waiting and held messages, workers")
+    drain_parser = commands.add_parser("drain", help="refuse new requests and wait until nothing is held")
+    drain_parser.add_argument("--wait", type=float, default=60.0, help="seconds to wait (default 60)")
+    commands.add_parser("resume", help="accept requests again")
+    purge_parser = commands.add_parser("purge", help="answer every waiting request with 503 and drop it")
+    purge_parser.add_argument("--yes", action="store_true", help="really purge")
+    args = parser.parse_args(argv)
+
+    queue = queue_from_config(vars(settings))
+    if args.command == "status":
+        show(queue)
+    elif args.command == "drain":
+        return drain(queue, args.wait)
+    elif args.command == "resume":
+        queue.resume()
+        print("accepting requests")
+    elif args.command == "purge":
+        if not args.yes:
+            waiting = queue.status().queue_depth
+            print(f"{waiting} requests are waiting; purge answers each with 503 at once: run again with --yes")
+            return 2
+        print(f"purged {queue.purge('admin.py purge')} waiting messages; requests being processed finish")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,165 @@
+"""Every Prometheus metric of the service, and what GET /metrics serves: the one place for them.
+
+Two kinds of numbers:
+
+- Counted by each web process as it serves (prometheus-client): http_requests_total, predict_latency_seconds,
+  predict_queue_wait_seconds, predict_inference_seconds, predict_rejected_total, predict_timeouts_total.
+  Under gunicorn each worker process writes them to its own file in PROMETHEUS_MULTIPROC_DIR (gunicorn_conf.py
+  sets that up before the workers fork) and a scrape, whichever worker answers it, sums every process's files,
+  those of exited workers too, so counters never go back. prometheus-client chooses this mode when it is
+  first imported with PROMETHEUS_MULTIPROC_DIR set; without it (the development server, the tests' client, a
+  single-process WSGI server) the numbers are this process's own. Apache mod_wsgi or uWSGI with several
+  processes must set it too (an empty directory, emptied at each start), or each scrape sees one process.
+- Read from Redis at scrape time (QueueCollector, one read-only round trip): queue_up, queue_depth,
+  queue_in_progress, queue_max, queue_draining, model_workers_live, model_worker_heartbeat_age_seconds,
+  queue_requeued_messages_total, and the model_* counters that the model workers add to in Redis in the
+  same step as each batch's answers. These describe the whole queue (every worker, on every machine), so
+  every web instance reports the same values for them: scrape one, or aggregate with max(), never sum().
+
+A scrape never fails because of Redis: queue_up is 0 then, and the Redis-read numbers are left out.
+"""
+
+import logging
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, values
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.utils import floatToGoString
+
+from image_queue import ImageQueue
+
+log = logging.getLogger(__name__)
+
+# The mode prometheus-client chose when it was imported (see above).
+MULTIPROCESS = values.ValueClass is not values.MutexValue
+
+# Seconds, from a fast GPU's batch (10 ms) to the longest REQUEST_TIMEOUT_S anyone should set (30 s).
+SECONDS_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+# Methods counted by name; any other becomes "other", so that made-up methods cannot add label values.
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
+
+disable_created_metrics()  # no *_created series: multiprocess mode has none, and both modes should look alike
+
+# This process's own metrics (single-process mode serves this registry; multiprocess mode reads the files).
+REGISTRY = CollectorRegistry()
+HTTP_REQUESTS = Counter(
+    "http_requests_total",
+    "Requests answered by the app, by route (path template; 'other' when none matched: 404, 405), method and status",
+    ["endpoint", "method", "status"],
+    registry=REGISTRY,
+)
+PREDICT_LATENCY = Histogram(
+    "predict_latency_seconds",
+    "Answered (200) /predict requests: arrival to answer, upload and preparation included",
+    buckets=SECONDS_BUCKETS,
+    registry=REGISTRY,
+)
+PREDICT_QUEUE_WAIT = Histogram(
+    "predict_queue_wait_seconds",
+    "Answered /predict requests: from queued to answered, less the model's time on the batch",
+    buckets=SECONDS_BUCKETS,
+    registry=REGISTRY,
+)
+PREDICT_INFERENCE = Histogram(
+    "predict_inference_seconds",
+    "Answered /predict requests: the model's time on the batch each was in",
+    buckets=SECONDS_BUCKETS,
+    registry=REGISTRY,
+)
+PREDICT_REJECTED = Counter(
+    "predict_rejected_total",
+    "/predict refused with 503 (queue_full, no_worker, redis, draining, busy, worker_503) or 429 (rate_limit)",
+    ["reason"],
+    registry=REGISTRY,
+)
+for reason in ("queue_full", "no_worker", "redis", "draining", "busy", "worker_503", "rate_limit"):
+    PREDICT_REJECTED.labels(reason)  # each series exists from the start, at 0, for rate() and alerts
+PREDICT_TIMEOUTS = Counter(
+    "predict_timeouts_total", "/predict answered 504: no answer by the deadline", registry=REGISTRY
+)
+
+
+def count_request(route: str | None, method: str, status: int) -> None:
+    HTTP_REQUESTS.labels(route or "other", method if method in METHODS else "other", str(status)).inc()
+
+
+def observe_prediction(total_s: float, wait_s: float, inference_s: float) -> None:
+    """An answered request: its whole time, its wait for the answer (of which inference_s was the model's)."""
+    PREDICT_LATENCY.observe(total_s)
+    PREDICT_QUEUE_WAIT.observe(max(0.0, wait_s - inference_s))
+    PREDICT_INFERENCE.observe(inference_s)
+
+
+class QueueCollector:
+    """The queue's state and the model workers' service-wide counters, read from Redis at each scrape."""
+
+    def __init__(self, queue: ImageQueue):
+        self.queue = queue
+
+    def collect(self):
+        up = GaugeMetricFamily("queue_up", "1 if Redis answered this scrape, else 0 (and no queue_* or model_*)")
+        try:
+            stats = self.queue.stats()
+        except Exception as exc:  # a scrape must not fail: queue_up 0 says Redis did not answer
+            log.warning("/metrics: could not read the queue from Redis: %s", exc)
+            up.add_metric([], 0)
+            yield up
+            return
+        up.add_metric([], 1)
+        yield up
+        yield GaugeMetricFamily("queue_depth", "Images waiting for a model worker", value=stats.queue_depth)
+        yield GaugeMetricFamily(
+            "queue_draining",
+            "1 while an operator drains the queue (admin.py drain): /predict refuses",
+            value=stats.paused,
+        )
+        yield GaugeMetricFamily(
+            "queue_in_progress", "Images claimed by model workers, not yet answered", value=stats.in_progress
+        )
+        yield GaugeMetricFamily(
+            "queue_max", "QUEUE_MAX: waiting plus in progress at which /predict answers 503", value=self.queue.queue_max
+        )
+        yield GaugeMetricFamily(
+            "model_workers_live", "Model workers whose heartbeat is younger than WORKER_TTL_S", value=stats.live_workers
+        )
+        ages = GaugeMetricFamily(
+            "model_worker_heartbeat_age_seconds",
+            "Seconds since each registered model worker's last heartbeat (a dead one until a peer requeues its work)",
+            labels=["worker"],
+        )
+        for worker, beat in sorted(stats.heartbeats.items()):
+            ages.add_metric([worker], max(0.0, stats.server_time - beat))
+        yield ages
+        yield CounterMetricFamily(
+            "queue_requeued_messages",
+            "Messages put back on the queue: a dead worker's batch, or what a worker handed back",
+            value=stats.requeued,
+        )
+        batches = sum(stats.batch_sizes.values())
+        images = sum(size * n for size, n in stats.batch_sizes.items())
+        yield CounterMetricFamily("model_batches", "Batches the model ran and answered, all workers", value=batches)
+        yield CounterMetricFamily("model_images", "Images in those batches", value=images)
+        yield CounterMetricFamily(
+            "model_inference_seconds", "Seconds the model spent on those batches", value=stats.inference_s
+        )
+        buckets = [
+            (floatToGoString(bound), sum(n for size, n in stats.batch_sizes.items() if size <= bound))
+            for bound in BATCH_SIZE_BUCKETS
+        ]
+        yield HistogramMetricFamily(
+            "model_batch_size",
+            "Images per batch the model ran",
+            buckets=[*buckets, ("+Inf", batches)],
+            sum_value=images,
+        )
+
+
+def exposition(queue: ImageQueue, accept: str | None) -> tuple[bytes, str]:
+    """The body and content type of a scrape (OpenMetrics when the scraper asks for it, else text 0.0.4)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(MultiProcessCollector(None) if MULTIPROCESS else REGISTRY)
+    registry.register(QueueCollector(queue))
+    encode, content_type = choose_encoder(accept or "")
+    return encode(registry), content_type
