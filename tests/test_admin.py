@@ -1,0 +1,88 @@
+"""admin.py: drain, resume and purge a live queue (real Redis, the Flask app, a stand-in worker)."""
+
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+from conftest import ROOT
+from test_web import MODEL, StandInWorker, assert_json_error, post_image
+
+import admin
+import helpers
+
+
+def test_purge_answers_each_waiting_request_with_503_at_once_and_spares_the_rest(make_app, redis_client):
+    app = make_app(REQUEST_TIMEOUT_S=20)
+    queue = app.extensions["image_queue"]
+    queue.heartbeat("stalled", MODEL)  # alive, never claims: requests wait
+    queue.enqueue(b"in progress")
+    queue.claim("stalled", 1)
+    results = []
+    waiting = threading.Thread(target=lambda: results.append(post_image(app.test_client())))
+    waiting.start()
+    while queue.status().queue_depth < 1:
+        time.sleep(0.01)
+    redis_client.set("other data", "kept")
+    started = time.monotonic()
+
+    assert queue.purge("test") == 1
+    waiting.join(5)
+    assert_json_error(results[0], 503, "purged from the queue by an operator: test")
+    assert time.monotonic() - started < 2  # at once, not at the 20 s deadline
+    assert queue.status().queue_depth == 0 and redis_client.lrange(queue.keys.processing("stalled"), 0, -1) == [
+        b"in progress"
+    ]  # being processed: left to finish
+    assert redis_client.get("other data") == b"kept"
+
+
+def test_purge_drops_a_message_whose_id_cannot_be_read_without_answering_anyone(make_queue, redis_client):
+    queue = make_queue()
+    message = helpers.encode_message("abc123", time.time() + 30, 5, np.zeros((2, 2, 3), np.uint8))
+    queue.enqueue(b"garbage")
+    queue.enqueue(message)
+    assert queue.purge("test") == 2
+    assert helpers.decode_answer(redis_client.lpop(queue.keys.result("abc123")))["status"] == 503
+    assert [k for k in redis_client.scan_iter(match=queue.keys.result("*"))] == []
+
+
+def test_drain_refuses_new_requests_waits_until_nothing_is_held_and_resume_reopens(make_app, capsys):
+    app = make_app()
+    queue, client = app.extensions["image_queue"], app.test_client()
+    with StandInWorker(queue):
+        queue.enqueue(helpers.encode_message("queued", time.time() + 30, 5, np.zeros((32, 48, 3), np.uint8)))
+        assert admin.drain(queue, wait_s=10) == 0  # the worker answered what was held
+        response = post_image(client)
+        assert_json_error(response, 503, "draining")
+        assert response.headers["Retry-After"] == "5"
+        assert client.get("/readyz").status_code == 503
+        queue.resume()
+        assert post_image(client).status_code == 200
+    assert "drained: nothing is held" in capsys.readouterr().out
+
+
+def test_drain_gives_up_with_status_1_when_nothing_answers(make_queue):
+    queue = make_queue()
+    queue.enqueue(b"stuck")
+    assert admin.drain(queue, wait_s=0.5) == 1
+
+
+def test_the_command_line_shows_the_queue_and_asks_before_purging(redis_url, queue_name, make_queue):
+    queue = make_queue()
+    queue.heartbeat("w1", MODEL)
+    queue.enqueue(b"waiting")
+    env = {"REDIS_URL": redis_url, "IMAGE_QUEUE": queue_name, "PATH": "/usr/bin:/bin"}
+
+    def run(*args):
+        return subprocess.run([sys.executable, "admin.py", *args], cwd=ROOT, env=env, capture_output=True, text=True)
+
+    status = run("status")
+    assert (
+        status.returncode == 0
+        and "1 waiting, 0 being processed" in status.stdout
+        and "w1: last heartbeat" in status.stdout
+    )
+    refused = run("purge")
+    assert refused.returncode == 2 and "--yes" in refused.stdout and queue.status().queue_depth == 1
+    assert run("purge", "--yes").returncode == 0 and queue.status().queue_depth == 0
