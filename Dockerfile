@@ -1,0 +1,59 @@
+# One image for both parts of the service; the command picks the part (docker-compose.yml runs both):
+#   web (the default):  gunicorn -c gunicorn_conf.py run_web_server:app
+#   model worker:       python run_model_server.py
+#
+#   docker build -t keras-rest-api:1 .                                  web + worker, TensorFlow with CUDA
+#   docker build -t keras-rest-api:1-cpu --build-arg TENSORFLOW=cpu .   web + worker, TensorFlow for the CPU
+#   docker build -t keras-rest-api-web:1 --build-arg TENSORFLOW=none .  web only: requirements-web.txt, no TensorFlow
+#
+# No model weights are fetched at build time: mount them and point MODEL_WEIGHTS at the file (see
+# docker-compose.yml and the README's "Offline" section); models/imagenet_class_index.json ships in the image.
+FROM python:3.11-slim-bookworm
+
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+# The service runs as this user; the code stays root's, read-only to it. Its home holds Keras' cache.
+RUN groupadd --system --gid 10001 app \
+    && useradd --system --uid 10001 --gid app --create-home --home-dir /home/app --shell /usr/sbin/nologin app
+
+WORKDIR /app
+
+# Dependencies first, each in its own layer, so that a change to the code rebuilds neither.
+COPY requirements-web.txt requirements.txt ./
+RUN pip install -r requirements-web.txt
+
+# cuda: TensorFlow with NVIDIA's CUDA and cuDNN wheels (the host needs only the driver and the NVIDIA
+# container toolkit); cpu: TensorFlow alone; none: a web-only image. The pins are requirements.txt's
+# "Model worker" lines.
+ARG TENSORFLOW=cuda
+RUN case "$TENSORFLOW" in \
+      none) exit 0 ;; \
+      cpu) extra="" ;; \
+      cuda) extra="[and-cuda]" ;; \
+      *) echo "TENSORFLOW must be cuda, cpu or none, not $TENSORFLOW" >&2; exit 1 ;; \
+    esac \
+    && grep -E '^(tensorflow|keras|h5py)==' requirements.txt | sed "s/^tensorflow==/tensorflow${extra}==/" > /tmp/worker.txt \
+    && [ "$(wc -l < /tmp/worker.txt)" -eq 3 ] \
+    && pip install -r /tmp/worker.txt \
+    && rm /tmp/worker.txt
+
+COPY . .
+
+USER 10001:10001
+# In a container the web server must listen on every interface to be reached through the published port.
+ENV WEB_HOST=0.0.0.0 \
+    WEB_PORT=5000 \
+    KERAS_HOME=/home/app/.keras
+EXPOSE 5000
+
+# The web process is up (whether a model worker is, is /readyz's question). The model worker serves no
+# HTTP: docker-compose.yml turns this check off for it.
+HEALTHCHECK --interval=10s --timeout=5s --start-period=20s --retries=3 \
+    CMD ["python", "-c", "import settings, stack, urllib.request as r; r.urlopen(stack.web_url(settings.WEB_HOST, settings.WEB_PORT) + 'healthz', timeout=4)"]
+
+CMD ["gunicorn", "-c", "gunicorn_conf.py", "run_web_server:app"]
