@@ -9,7 +9,8 @@ Queue message (web -> model worker), one JSON object, UTF-8, "id" first:
 
 Answer (model worker -> web), one JSON object pushed on the request's own result key:
     {"predictions": [{"label": "tabby", "probability": 0.93}, ...],
-     "batch_size": <images in the forward pass>, "inference_ms": <its duration>}   on success
+     "batch_size": <images in the forward pass>, "inference_ms": <its duration>,
+     "claimed": <Unix seconds on the Redis clock when the worker took the message>}   on success
     {"error": "<for a person>", "status": <HTTP status>}                           on failure
 """
 
@@ -210,8 +211,11 @@ def decode_message(raw: bytes) -> Message:
     return Message(request_id, deadline, top, pixels)
 
 
-def encode_answer(predictions: list[dict], batch_size: int, inference_ms: float) -> bytes:
+def encode_answer(predictions: list[dict], batch_size: int, inference_ms: float, claimed: float | None = None) -> bytes:
+    """claimed: when the worker took the message, Unix seconds on the Redis clock (the web derives queue wait)."""
     body = {"predictions": predictions, "batch_size": batch_size, "inference_ms": round(inference_ms, 2)}
+    if claimed is not None:
+        body["claimed"] = round(claimed, 4)
     return json.dumps(body).encode("utf-8")
 
 

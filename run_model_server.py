@@ -60,7 +60,7 @@ def answer_batch(classifier, messages: list[bytes], now: float) -> Answered:
             probabilities = classifier.predict(np.stack([m.pixels for _, m in batch]))
             took_ms = (time.perf_counter() - started) * 1000
             answers = [
-                encode_answer(classifier.top_k(p, m.top), len(batch), took_ms)
+                encode_answer(classifier.top_k(p, m.top), len(batch), took_ms, now)
                 for (_, m), p in zip(batch, probabilities, strict=True)
             ]
             ran = len(batch)

@@ -283,8 +283,9 @@ def predict():
     # No worker, no Redis or a full queue: 503 before the upload is even read, so that refusing is cheap
     # when it matters most, under overload. enqueue() re-checks the queue atomically.
     status = live_status()
+    read_at = time.monotonic()  # when status.server_time was read: maps our clock onto Redis's
     # The message's deadline on the Redis clock: the server time just read, plus what is left of ours.
-    deadline = status.server_time + timeout - (time.monotonic() - arrived)
+    deadline = status.server_time + timeout - (read_at - arrived)
     if status.held >= current_app.config["QUEUE_MAX"]:
         raise image_queue.QueueFull(f"the queue holds {status.held} images")
     image = helpers.open_image(read_upload(), current_app.config["MAX_IMAGE_PIXELS"])
@@ -296,8 +297,8 @@ def predict():
         image.close()  # frees the decoded upload (~200 MB for a 50-megapixel RGBA image) before the wait
     if pixels is None or time.monotonic() >= arrived + timeout:
         return error_response(504, f"the image took longer than {timeout:g} s to upload and prepare")
-    queue().enqueue(helpers.encode_message(request_id, deadline, top, pixels))
     queued = time.monotonic()
+    queue().enqueue(helpers.encode_message(request_id, deadline, top, pixels))
     raw = queue().wait_for(request_id, arrived + timeout)
     if raw is None:
         return error_response(504, f"no answer within {timeout:g} s; the model workers are overloaded or stalled")
@@ -308,7 +309,8 @@ def predict():
             g.reject_reason = "worker_503"
         return error_response(status_code, answer["error"], retry_after=1 if status_code == 503 else None)
     response = jsonify(success=True, predictions=answer["predictions"])
-    response.headers["Server-Timing"] = server_timing(arrived, queued, answer)
+    queued_on_redis_clock = status.server_time + (queued - read_at)
+    response.headers["Server-Timing"] = server_timing(arrived, queued, queued_on_redis_clock, answer)
     now = time.monotonic()
     metrics.observe_prediction(now - arrived, now - queued, answer["inference_ms"] / 1000)
     return response
@@ -330,14 +332,20 @@ def decode_slot(deadline: float):
         slots.release()
 
 
-def server_timing(arrived: float, queued: float, answer: dict) -> str:
-    """Where the request's time went (ms): upload + preparation, waiting for the answer, of which inference."""
+def server_timing(arrived: float, queued: float, queued_on_redis_clock: float, answer: dict) -> str:
+    """Where the request's time went (ms): prepare (upload, decode, resize) then wait for the answer, which is
+    queue (until a worker took it, on the Redis clock) + inference (its batch's forward pass) + return (the
+    rest: the worker's decoding and answer, Redis, waking this thread). Older workers send no claim time."""
     now = time.monotonic()
-    return (
-        f"prepare;dur={(queued - arrived) * 1000:.1f}, wait;dur={(now - queued) * 1000:.1f}, "
-        f'inference;dur={answer["inference_ms"]:.1f};desc="batch of {answer["batch_size"]}", '
-        f"total;dur={(now - arrived) * 1000:.1f}"
-    )
+    wait_ms, inference_ms = (now - queued) * 1000, answer["inference_ms"]
+    parts = [f"prepare;dur={(queued - arrived) * 1000:.1f}", f"wait;dur={wait_ms:.1f}"]
+    if "claimed" in answer:
+        queue_ms = min(max(0.0, (answer["claimed"] - queued_on_redis_clock) * 1000), max(0.0, wait_ms - inference_ms))
+        parts.append(f"queue;dur={queue_ms:.1f}")
+        parts.append(f"return;dur={max(0.0, wait_ms - queue_ms - inference_ms):.1f}")
+    parts.append(f'inference;dur={inference_ms:.1f};desc="batch of {answer["batch_size"]}"')
+    parts.append(f"total;dur={(now - arrived) * 1000:.1f}")
+    return ", ".join(parts)
 
 
 def live_status() -> image_queue.Status:

@@ -24,6 +24,17 @@ def test_summary_counts_failures_by_status_and_times_only_successes():
 def test_server_timing_is_parsed_with_the_batch_size():
     from stress_test import parse_server_timing
 
-    header = 'prepare;dur=3.1, wait;dur=80.5, inference;dur=70.2;desc="batch of 4", total;dur=84.0'
-    assert parse_server_timing(header) == {"prepare": 3.1, "wait": 80.5, "inference": 70.2, "batch": 4, "total": 84.0}
+    header = (
+        'prepare;dur=3.1, wait;dur=80.5, queue;dur=6.0, return;dur=4.3, inference;dur=70.2;desc="batch of 4", '
+        "total;dur=84.0"
+    )
+    assert parse_server_timing(header) == {
+        "prepare": 3.1,
+        "wait": 80.5,
+        "queue": 6.0,
+        "return": 4.3,
+        "inference": 70.2,
+        "batch": 4,
+        "total": 84.0,
+    }
     assert parse_server_timing("") == {}

@@ -15,6 +15,13 @@ SIZE = (224, 224)
 MAX_PIXELS = 50_000_000
 
 
+@pytest.fixture(autouse=True)
+def pillow_limit():
+    """Pillow's bomb limit is process-wide and an app built by an earlier test may have lowered it:
+    set ours, as the web process does at start (this made a 12-megapixel test fail by test order)."""
+    helpers.configure_pillow(MAX_PIXELS)
+
+
 def prepare(data: bytes, size=SIZE) -> np.ndarray:
     return helpers.prepare_image(helpers.open_image(data, MAX_PIXELS), size)
 

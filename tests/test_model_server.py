@@ -51,6 +51,7 @@ def test_one_forward_pass_for_the_whole_batch_and_each_answer_is_its_own():
     assert got["a"]["predictions"][0] == {"label": "bright", "probability": 1.0}
     assert got["b"]["predictions"][0] == {"label": "dark", "probability": 1.0}
     assert got["c"]["predictions"][0] == {"label": "dark", "probability": pytest.approx(0.8)}
+    assert {a["claimed"] for a in got.values()} == {round(NOW, 4)}  # the claim's Redis time: the web's queue wait
 
 
 def test_expired_messages_are_dropped_unanswered_and_not_run():

@@ -48,7 +48,7 @@ class StandInWorker:
                 else:
                     checksum = fingerprint(message.pixels)
                     predictions = [{"label": checksum, "probability": 1.0}] * message.top
-                    answer = helpers.encode_answer(predictions, len(claim.messages), 12.5)
+                    answer = helpers.encode_answer(predictions, len(claim.messages), 12.5, claim.server_time)
                 done.append(Done(raw, message.request_id, answer, message.deadline))
             ran = 0 if self.error else len(claim.messages)  # counted in the stats hash as the real worker does
             self.queue.ack(self.worker_id, done, ran, 0.0125)
@@ -114,9 +114,31 @@ def test_predict_returns_the_seed_shape_with_the_workers_answer(client, worker):
     timing = dict(
         part.split(";dur=") for part in re.sub(r';desc="[^"]*"', "", response.headers["Server-Timing"]).split(", ")
     )
-    assert set(timing) == {"prepare", "wait", "inference", "total"} and float(timing["inference"]) == 12.5
-    assert float(timing["prepare"]) + float(timing["wait"]) <= float(timing["total"]) + 0.2
+    assert set(timing) == {"prepare", "wait", "queue", "inference", "return", "total"}
+    ms = {name: float(value) for name, value in timing.items()}
+    assert ms["inference"] == 12.5 and min(ms.values()) >= 0
+    assert abs(ms["prepare"] + ms["wait"] - ms["total"]) <= 0.2
+    # the wait splits into queue + inference + return, unless the fake's 12.5 ms exceeds the real wait
+    assert ms["queue"] + ms["inference"] + ms["return"] == pytest.approx(max(ms["wait"], ms["inference"]), abs=0.2)
     assert 'desc="batch of 1"' in response.headers["Server-Timing"]
+
+
+def test_server_timing_splits_the_wait_into_queue_inference_and_return():
+    from run_web_server import server_timing
+
+    now = time.monotonic()  # arrived 300 ms ago, queued 200 ms ago at 1000.0 on the Redis clock
+    answer = {"inference_ms": 100.0, "batch_size": 4, "claimed": 1000.05}  # taken 50 ms after it was queued
+    header = server_timing(now - 0.3, now - 0.2, 1000.0, answer)
+    ms = dict((part.split(";")[0], float(part.split("dur=")[1].split(";")[0])) for part in header.split(", "))
+    assert list(ms) == ["prepare", "wait", "queue", "return", "inference", "total"]
+    assert ms["prepare"] == pytest.approx(100, abs=1) and ms["queue"] == pytest.approx(50, abs=0.1)
+    assert ms["return"] == pytest.approx(ms["wait"] - 150, abs=0.2) and ms["total"] == pytest.approx(300, abs=2)
+    assert 'inference;dur=100.0;desc="batch of 4"' in header
+    # a claim time off the clocks' edges never makes a negative or oversized part
+    late = server_timing(now - 0.3, now - 0.2, 1000.0, {**answer, "claimed": 1005.0})
+    assert "queue;dur=100." in late and "return;dur=0.0" in late
+    # an older worker sends no claim time: no split, the rest unchanged
+    assert "queue" not in server_timing(now - 0.3, now - 0.2, 1000.0, {"inference_ms": 100.0, "batch_size": 4})
 
 
 def test_a_raw_image_body_works_too(client, worker):
