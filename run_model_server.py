@@ -183,7 +183,7 @@ def main() -> int:
     queue = queue_from_config(vars(settings))
     if not credentials_accepted(queue):
         return 2
-    from classifier import load_classifier
+    from classifier import choose_buckets, load_classifier
 
     started = time.perf_counter()
     classifier = load_classifier(
@@ -192,16 +192,20 @@ def main() -> int:
         settings.MODEL_PATH,
         settings.LABELS_PATH,
         settings.MODEL_PREPROCESS,
+        settings.MODEL_PRECISION,
     )
+    classifier.buckets = choose_buckets(classifier.model, settings.BATCH_SIZE, settings.BATCH_BUCKETS)
     timings = classifier.warm_up(settings.BATCH_SIZE)
     height, width = classifier.input_size
     log.info(
-        "model %s loaded and warmed in %.1f s: input %dx%d, %d classes; %s",
+        "model %s loaded and warmed in %.1f s: input %dx%d, %d classes, %s, batches padded to %s; %s",
         classifier.name,
         time.perf_counter() - started,
         width,
         height,
         len(classifier.labels),
+        settings.MODEL_PRECISION,
+        list(classifier.buckets) or "none",
         ", ".join(f"batch {n}: {s * 1000:.0f} ms" for n, s in timings.items()),
     )
     if max(timings.values()) + settings.REDIS_BLOCK_S >= settings.WORKER_TTL_S:

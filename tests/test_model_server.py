@@ -210,6 +210,53 @@ def test_warm_up_leaves_no_tracing_for_the_first_request(resnet):
     assert first < 2 * second + 0.2  # no retrace: tracing ResNet50 costs over a second here
 
 
+def photo_pixels(n: int) -> np.ndarray:
+    return np.stack([helpers.prepare_image(helpers.open_image(p, 10**8), (224, 224)) for p in distinct_photos(n)])
+
+
+def test_buckets_are_powers_of_two_up_to_the_batch_size_and_only_for_compiled_models(resnet):
+    from classifier import ModelConfigError, bucket_sizes, choose_buckets
+
+    assert bucket_sizes(32) == (1, 2, 4, 8, 16, 32) and bucket_sizes(12) == (1, 2, 4, 8, 12)
+    assert bucket_sizes(1) == (1,) and bucket_sizes(2) == (1, 2)
+    assert resnet.model.jit_compile is False  # TensorFlow on a CPU: Keras leaves XLA off
+    assert choose_buckets(resnet.model, 32) == () and choose_buckets(resnet.model, 8, "on") == (1, 2, 4, 8)
+
+    class Compiled:  # JAX, or TensorFlow on a GPU: Keras compiles predict with XLA
+        jit_compile = True
+
+    assert choose_buckets(Compiled(), 32) == bucket_sizes(32) and choose_buckets(Compiled(), 32, "off") == ()
+    with pytest.raises(ModelConfigError, match="BATCH_BUCKETS"):
+        choose_buckets(Compiled(), 32, "always")
+
+
+def test_a_padded_batch_gives_each_image_the_answer_it_gets_alone(resnet):
+    pixels = photo_pixels(3)
+    alone = resnet.predict(pixels)
+    resnet.buckets = (1, 2, 4, 8)
+    try:
+        padded = resnet.predict(pixels)  # run as 4: the zero image's row is dropped
+        timings = resnet.warm_up(8)
+    finally:
+        resnet.buckets = ()
+    assert padded.shape == (3, 1000) and padded.dtype == np.float32
+    np.testing.assert_allclose(padded, alone, atol=1e-5)
+    assert set(timings) == {1, 2, 4, 8}  # every bucket compiled before the first request
+
+
+def test_mixed_bfloat16_is_opt_in_and_keeps_the_top_answer(resnet, resnet_weights):
+    from classifier import load_classifier
+
+    half = load_classifier("ResNet50", str(resnet_weights), labels_path=str(IMAGENET_INDEX), precision="mixed_bfloat16")
+    again = load_classifier("ResNet50", str(resnet_weights), labels_path=str(IMAGENET_INDEX))
+    assert half.model.dtype_policy.name == "mixed_bfloat16" and again.model.dtype_policy.name == "float32"
+    pixels = photo_pixels(4)
+    full, low = resnet.predict(pixels), half.predict(pixels)
+    assert low.dtype == np.float32 and np.abs(low - full).max() < 0.05
+    assert (low.argmax(axis=1) == full.argmax(axis=1)).all()
+    np.testing.assert_allclose(again.predict(pixels), full, atol=1e-6)  # the next load is float32 again
+
+
 # --- The worker loop against a Redis that goes away ----------------------------------------------
 
 
