@@ -1,212 +1,114 @@
-"""How close the served throughput comes to the model's own, and what a lone request pays on top.
+"""The benchmark suite: the raw model, the in-process baseline and this service, in one interleaved run.
 
-    python benchmark.py [--rounds 5] [--seconds 12] [--clients 8] [--json FILE]     (about 5 minutes)
+    python benchmark.py [--quick] [--out DIR]                  the suite (~10 min; --quick ~4 min)
+    python benchmark.py tune --vary NAME=V1,V2 [--vary ...]     the service under settings variants
 
-Starts its own redis-server, model worker (BATCH_SIZE=32) and gunicorn, and loads the same model in
-this process. First it compares the call paths (predict_on_batch vs predict at batch 1, 8, 32). Then
-each round measures, back to back so that all see the same machine:
-  raw     the model alone, predict_on_batch at batch 1, 8 and 32 (images/s; batch-1 call time);
-  single  one client, one request at a time: latency percentiles;
-  served  --clients clients in a closed loop for --seconds: answers/s, and CPU seconds per process;
-  raw     again, so each served figure is compared with the mean of the raw figures around it.
-The figures that count are the per-round ratios (served / best raw; single p50 - raw batch-1 time),
-reported as medians over the rounds: this machine's speed drifts by 10-20% within minutes. Without
-MODEL_WEIGHTS, ResNet50 gets seeded random weights (speed does not depend on the weight values).
+The suite starts, on free ports: redis-server, one model worker and gunicorn (this service, its
+default settings); gunicorn serving baseline_app.py (the in-process design, the same gunicorn
+settings); and the same model in this process, for the raw figures. All are idle unless measured, so
+they can stay up together, and the measurements alternate between them: this machine's speed drifts by
+10-20% within minutes, so the figures that count are ratios taken a few seconds apart.
+  0. answers: each photo through the service and the baseline gives the model's own top 5;
+  1. call paths: predict vs predict_on_batch at batch 1, 8, 32 and BATCH_SIZE; the best is the ceiling;
+  2. one client: requests in a row to each, between raw batch-1 timings;
+  3. closed loop at 1, 2, 4, 8, 16, 32 clients: raw, service and baseline (order alternating), raw;
+  4. rounds at 8 and 32 clients (--rounds), as in 3, with each process's CPU time: the target figures;
+  5. open loop at 50%, 90% and 150% of the capacity (the service's best closed-loop rate), each bounded;
+  6. the seed's stress pattern (a new request every 0.05 s, each on its own thread) at the seed's load:
+     its worker took at most 32 images per 0.25 s sleep + ~0.15 s batch on its GPU, ~80 images/s, so
+     its 20 requests/s were ~25% of capacity; here the spacing is 1 / (25% x capacity), for 25 s as the
+     seed's 500 requests took (--seed-load, --seed-seconds).
+Per scenario: throughput, p50/p95/p99/max, errors by status, batches by size and the mean time split
+(prepare / queue / inference / return, from Server-Timing). Writes DIR/benchmark.json and
+DIR/benchmark.png, and prints a table with the targets. Without MODEL_WEIGHTS, ResNet50 gets seeded
+random weights (speed does not depend on the weight values).
+
+`tune` starts one service stack per variant (each --vary NAME=V1,V2 gives one variant per value, the
+other settings at their defaults) and measures them in turn, round after round: one client, 8 and 32
+clients in a closed loop, with the raw ceiling between rounds.
 """
 
 import argparse
 import json
 import os
-import re
 import statistics
 import sys
 import tempfile
 import time
-from collections import Counter
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
+import requests
 
 import helpers
 import stack
 from stress_test import LoadRun, summarize
 
 ROOT = Path(__file__).resolve().parent
-IMAGE = ROOT / "images" / "chelsea.jpg"
+IMAGES = sorted((ROOT / "images").glob("*.jpg"))
 LABELS = ROOT / "models" / "imagenet_class_index.json"
+CLIENT_TIMEOUT_S = 60  # longer than any wait the service or the baseline imposes
+SAMPLED = ("service 8", "baseline 8", "service 32", "baseline 32", "service open 90%", "baseline open 90%")
 
 
-def raw_throughput(classifier, batch: int, call: str, seconds: float) -> dict:
-    """Images/s of one call path at one batch size, and the median time of one call."""
+# --- the raw model -------------------------------------------------------------------------------
+
+
+def raw_rate(classifier, batch: int, call: str, seconds: float) -> dict:
+    """Images/s of one call path at one batch size, preprocessing included, and the median call time."""
     height, width = classifier.input_size
     pixels = np.random.default_rng(batch).integers(0, 256, (batch, height, width, 3), dtype=np.uint8)
-    x = classifier.preprocess(pixels.astype(np.float32))
-    run = (
-        classifier.model.predict_on_batch
-        if call == "predict_on_batch"
-        else lambda v: classifier.model.predict(v, verbose=0)
-    )
-    run(x)  # traced by the worker's own warm-up too
+    if call == "predict_on_batch":
+        run = classifier.predict  # what the worker runs
+    else:
+        run = lambda p: classifier.model.predict(classifier.preprocess(p.astype(np.float32)), verbose=0)  # noqa: E731
+    run(pixels)  # a new shape may trace first
     times, deadline = [], time.perf_counter() + seconds
     while time.perf_counter() < deadline or len(times) < 3:
         started = time.perf_counter()
-        if call == "predict_on_batch":
-            classifier.predict(pixels)  # what the worker runs: preprocessing included
-        else:
-            classifier.model.predict(classifier.preprocess(pixels.astype(np.float32)), verbose=0)
+        run(pixels)
         times.append(time.perf_counter() - started)
     return {
         "images_per_s": round(batch * len(times) / sum(times), 2),
-        "median_call_ms": round(statistics.median(times) * 1000, 1),
+        "call_ms": round(statistics.median(times) * 1e3, 1),
     }
 
 
-def proc_status(pid: int) -> dict[str, str]:
-    try:
-        text = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return {}
-    return {key: value.strip() for key, value in (line.split(":", 1) for line in text.splitlines() if ":" in line)}
+def ceiling(classifier, batches: list[int], seconds: float) -> float:
+    """The raw model's best images/s now: predict_on_batch (the faster path) at the large batch sizes."""
+    return max(raw_rate(classifier, b, "predict_on_batch", seconds)["images_per_s"] for b in batches)
 
 
-def web_worker_pids(master_pid: int) -> list[int]:
-    """The gunicorn master's children: its worker processes."""
-    pids = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()]
-    return sorted(pid for pid in pids if proc_status(pid).get("PPid") == str(master_pid))
+# --- load -----------------------------------------------------------------------------------------
 
 
-def web_worker_rss_mb(master_pid: int) -> list[float]:
-    """Resident memory of each gunicorn worker, from /proc."""
-    return [round(int(proc_status(pid)["VmRSS"].split()[0]) / 1024, 1) for pid in web_worker_pids(master_pid)]
+def closed(url: str, images: list[bytes], clients: int, seconds: float) -> LoadRun:
+    run = LoadRun(url, images, CLIENT_TIMEOUT_S)
+    run.closed_loop(clients, duration_s=seconds)
+    return run
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")
-    parser.add_argument("--seconds", type=float, default=12, help="seconds per served measurement (default 12)")
-    parser.add_argument("--raw-seconds", type=float, default=3, help="seconds per raw measurement (default 3)")
-    parser.add_argument("--clients", type=int, default=8, help="concurrent clients for throughput (default 8)")
-    parser.add_argument("--single", type=int, default=30, help="sequential requests for latency (default 30)")
-    parser.add_argument("--json", type=Path, help="write the results here too")
-    args = parser.parse_args()
-
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import keras
-
-    from classifier import load_classifier
-
-    image = IMAGE.read_bytes()
-    results: dict = {"rounds": [], "machine": {"cpus": os.cpu_count(), "keras_backend": keras.backend.backend()}}
-    with tempfile.TemporaryDirectory(prefix="benchmark-") as tmp:
-        weights = os.environ.get("MODEL_WEIGHTS") or str(Path(tmp) / "resnet50-seeded.weights.h5")
-        if "MODEL_WEIGHTS" not in os.environ:
-            keras.utils.set_random_seed(1)
-            keras.applications.ResNet50(weights=None).save_weights(weights)
-        classifier = load_classifier("ResNet50", weights, labels_path=str(LABELS))
-        classifier.warm_up(32)
-
-        port, web_port = stack.free_port(), stack.free_port()
-        env = {
-            "REDIS_URL": f"redis://127.0.0.1:{port}/0",
-            "WEB_PORT": str(web_port),
-            "MODEL_WEIGHTS": weights,
-            "LABELS_PATH": str(LABELS),
-            "BATCH_SIZE": "32",
-            "REQUEST_TIMEOUT_S": "60",
-        }
-        services = [stack.start_redis(port, tmp, Path(tmp) / "redis.log")]
-        try:
-            services.append(stack.start_model_worker(env, Path(tmp) / "worker.log"))
-            services.append(stack.start_web(env, Path(tmp) / "web.log"))
-            url = f"http://127.0.0.1:{web_port}/"
-            stack.wait_until_ready(url, services)
-            print("call paths ...", flush=True)
-            results["call_paths"] = call_paths(classifier, args.raw_seconds)
-            cpu_pids = {
-                "model worker": [services[1].pid],
-                "gunicorn workers": web_worker_pids(services[2].pid),
-                "redis": [services[0].pid],
-                "load generator (this process)": [os.getpid()],
-            }
-            for r in range(args.rounds):
-                print(f"round {r + 1}/{args.rounds}", flush=True)
-                results["rounds"].append(one_round(classifier, url + "predict", image, args, cpu_pids))
-                print("  " + json.dumps(results["rounds"][-1]["summary"]), flush=True)
-            results["web_worker_rss_mb"] = web_worker_rss_mb(services[2].pid)
-            results["requests_served"] = sum(
-                rnd["single"]["succeeded"] + rnd["served"]["succeeded"] for rnd in results["rounds"]
-            )
-            results["worker_batches"] = batch_histogram(services[1].log_text())
-        finally:
-            for service in reversed(services):
-                service.stop()
-
-    pixels = helpers.prepare_image(helpers.open_image(image, 10**8), (224, 224))
-    results["message_bytes_224"] = len(helpers.encode_message("0" * 32, time.time(), 5, pixels))
-    results["summary"] = {
-        key: round(statistics.median(r["summary"][key] for r in results["rounds"]), 3)
-        for key in results["rounds"][0]["summary"]
-    }
-    answers = sum(r["served"]["succeeded"] for r in results["rounds"])
-    results["served_cpu_ms_per_request"] = {
-        name: round(sum(r["served_cpu_s"][name] for r in results["rounds"]) / answers * 1000, 1)
-        for name in results["rounds"][0]["served_cpu_s"]
-    }
-    print_table(results)
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
-    return 0
+def sequential(url: str, images: list[bytes], count: int) -> LoadRun:
+    run = LoadRun(url, images, CLIENT_TIMEOUT_S)
+    run.closed_loop(1, count=count)
+    return run
 
 
-def one_round(classifier, predict_url: str, image: bytes, args, cpu_pids: dict[str, list[int]]) -> dict:
-    """raw before -> one client -> N clients -> raw after: each served figure against the raw ones around it."""
-    before = {batch: raw_throughput(classifier, batch, "predict_on_batch", args.raw_seconds) for batch in (1, 8, 32)}
-    single_run = LoadRun(predict_url, [image])
-    single_run.closed_loop(1, count=args.single)
-    single = summarize(single_run.results)
-    cpu_start = {name: cpu_seconds(pids) for name, pids in cpu_pids.items()}
-    served_run = LoadRun(predict_url, [image])
-    served_run.closed_loop(args.clients, duration_s=args.seconds)
-    served = summarize(served_run.results)
-    cpu = {name: round(cpu_seconds(pids) - cpu_start[name], 2) for name, pids in cpu_pids.items()}
-    after = {batch: raw_throughput(classifier, batch, "predict_on_batch", args.raw_seconds) for batch in (1, 8, 32)}
-    best = statistics.mean(max(r["images_per_s"] for r in side.values()) for side in (before, after))
-    batch1_ms = statistics.mean(side[1]["median_call_ms"] for side in (before, after))
-    # Drift-free: each request's own latency minus its own batch's inference time in the worker.
-    ok = [r for r in single_run.results if r.outcome == "200" and "inference" in r.timing]
-    overhead_ms = statistics.median(r.latency * 1000 - r.timing["inference"] for r in ok)
-    served_ok = [r for r in served_run.results if r.outcome == "200" and "inference" in r.timing]
-    inference_s = sum(r.timing["inference"] / r.timing["batch"] for r in served_ok) / 1000  # each batch once
-    return {
-        "raw_before": before,
-        "raw_after": after,
-        "single": single,
-        "served": served,
-        "served_cpu_s": cpu,
-        "summary": {
-            "raw_best_images_per_s": round(best, 2),
-            "served_images_per_s": served["throughput_per_s"],
-            "served_over_raw": round(served["throughput_per_s"] / best, 3),
-            "raw_batch1_ms": round(batch1_ms, 1),
-            "single_p50_ms": single["latency_ms"]["p50"],
-            "single_overhead_ms": round(single["latency_ms"]["p50"] - batch1_ms, 1),
-            "single_own_inference_p50_ms": statistics.median(r.timing["inference"] for r in ok),
-            "single_overhead_own_ms": round(overhead_ms, 1),
-            "served_p99_ms": served["latency_ms"]["p99"],
-            "served_mean_batch": round(len(served_ok) / sum(1 / r.timing["batch"] for r in served_ok), 2),
-            "served_worker_busy": round(inference_s / served["wall_s"], 3),
-            "served_worker_images_per_s": round(len(served_ok) / inference_s, 2),
-        },
-    }
+def open_loop(url: str, images: list[bytes], rate: float, seconds: float) -> LoadRun:
+    """rate requests/s for seconds, each on its own thread; bounded by the client timeout after that."""
+    run = LoadRun(url, images, CLIENT_TIMEOUT_S)
+    run.open_loop(max(1, round(rate * seconds)), 1 / rate)
+    return run
 
 
-def call_paths(classifier, seconds: float) -> dict:
-    """Images/s of predict_on_batch against predict, at batch 1, 8 and 32: which call path is fastest."""
-    return {
-        f"{call}@{batch}": raw_throughput(classifier, batch, call, seconds)["images_per_s"]
-        for batch in (1, 8, 32)
-        for call in ("predict_on_batch", "predict")
-    }
+def figures(run: LoadRun, **extra) -> dict:
+    """A scenario's figures (stress_test.summarize) and what it was."""
+    return {**extra, **summarize(run.results)}
+
+
+def latencies_ms(run: LoadRun) -> list[float]:
+    return [round(r.latency * 1000, 1) for r in run.results if r.outcome == "200"]
 
 
 def cpu_seconds(pids: list[int]) -> float:
@@ -221,38 +123,412 @@ def cpu_seconds(pids: list[int]) -> float:
     return total
 
 
-def batch_histogram(worker_log: str) -> dict[int, int]:
-    return dict(sorted(Counter(int(n) for n in re.findall(r"batch of (\d+) in", worker_log)).items()))
+def children(pid: int) -> list[int]:
+    """A process's children (gunicorn's workers)."""
+    found = []
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            if f"PPid:\t{pid}\n" in status.read_text():
+                found.append(int(status.parent.name))
+        except OSError:
+            continue
+    return found
 
 
-def print_table(results: dict) -> None:
-    print("\nper round (8 clients; busy: share of the time the model ran; own b1: the request's own batch-1 time)")
-    print(
-        f"{'round':>5} {'raw best/s':>10} {'served/s':>9} {'ratio':>6} {'mean batch':>10} {'busy':>5} {'worker/s':>8}"
-        f" | {'raw b1':>6} {'1-client p50':>12} {'+ms':>5} {'own b1':>6} {'+ms own':>7}"
+# --- the processes ----------------------------------------------------------------------------------
+
+
+class Lab:
+    """The model in this process, and the stacks under test on free ports, stopped on exit."""
+
+    def __init__(self, tmp: Path):
+        self.tmp = tmp
+        self.services: list[stack.Service] = []
+        self.weights = os.environ.get("MODEL_WEIGHTS") or str(tmp / "resnet50-seeded.weights.h5")
+
+    def load_model(self):
+        import keras
+
+        from classifier import load_classifier
+
+        if "MODEL_WEIGHTS" not in os.environ:
+            keras.utils.set_random_seed(1)
+            keras.applications.ResNet50(weights=None).save_weights(self.weights)
+        self.classifier = load_classifier("ResNet50", self.weights, labels_path=str(LABELS))
+        self.classifier.warm_up(32)
+        return self.classifier
+
+    def env(self, **overrides) -> dict:
+        return {
+            "MODEL_WEIGHTS": self.weights,
+            "LABELS_PATH": str(LABELS),
+            "WEB_PORT": str(stack.free_port()),
+            "TF_CPP_MIN_LOG_LEVEL": "2",
+            **{k: str(v) for k, v in overrides.items()},
+        }
+
+    def service(self, name: str, **settings) -> dict:
+        """redis-server + model worker + gunicorn; returns its /predict URL and its processes' pids."""
+        port = stack.free_port()
+        env = self.env(REDIS_URL=f"redis://127.0.0.1:{port}/0", **settings)
+        redis = self._keep(stack.start_redis(port, str(self.tmp), self.tmp / f"{name}-redis.log"))
+        worker = self._keep(stack.start_model_worker(env, self.tmp / f"{name}-worker.log"))
+        web = self._keep(stack.start_web(env, self.tmp / f"{name}-web.log"))
+        url = f"http://127.0.0.1:{env['WEB_PORT']}/"
+        stack.wait_until_ready(url, [redis, worker, web])
+        return {
+            "url": url + "predict",
+            "pids": {"model worker": [worker.pid], "web": children(web.pid), "redis": [redis.pid]},
+        }
+
+    def baseline(self) -> dict:
+        """gunicorn serving baseline_app.py with the service's gunicorn settings."""
+        env = self.env()
+        web = self._keep(stack.start_web(env, self.tmp / "baseline.log", app="baseline_app:app"))
+        url = f"http://127.0.0.1:{env['WEB_PORT']}/"
+        stack.wait_until_ready(url, [web])
+        return {"url": url + "predict", "pids": {"web + model": children(web.pid)}}
+
+    def _keep(self, service: stack.Service) -> stack.Service:
+        self.services.append(service)
+        return service
+
+    def stop(self) -> None:
+        for service in reversed(self.services):
+            service.stop()
+
+
+def check_answers(classifier, urls: dict[str, str], images: list[bytes]) -> dict:
+    """Each photo through each system: the model's own top 5 (labels in order, probabilities to 1e-4)?"""
+    height, width = classifier.input_size
+    agree = {}
+    for name, url in urls.items():
+        agree[name] = True
+        for image in images:
+            pixels = helpers.prepare_image(helpers.open_image(image, 10**8), (width, height))
+            own = classifier.top_k(classifier.predict(pixels[None])[0], 5)
+            got = requests.post(url, files={"image": ("photo.jpg", image)}, timeout=CLIENT_TIMEOUT_S).json()
+            same = [p["label"] for p in got["predictions"]] == [p["label"] for p in own] and all(
+                abs(a["probability"] - b["probability"]) < 1e-4 for a, b in zip(got["predictions"], own, strict=True)
+            )
+            agree[name] = agree[name] and same
+    return agree
+
+
+# --- the suite --------------------------------------------------------------------------------------
+
+
+def suite(args) -> int:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    images = [path.read_bytes() for path in IMAGES]
+    batch_size = int(os.environ.get("BATCH_SIZE", "32"))
+    report: dict = {"names": {"service": "this service", "baseline": "in-process baseline"}}
+    samples: dict[str, list[float]] = {}
+    args.out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="benchmark-") as tmp, ExitStack() as cleanup:
+        lab = Lab(Path(tmp))
+        cleanup.callback(lab.stop)
+        say("loading the model here, starting the service and the baseline ...")
+        classifier = lab.load_model()
+        service = lab.service("service", BATCH_SIZE=batch_size)
+        baseline = lab.baseline()
+        urls = {"service": service["url"], "baseline": baseline["url"]}
+        report["answers_agree"] = check_answers(classifier, urls, images)
+        say(f"answers equal the model's own: {report['answers_agree']}")
+
+        say("1. call paths")
+        batches = sorted({1, 8, 32, batch_size})
+        report["call_paths"] = {
+            f"{call}@{b}": raw_rate(classifier, b, call, args.raw_seconds)
+            for b in batches
+            for call in ("predict_on_batch", "predict")
+        }
+        large = [b for b in batches if b >= 8]
+
+        say("2. one client")
+        batch1 = [fastest_batch1(classifier, args.raw_seconds)]
+        single = {name: sequential(url, images, args.single) for name, url in urls.items()}
+        batch1.append(fastest_batch1(classifier, args.raw_seconds))
+        report["one_client"] = {
+            "fastest_batch1_ms": round(statistics.mean(batch1), 1),
+            **{name: figures(run) for name, run in single.items()},
+        }
+
+        say("3. closed loop")
+        report["closed_loop"] = []
+        before = ceiling(classifier, large, args.raw_seconds)
+        for i, clients in enumerate(args.clients):
+            level: dict = {"clients": clients}
+            for name in ordered(urls, i):
+                run = closed(urls[name], images, clients, args.seconds)
+                level[name] = figures(run)
+                if f"{name} {clients}" in SAMPLED:
+                    samples[f"{name} {clients} clients"] = latencies_ms(run)
+            after = ceiling(classifier, large, args.raw_seconds)
+            level["raw_ceiling_per_s"] = round((before + after) / 2, 2)
+            before = after
+            say(f"  {clients:>2} clients: " + short(level))
+            report["closed_loop"].append(level)
+
+        say("4. rounds at 8 and 32 clients")
+        pids = {**service["pids"], "load generator (this process)": [os.getpid()]}
+        report["rounds"] = []
+        for r in range(args.rounds):
+            for clients in (8, 32):
+                level = {"clients": clients}
+                start_ceiling = ceiling(classifier, large, args.raw_seconds)
+                for name in ordered(urls, r):
+                    cpu_before = {proc: cpu_seconds(p) for proc, p in pids.items()}
+                    run = closed(urls[name], images, clients, args.seconds)
+                    level[name] = figures(run)
+                    if name == "service":
+                        level["service_cpu_ms_per_answer"] = {
+                            proc: round(
+                                (cpu_seconds(p) - cpu_before[proc]) * 1000 / max(1, level[name]["succeeded"]), 1
+                            )
+                            for proc, p in pids.items()
+                        }
+                level["raw_ceiling_per_s"] = round(
+                    (start_ceiling + ceiling(classifier, large, args.raw_seconds)) / 2, 2
+                )
+                say(f"  round {r + 1}, {clients} clients: " + short(level))
+                report["rounds"].append(level)
+
+        capacity = max(level["service"]["throughput_per_s"] for level in report["closed_loop"])
+        report["capacity_per_s"] = capacity
+        say(f"5. open loop (capacity {capacity:.1f}/s)")
+        report["open_loop"] = []
+        for i, load in enumerate((0.5, 0.9, 1.5)):
+            level = {"load": load, "offered_per_s": round(load * capacity, 2), "seconds": args.open_seconds}
+            for name in ordered(urls, i):
+                run = open_loop(urls[name], images, load * capacity, args.open_seconds)
+                level[name] = figures(run)
+                if f"{name} open {load:.0%}" in SAMPLED:
+                    samples[f"{name} open {load:.0%}"] = latencies_ms(run)
+            say(f"  {load:.0%}: " + short(level))
+            report["open_loop"].append(level)
+
+        say("6. the seed's stress pattern")
+        rate = args.seed_load * capacity
+        report["seed_pattern"] = {
+            "load": args.seed_load,
+            "spacing_s": round(1 / rate, 4),
+            "requests": max(1, round(rate * args.seed_seconds)),
+        }
+        for name in urls:
+            report["seed_pattern"][name] = figures(open_loop(urls[name], images, rate, args.seed_seconds))
+        say("  " + short(report["seed_pattern"]))
+        report["worker_log_tail"] = (Path(tmp) / "service-worker.log").read_text()[-2000:]
+
+    report["latency_samples_ms"] = samples
+    report["targets"] = targets(report)
+    report["machine"] = {"cpus": os.cpu_count(), "keras_backend": os.environ.get("KERAS_BACKEND", "tensorflow")}
+    report["title"] = (
+        f"ResNet50, {report['machine']['cpus']} CPUs, {report['machine']['keras_backend']}: "
+        f"this service vs the in-process baseline vs the raw model"
     )
-    for i, r in enumerate(results["rounds"], 1):
-        s = r["summary"]
-        print(
-            f"{i:>5} {s['raw_best_images_per_s']:>10.2f} {s['served_images_per_s']:>9.2f} {s['served_over_raw']:>6.3f}"
-            f" {s['served_mean_batch']:>10.2f} {s['served_worker_busy']:>5.2f} {s['served_worker_images_per_s']:>8.2f}"
-            f" | {s['raw_batch1_ms']:>6.1f} {s['single_p50_ms']:>12.1f} {s['single_overhead_ms']:>5.1f}"
-            f" {s['single_own_inference_p50_ms']:>6.1f} {s['single_overhead_own_ms']:>7.1f}"
+    (args.out / "benchmark.json").write_text(json.dumps(report, indent=1))
+    from plots import plot_benchmark
+
+    plot_benchmark(report, args.out / "benchmark.png")
+    print_report(report)
+    print(f"\nwritten: {args.out / 'benchmark.json'}, {args.out / 'benchmark.png'}")
+    return 0 if all(report["answers_agree"].values()) else 1
+
+
+def fastest_batch1(classifier, seconds: float) -> float:
+    """The model's fastest batch-1 call, ms: the faster of predict_on_batch and predict."""
+    return min(raw_rate(classifier, 1, call, seconds)["call_ms"] for call in ("predict_on_batch", "predict"))
+
+
+def ordered(urls: dict, i: int) -> list[str]:
+    """The systems in turn, the order alternating so that neither always runs on the warmer machine."""
+    names = list(urls)
+    return names if i % 2 == 0 else names[::-1]
+
+
+def targets(report: dict) -> dict:
+    """The issue's targets, each with its figure (medians over the rounds) and whether it is met."""
+    result = {}
+    for clients in (8, 32):
+        rounds = [lv for lv in report["rounds"] if lv["clients"] == clients]
+        if not rounds:
+            continue
+        over_ceiling = statistics.median(lv["service"]["throughput_per_s"] / lv["raw_ceiling_per_s"] for lv in rounds)
+        over_baseline = statistics.median(
+            lv["service"]["throughput_per_s"] / lv["baseline"]["throughput_per_s"] for lv in rounds
         )
-    s = results["summary"]
-    print(
-        f"\nmedian: served {s['served_images_per_s']:.2f}/s = {s['served_over_raw']:.3f} x raw best "
-        f"({s['raw_best_images_per_s']:.2f}/s); the model ran {s['served_worker_busy']:.0%} of the time, at "
-        f"{s['served_worker_images_per_s']:.2f} images/s in batches of {s['served_mean_batch']:.1f} on average.\n"
-        f"one client: p50 {s['single_p50_ms']:.1f} ms = raw batch-1 {s['raw_batch1_ms']:.1f} ms "
-        f"+ {s['single_overhead_ms']:.1f} ms; per request, latency - its own inference = "
-        f"{s['single_overhead_own_ms']:.1f} ms"
+        p99 = {
+            name: statistics.median(lv[name]["latency_ms"]["p99"] for lv in rounds) for name in ("service", "baseline")
+        }
+        if clients == 8:
+            result["served_over_ceiling_8"] = {
+                "figure": round(over_ceiling, 3),
+                "target": 0.92,
+                "met": over_ceiling >= 0.92,
+            }
+        result[f"served_over_baseline_{clients}"] = {
+            "figure": round(over_baseline, 3),
+            "p99_ms": p99,
+            "target": ">= 1.1 with a lower p99",
+            "met": over_baseline >= 1.1 and p99["service"] < p99["baseline"],
+        }
+    one = report["one_client"]
+    limit = one["fastest_batch1_ms"] + 10
+    result["one_client_p50_ms"] = {
+        "figure": one["service"]["latency_ms"]["p50"],
+        "target": f"<= {limit:.1f} (fastest batch-1 {one['fastest_batch1_ms']} ms + 10)",
+        "met": one["service"]["latency_ms"]["p50"] <= limit,
+    }
+    at90 = next(lv for lv in report["open_loop"] if lv["load"] == 0.9)["service"]
+    batches = at90["batches_by_size"]
+    if batches:
+        typical = max(batches, key=batches.get)  # the batch size it ran at most often
+        inference = at90["time_split_ms"].get("inference", float("nan"))
+        result["open_loop_90_p99_ms"] = {
+            "figure": at90["latency_ms"]["p99"],
+            "target": f"<= 3 x inference of its batches ({inference:.0f} ms mean; most often batch {typical})",
+            "met": at90["latency_ms"]["p99"] <= 3 * inference,
+        }
+    return result
+
+
+def short(level: dict) -> str:
+    parts = []
+    for name in ("service", "baseline"):
+        if name in level:
+            f = level[name]
+            errors = f" {f['failed']}" if f["failed"] else ""
+            parts.append(f"{name} {f['throughput_per_s']:.1f}/s p99 {f['latency_ms']['p99']:.0f} ms{errors}")
+    if "raw_ceiling_per_s" in level:
+        parts.append(f"raw {level['raw_ceiling_per_s']:.1f}/s")
+    return ", ".join(parts)
+
+
+def say(text: str) -> None:
+    print(text, flush=True)
+
+
+def print_report(report: dict) -> None:
+    print("\ncall paths (images/s; median call ms):")
+    for name, f in report["call_paths"].items():
+        print(f"  {name:<22} {f['images_per_s']:>7.2f}/s {f['call_ms']:>8.1f} ms")
+    print(f"\n{'scenario':<30}answers/s    p50    p95    p99    max  errors    mean batch  ms: prep/queue/inf/ret")
+    rows = [(f"one client, {n}", report["one_client"][n]) for n in ("service", "baseline")]
+    for level in [*report["closed_loop"], *report["rounds"]]:
+        rows += [(f"closed {level['clients']:>2}, {n}", level[n]) for n in ("service", "baseline")]
+    for level in report["open_loop"]:
+        rows += [
+            (f"open {level['load']:.0%} ({level['offered_per_s']:.1f}/s), {n}", level[n])
+            for n in ("service", "baseline")
+        ]
+    rows += [(f"seed pattern, {n}", report["seed_pattern"][n]) for n in ("service", "baseline")]
+    for name, f in rows:
+        lat, split = f["latency_ms"], f["time_split_ms"]
+        errors = ",".join(f"{k}:{v}" for k, v in f["failed"].items()) or "-"
+        mean_batch = sum(s * n for s, n in f["batches_by_size"].items()) / max(1, sum(f["batches_by_size"].values()))
+        split_text = "/".join(f"{split[p]:.0f}" for p in ("prepare", "queue", "inference", "return")) if split else "-"
+        print(
+            f"{name:<30}{f['throughput_per_s']:>9.2f}{lat['p50']:>7.0f}{lat['p95']:>7.0f}{lat['p99']:>7.0f}"
+            f"{lat['max']:>7.0f}  {errors:<10}{mean_batch:>7.1f}  {split_text}"
+        )
+    print("\ntargets (medians over the rounds):")
+    for name, t in report["targets"].items():
+        print(f"  {'met    ' if t['met'] else 'MISSED '} {name}: {t['figure']} (target {t['target']})")
+    cpu = [lv["service_cpu_ms_per_answer"] for lv in report["rounds"] if lv["clients"] == 8]
+    if cpu:
+        print(f"  CPU ms per answer at 8 clients: { {k: statistics.median(c[k] for c in cpu) for k in cpu[0]} }")
+
+
+# --- tune ------------------------------------------------------------------------------------------
+
+
+def variants(vary: list[str]) -> list[dict[str, str]]:
+    """["MAX_BATCH_WAIT_MS=0,10", "BATCH_SIZE=16"] -> [{MAX_BATCH_WAIT_MS: 0}, {..: 10}, {BATCH_SIZE: 16}]"""
+    result = []
+    for item in vary:
+        name, _, values = item.partition("=")
+        if not name or not values:
+            raise SystemExit(f"--vary takes NAME=V1,V2,...; got {item!r}")
+        result += [{name: value} for value in values.split(",")]
+    return result
+
+
+def tune(args) -> int:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    images = [path.read_bytes() for path in IMAGES]
+    chosen = variants(args.vary)
+    names = [" ".join(f"{k}={v}" for k, v in v.items()) for v in chosen]
+    results: dict = {name: [] for name in names}
+    args.out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="tune-") as tmp, ExitStack() as cleanup:
+        lab = Lab(Path(tmp))
+        cleanup.callback(lab.stop)
+        classifier = lab.load_model()
+        say(f"starting {len(chosen)} service stacks ...")
+        urls = {name: lab.service(f"v{i}", **v)["url"] for i, (name, v) in enumerate(zip(names, chosen, strict=True))}
+        for r in range(args.rounds):
+            for name in names[r % len(names) :] + names[: r % len(names)]:  # rotate who goes first
+                before = ceiling(classifier, [8, 32], args.raw_seconds)
+                one = figures(sequential(urls[name], images, args.single))
+                at8 = figures(closed(urls[name], images, 8, args.seconds))
+                at32 = figures(closed(urls[name], images, 32, args.seconds))
+                raw = (before + ceiling(classifier, [8, 32], args.raw_seconds)) / 2
+                results[name].append({"raw": raw, "one": one, "8": at8, "32": at32})
+                say(
+                    f"round {r + 1} {name}: 1 client p50 {one['latency_ms']['p50']:.0f} ms; "
+                    f"8: {at8['throughput_per_s'] / raw:.3f} x raw, p99 {at8['latency_ms']['p99']:.0f} ms; "
+                    f"32: {at32['throughput_per_s'] / raw:.3f} x raw, p99 {at32['latency_ms']['p99']:.0f} ms"
+                )
+    summary = {
+        name: {
+            "one_client_p50_ms": statistics.median(x["one"]["latency_ms"]["p50"] for x in runs),
+            **{
+                f"{c}_over_raw": round(statistics.median(x[c]["throughput_per_s"] / x["raw"] for x in runs), 3)
+                for c in ("8", "32")
+            },
+            **{f"{c}_p99_ms": statistics.median(x[c]["latency_ms"]["p99"] for x in runs) for c in ("8", "32")},
+            "errors": sum(sum(x[c]["failed"].values()) for x in runs for c in ("one", "8", "32")),
+        }
+        for name, runs in results.items()
+    }
+    print("\nvariant                        1-client p50   8: x raw   p99    32: x raw   p99   errors")
+    for name, s in summary.items():
+        print(
+            f"{name:<30} {s['one_client_p50_ms']:>10.1f} {s['8_over_raw']:>10.3f} {s['8_p99_ms']:>6.0f}"
+            f" {s['32_over_raw']:>11.3f} {s['32_p99_ms']:>6.0f} {s['errors']:>7}"
+        )
+    (args.out / "tune.json").write_text(json.dumps({"summary": summary, "rounds": results}, indent=1))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", nargs="?", choices=("suite", "tune"), default="suite")
+    parser.add_argument("--quick", action="store_true", help="shorter runs (~4 min): a check, not the figures")
+    parser.add_argument("--out", type=Path, default=Path("benchmark-results"), help="where to write JSON and PNG")
+    parser.add_argument("--clients", type=lambda s: [int(c) for c in s.split(",")], default=[1, 2, 4, 8, 16, 32])
+    parser.add_argument("--seconds", type=float, help="seconds per closed-loop run (default 10; quick 4)")
+    parser.add_argument("--raw-seconds", type=float, help="seconds per raw measurement (default 2; quick 1)")
+    parser.add_argument(
+        "--open-seconds", type=float, help="seconds of offered load per open-loop run (default 15; quick 5)"
     )
-    print(f"call paths, images/s: {json.dumps(results['call_paths'])}")
-    print(f"CPU ms per answered request while serving (2 cores): {json.dumps(results['served_cpu_ms_per_request'])}")
-    print(f"web worker RSS after {results['requests_served']} requests: {results['web_worker_rss_mb']} MB")
-    print(f"message bytes for 224x224: {results['message_bytes_224']:,}")
-    print(f"worker batch sizes (size: count): {results['worker_batches']}")
+    parser.add_argument("--seed-seconds", type=float, help="seconds of the seed pattern (default 25; quick 8)")
+    parser.add_argument("--seed-load", type=float, default=0.25, help="the seed pattern's share of capacity (0.25)")
+    parser.add_argument("--rounds", type=int, help="rounds at 8 and 32 clients (default 3; quick 1)")
+    parser.add_argument("--single", type=int, help="requests in a row for one-client latency (default 40; quick 15)")
+    parser.add_argument("--vary", action="append", default=[], help="tune: NAME=V1,V2 (repeat for more settings)")
+    args = parser.parse_args(argv)
+    defaults = {"seconds": (10, 4), "raw_seconds": (2, 1), "open_seconds": (15, 5), "seed_seconds": (25, 8),
+                "rounds": (3, 1), "single": (40, 15)}  # fmt: skip
+    for name, (full, quick) in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, quick if args.quick else full)
+    if args.command == "tune":
+        if not args.vary:
+            parser.error("tune needs at least one --vary NAME=V1,V2")
+        return tune(args)
+    return suite(args)
 
 
 if __name__ == "__main__":

@@ -168,8 +168,9 @@ def start_model_worker(env: dict | None = None, log_path: Path | None = None) ->
     return _start("model worker", [sys.executable, "run_model_server.py"], env, log_path)
 
 
-def start_web(env: dict | None = None, log_path: Path | None = None) -> Service:
-    argv = [sys.executable, "-m", "gunicorn", "-c", "gunicorn_conf.py", "run_web_server:app"]
+def start_web(env: dict | None = None, log_path: Path | None = None, app: str = "run_web_server:app") -> Service:
+    """gunicorn with gunicorn_conf.py serving app (benchmark.py serves baseline_app:app the same way)."""
+    argv = [sys.executable, "-m", "gunicorn", "-c", "gunicorn_conf.py", app]
     return _start("gunicorn", argv, env, log_path)
 
 

@@ -5,6 +5,7 @@ loop); it waits for every answer, then prints a summary. --concurrency N runs a 
 N clients, each sending its next request as soon as its last is answered.
 
     python stress_test.py [--count 500] [--spacing 0.05] [--concurrency N] [--url URL] [--image FILE ...]
+                          [--json FILE] [--plot FILE.png]
 """
 
 import argparse
@@ -126,8 +127,24 @@ def percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[rank - 1]
 
 
+TIME_PARTS = ("prepare", "queue", "inference", "return")  # Server-Timing's split of a request's time
+
+
+def batch_sizes(results: list[Result]) -> dict[int, int]:
+    """Batches the answered requests ran in, by size: n requests answered in batches of b make n / b batches."""
+    requests_by_size = Counter(int(r.timing["batch"]) for r in results if r.outcome == "200" and "batch" in r.timing)
+    return {size: round(n / size) for size, n in sorted(requests_by_size.items())}
+
+
+def time_split(results: list[Result]) -> dict[str, float]:
+    """Mean ms per answered request in each part of Server-Timing's split (prepare, queue, inference, return)."""
+    timed = [r.timing for r in results if r.outcome == "200" and all(part in r.timing for part in TIME_PARTS)]
+    return {part: round(sum(t[part] for t in timed) / len(timed), 1) for part in TIME_PARTS} if timed else {}
+
+
 def summarize(results: list[Result]) -> dict:
-    """Throughput over the run, latency percentiles of the successes, outcomes by status."""
+    """Throughput over the run, latency percentiles of the successes, outcomes by status, and, from
+    Server-Timing, the batch sizes the requests ran in and where their time went."""
     ok = sorted(r.latency for r in results if r.outcome == "200")
     wall = max((r.started + r.latency for r in results), default=0.0) - min((r.started for r in results), default=0.0)
     return {
@@ -140,6 +157,8 @@ def summarize(results: list[Result]) -> dict:
             name: round(percentile(ok, q) * 1000, 1)
             for name, q in (("p50", 50), ("p95", 95), ("p99", 99), ("max", 100))
         },
+        "batches_by_size": batch_sizes(results),
+        "time_split_ms": time_split(results),
     }
 
 
@@ -151,6 +170,8 @@ def format_summary(summary: dict) -> str:
         f"sent {summary['sent']}, succeeded {summary['succeeded']}, failed {failed} ({by_status})\n"
         f"throughput {summary['throughput_per_s']:.2f} answers/s over {summary['wall_s']:.1f} s\n"
         f"latency p50 {lat['p50']:.0f} ms, p95 {lat['p95']:.0f} ms, p99 {lat['p99']:.0f} ms, max {lat['max']:.0f} ms"
+        + (f"\nbatches by size: {summary['batches_by_size']}" if summary["batches_by_size"] else "")
+        + (f"\nmean time split, ms: {summary['time_split_ms']}" if summary["time_split_ms"] else "")
     )
 
 
@@ -165,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         "--timeout", type=float, default=TIMEOUT_S, help=f"client timeout, seconds (default {TIMEOUT_S})"
     )
     parser.add_argument("--json", type=Path, help="also write the summary as JSON to this file")
+    parser.add_argument("--plot", type=Path, help="also draw latency over the run and its histogram to this PNG")
     args = parser.parse_args(argv)
 
     images = [path.read_bytes() for path in (args.image or [DEFAULT_IMAGE])]
@@ -180,6 +202,11 @@ def main(argv: list[str] | None = None) -> int:
     print(format_summary(summary))
     if args.json:
         args.json.write_text(json.dumps(summary, indent=2))
+    if args.plot:
+        from plots import plot_run  # matplotlib only when asked for
+
+        plot_run(run.results, args.plot, f"stress test: {args.count} requests to {args.url}")
+        print(f"plot written to {args.plot}")
     return 0 if summary["succeeded"] == summary["sent"] else 1
 
 

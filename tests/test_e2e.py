@@ -163,10 +163,19 @@ def test_simple_request_prints_the_predictions_and_fails_loudly(served, tmp_path
 def test_stress_test_waits_for_every_answer_and_summarises(served, tmp_path):
     result = subprocess.run(
         [sys.executable, "stress_test.py", "--url", served.url + "predict", "--count", "30", "--spacing", "0.02",
-         "--image", "images/chelsea.jpg", "--image", "images/coffee.jpg", "--json", str(tmp_path / "s.json")],
+         "--image", "images/chelsea.jpg", "--image", "images/coffee.jpg", "--json", str(tmp_path / "s.json"),
+         "--plot", str(tmp_path / "run.png")],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     summary = json.loads((tmp_path / "s.json").read_text())
     assert summary["sent"] == summary["succeeded"] == 30 and summary["failed"] == {}
     assert "latency p50" in result.stdout and summary["latency_ms"]["p50"] > 0
+    # every request ran in one of the batches counted, and its time split adds up to less than its latency
+    assert sum(int(size) * n for size, n in summary["batches_by_size"].items()) == 30
+    split = summary["time_split_ms"]
+    assert set(split) == {"prepare", "queue", "inference", "return"} and split["inference"] > 0
+    assert sum(split.values()) <= summary["latency_ms"]["max"]
+    assert "batches by size" in result.stdout and "mean time split" in result.stdout
+    with Image.open(tmp_path / "run.png") as plot:  # latency over the run + histogram, side by side
+        assert plot.format == "PNG" and plot.width > plot.height > 300

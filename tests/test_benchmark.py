@@ -1,0 +1,148 @@
+"""The benchmark suite and the load tools' analysis: pure functions, real plots, and one short real run."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import ROOT
+from PIL import Image
+
+import benchmark
+from stress_test import Result, batch_sizes, time_split
+
+
+def result(latency_ms: float, outcome="200", batch=None, **parts) -> Result:
+    timing = {"batch": batch, **parts} if batch else dict(parts)
+    return Result(0.0, latency_ms / 1000, outcome, timing)
+
+
+def test_batches_by_size_count_batches_not_requests():
+    runs = [result(90, batch=4)] * 8 + [result(40, batch=1)] * 3 + [result(5, "503"), result(80)]
+    assert batch_sizes(runs) == {1: 3, 4: 2}  # 8 requests in batches of 4 = 2 batches; errors and untimed skipped
+
+
+def test_time_split_is_the_mean_of_each_part_over_the_answered():
+    parts = {"prepare": 2.0, "queue": 10.0, "inference": 60.0, "return": 1.0}
+    runs = [result(80, batch=2, **parts), result(100, batch=2, **{**parts, "queue": 30.0}), result(9, "504", **parts)]
+    assert time_split(runs) == {"prepare": 2.0, "queue": 20.0, "inference": 60.0, "return": 1.0}
+    assert time_split([result(80, batch=1, inference=60.0)]) == {}  # an older worker: no split
+
+
+def test_tune_variants_change_one_setting_each():
+    assert benchmark.variants(["MAX_BATCH_WAIT_MS=0,10", "WEB_WORKERS=1"]) == [
+        {"MAX_BATCH_WAIT_MS": "0"},
+        {"MAX_BATCH_WAIT_MS": "10"},
+        {"WEB_WORKERS": "1"},
+    ]
+    with pytest.raises(SystemExit):
+        benchmark.variants(["BATCH_SIZE"])
+
+
+def figures(throughput: float, p99: float, batches=None, inference=None) -> dict:
+    return {
+        "throughput_per_s": throughput,
+        "latency_ms": {"p50": p99 / 2, "p95": p99, "p99": p99, "max": p99},
+        "failed": {},
+        "batches_by_size": batches or {},
+        "time_split_ms": {"inference": inference} if inference else {},
+    }
+
+
+def synthetic_report(service_8: float, baseline_p99: float) -> dict:
+    rounds = [
+        {
+            "clients": c,
+            "raw_ceiling_per_s": 20.0,
+            "service": figures(service_8, 900),
+            "baseline": figures(15.0, baseline_p99),
+        }
+        for c in (8, 32)
+        for _ in range(3)
+    ]
+    return {
+        "rounds": rounds,
+        "one_client": {"fastest_batch1_ms": 50.0, "service": figures(15, 120)},  # p50 60 ms
+        "open_loop": [{"load": 0.9, "service": figures(18, 350, batches={2: 40, 3: 10}, inference=120.0)}],
+    }
+
+
+def test_targets_are_judged_from_the_round_medians():
+    met = benchmark.targets(synthetic_report(service_8=18.6, baseline_p99=1500))
+    assert met["served_over_ceiling_8"] == {"figure": 0.93, "target": 0.92, "met": True}
+    assert met["served_over_baseline_8"]["figure"] == 1.24 and met["served_over_baseline_8"]["met"]
+    assert met["one_client_p50_ms"]["met"] and met["open_loop_90_p99_ms"]["met"]  # 60 <= 60; 350 <= 360
+    assert "most often batch 2" in met["open_loop_90_p99_ms"]["target"]
+    missed = benchmark.targets(synthetic_report(service_8=18.0, baseline_p99=800))
+    assert not missed["served_over_ceiling_8"]["met"]  # 0.90
+    assert not missed["served_over_baseline_32"]["met"]  # faster (1.2 x) but a higher p99 than the baseline
+
+
+def is_drawn_png(path) -> tuple[int, int]:
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+        pixels = np.asarray(image.convert("L"))
+        assert pixels.std() > 10  # lines and text, not a blank canvas
+        return image.size
+
+
+def test_plot_run_draws_latency_over_the_run_and_its_histogram(tmp_path):
+    from plots import plot_run
+
+    runs = [Result(i * 0.05, 0.08 + (i % 7) / 100, "200") for i in range(200)] + [Result(3.0, 0.01, "503")]
+    plot_run(runs, tmp_path / "run.png", "a run")
+    width, height = is_drawn_png(tmp_path / "run.png")
+    assert width > height
+
+
+def test_plot_benchmark_draws_three_panels_from_a_report(tmp_path):
+    from plots import plot_benchmark
+
+    sweep = [
+        {
+            "clients": c,
+            "raw_ceiling_per_s": 20.0,
+            "service": figures(min(19, 10 * c), 100 * c),
+            "baseline": figures(15, 200 * c),
+        }
+        for c in (1, 2, 4, 8)
+    ]
+    report = {
+        "names": {"service": "this service", "baseline": "in-process"},
+        "closed_loop": sweep,
+        "latency_samples_ms": {"service 8 clients": [80, 90, 120], "baseline 8 clients": [100, 400], "empty": []},
+    }
+    plot_benchmark(report, tmp_path / "b.png")
+    width, height = is_drawn_png(tmp_path / "b.png")
+    assert width > 2 * height
+
+
+@pytest.mark.slow
+def test_the_suite_runs_end_to_end_and_both_systems_give_the_models_own_answers(tmp_path):
+    """A short real run: the seeded ResNet50 in the suite's process, the service and the baseline under gunicorn."""
+    short = "--clients 1,4 --seconds 1.5 --raw-seconds 0.3 --open-seconds 2 --seed-seconds 2 --rounds 1 --single 4"
+    argv = [sys.executable, "benchmark.py", "--out", str(tmp_path), *short.split()]
+    run = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    report = json.loads((tmp_path / "benchmark.json").read_text())
+    assert report["answers_agree"] == {"service": True, "baseline": True}
+    assert set(report["call_paths"]) == {f"{c}@{b}" for c in ("predict", "predict_on_batch") for b in (1, 8, 32)}
+    assert [level["clients"] for level in report["closed_loop"]] == [1, 4]
+    for level in [*report["closed_loop"], *report["rounds"]]:
+        assert level["raw_ceiling_per_s"] > 0
+        for system in ("service", "baseline"):
+            assert level[system]["succeeded"] > 0 and level[system]["failed"] == {}, level
+    service_4 = report["closed_loop"][1]["service"]
+    assert set(service_4["time_split_ms"]) == {"prepare", "queue", "inference", "return"}
+    assert report["closed_loop"][1]["baseline"]["batches_by_size"] == {
+        "1": report["closed_loop"][1]["baseline"]["succeeded"]
+    }
+    assert [level["load"] for level in report["open_loop"]] == [0.5, 0.9, 1.5]
+    assert report["open_loop"][1]["offered_per_s"] == pytest.approx(0.9 * report["capacity_per_s"], abs=0.01)
+    seed = report["seed_pattern"]
+    assert seed["spacing_s"] == pytest.approx(1 / (0.25 * report["capacity_per_s"]), rel=1e-3)
+    assert seed["service"]["sent"] == seed["requests"]
+    assert set(report["targets"]) >= {"served_over_ceiling_8", "served_over_baseline_8", "one_client_p50_ms"}
+    assert "targets (medians over the rounds)" in run.stdout
+    is_drawn_png(tmp_path / "benchmark.png")
