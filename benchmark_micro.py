@@ -4,8 +4,8 @@
 
 Loads ResNet50 with seeded random weights (speed does not depend on the weight values) through
 classifier.load_classifier, warms it up as the worker does (warm_up(32)), then measures:
-  codec                the queue message's JSON + base64 against a binary one (JSON header, "\\n", raw pixels):
-                       bytes and encode/decode microseconds, also as a share of one image's inference time;
+  codec                the queue message (helpers: a JSON header, "\\n", the raw pixels) against the first format,
+                       JSON + base64: bytes and encode/decode microseconds, also as a share of one image's inference;
   jpeg_draft           helpers.prepare_image with and without JPEG draft decoding (a small and a 12 MP JPEG);
   padding_vs_retracing whether a new batch size re-traces the model's function, and what padding the batch
                        up to a bucket (1, 2, 4, 8, 16, 32) would cost on every call instead;
@@ -18,6 +18,8 @@ prints a table; one summary line per section comes at the end, and --json FILE w
 """
 
 import argparse
+import base64
+import binascii
 import io
 import json
 import os
@@ -109,30 +111,28 @@ def batch_inference_s(classifier, reps: int) -> float:
 # --- 1. codec -----------------------------------------------------------------------------------
 
 
-def encode_binary(request_id: str, deadline: float, top: int, pixels: np.ndarray) -> bytes:
-    """The binary alternative: a small JSON header ("id" first, as the ack's handle needs), b"\\n", raw pixels."""
-    header = {"id": request_id, "deadline": deadline, "top": top, "shape": list(pixels.shape), "dtype": "uint8"}
-    return json.dumps(header, separators=(",", ":")).encode() + b"\n" + np.ascontiguousarray(pixels).tobytes()
+def encode_json_base64(request_id: str, deadline: float, top: int, pixels: np.ndarray) -> bytes:
+    """The service's first message format, kept here to compare: one JSON object with the pixels in base64."""
+    body = {"id": request_id, "deadline": deadline, "top": top, "shape": list(pixels.shape), "dtype": "uint8"}
+    body["data"] = base64.b64encode(np.ascontiguousarray(pixels).tobytes()).decode("ascii")
+    return json.dumps(body, separators=(",", ":")).encode("utf-8")
 
 
-def decode_binary(raw: bytes) -> helpers.Message:
-    """Parse the binary alternative: header up to the first newline, then the pixels without a copy."""
-    end = raw.index(b"\n")
-    header = json.loads(raw[:end])
-    shape = tuple(int(n) for n in header["shape"])
-    if len(raw) - end - 1 != shape[0] * shape[1] * shape[2]:
-        raise helpers.MessageError("pixel bytes do not fill the shape", header["id"])
-    pixels = np.frombuffer(raw, dtype=np.uint8, offset=end + 1).reshape(shape)
-    return helpers.Message(header["id"], float(header["deadline"]), int(header["top"]), pixels)
+def decode_json_base64(raw: bytes) -> helpers.Message:
+    """Parse the first format, as its decode_message did (checks aside)."""
+    body = json.loads(raw)
+    data = binascii.a2b_base64(body["data"], strict_mode=True)
+    pixels = np.frombuffer(data, dtype=np.uint8).reshape(tuple(int(n) for n in body["shape"]))
+    return helpers.Message(body["id"], float(body["deadline"]), int(body["top"]), pixels)
 
 
 def codec(plan: Plan, image_inference_ms: float) -> dict:
-    """JSON + base64 (helpers.encode_message / decode_message) against the binary format: bytes and µs."""
+    """The message format (helpers: JSON header + raw pixels) against the first one (JSON + base64): bytes, µs."""
     pixels = random_pixels(1)[0]
     request_id, deadline = uuid.uuid4().hex, time.time() + 60
     formats = {
-        "json_base64": (helpers.encode_message, helpers.decode_message),
-        "binary": (encode_binary, decode_binary),
+        "json_base64": (encode_json_base64, decode_json_base64),
+        "binary": (helpers.encode_message, helpers.decode_message),
     }
     rows = {}
     for name, (encode, decode) in formats.items():
@@ -628,14 +628,20 @@ def summary_lines(results: dict) -> list[str]:
 
 def machine_info() -> dict:
     """Versions and load: the CPU is shared, so the load average says how much to trust the figures."""
+    from importlib.metadata import PackageNotFoundError, version
+
     import keras
     import PIL
-    import tensorflow as tf
 
+    try:
+        tensorflow = version("tensorflow")
+    except PackageNotFoundError:  # another Keras backend
+        tensorflow = None
     return {
         "cpus": os.cpu_count(),
         "load_average": [round(x, 2) for x in os.getloadavg()],
-        "tensorflow": tf.__version__,
+        "keras_backend": keras.backend.backend(),
+        "tensorflow": tensorflow,
         "keras": keras.__version__,
         "numpy": np.__version__,
         "pillow": PIL.__version__,

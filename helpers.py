@@ -2,10 +2,12 @@
 
 Nothing here touches Redis, Flask or Keras, so each step can be called on its own in a test.
 
-Queue message (web -> model worker), one JSON object, UTF-8, "id" first:
+Queue message (web -> model worker): a one-line JSON header, UTF-8, "id" first, then a newline, then
+the raw pixel bytes (row-major height x width x RGB):
     {"id": "<32 hex chars>", "deadline": <Unix seconds, Redis server clock>, "top": <int>,
-     "shape": [height, width, 3], "dtype": "uint8", "data": "<base64 of the raw pixel bytes>"}
-    A 224 x 224 image is 150,528 pixel bytes, 200,704 in base64, ~200.8 KB with the JSON around it.
+     "shape": [height, width, 3], "dtype": "uint8"}\n<height * width * 3 bytes>
+    A 224 x 224 image is 150,528 pixel bytes, ~150.6 KB with the header. (Base64 inside JSON, the
+    earlier format, was a third larger and cost ~1 ms of CPU per message to encode and decode.)
 
 Answer (model worker -> web), one JSON object pushed on the request's own result key:
     {"predictions": [{"label": "tabby", "probability": 0.93}, ...],
@@ -14,8 +16,6 @@ Answer (model worker -> web), one JSON object pushed on the request's own result
     {"error": "<for a person>", "status": <HTTP status>}                           on failure
 """
 
-import base64
-import binascii
 import io
 import json
 import warnings
@@ -169,23 +169,21 @@ def encode_message(request_id: str, deadline: float, top: int, pixels: np.ndarra
     """The queue message for one prepared image (format in the module docstring)."""
     if pixels.dtype != np.uint8 or pixels.ndim != 3:
         raise ValueError(f"pixels must be uint8 (h, w, c), got {pixels.dtype} {pixels.shape}")
-    body = {
-        "id": request_id,
-        "deadline": deadline,
-        "top": top,
-        "shape": list(pixels.shape),
-        "dtype": "uint8",
-        "data": base64.b64encode(np.ascontiguousarray(pixels).tobytes()).decode("ascii"),
-    }
-    return json.dumps(body, separators=(",", ":")).encode("utf-8")
+    header = {"id": request_id, "deadline": deadline, "top": top, "shape": list(pixels.shape), "dtype": "uint8"}
+    return json.dumps(header, separators=(",", ":")).encode("utf-8") + b"\n" + np.ascontiguousarray(pixels).tobytes()
 
 
 def decode_message(raw: bytes) -> Message:
-    """Parse and check a queue message; MessageError says what is wrong with it."""
+    """Parse and check a queue message; MessageError says what is wrong with it.
+
+    The pixels are a read-only view of raw, not a copy.
+    """
+    end = raw.find(b"\n")
+    header = raw if end < 0 else raw[:end]  # no newline: a header with no pixels, refused below
     try:
-        body = json.loads(raw)
+        body = json.loads(header)
     except (ValueError, UnicodeDecodeError):
-        raise MessageError("not JSON") from None
+        raise MessageError("the header is not JSON") from None
     if not isinstance(body, dict):
         raise MessageError("not a JSON object")
     request_id = body.get("id")
@@ -196,18 +194,18 @@ def decode_message(raw: bytes) -> Message:
         top = int(body["top"])
         shape = tuple(int(n) for n in body["shape"])
         dtype = body["dtype"]
-        data = binascii.a2b_base64(body["data"], strict_mode=True)
-    except (KeyError, TypeError, ValueError, OverflowError, binascii.Error) as exc:  # OverflowError: int(inf)
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:  # OverflowError: int(inf)
         raise MessageError(f"bad or missing field ({exc})", request_id) from None
     if dtype != "uint8":
         raise MessageError(f"dtype must be uint8, got {dtype!r}", request_id)
     if len(shape) != 3 or shape[2] != 3 or min(shape) < 1:
         raise MessageError(f"shape must be [height, width, 3], got {list(shape)}", request_id)
-    if len(data) != shape[0] * shape[1] * shape[2]:
-        raise MessageError(f"{len(data)} pixel bytes do not fill shape {list(shape)}", request_id)
+    size = 0 if end < 0 else len(raw) - end - 1
+    if size != shape[0] * shape[1] * shape[2]:
+        raise MessageError(f"{size} pixel bytes do not fill shape {list(shape)}", request_id)
     if top < 1:
         raise MessageError(f"top must be at least 1, got {top}", request_id)
-    pixels = np.frombuffer(data, dtype=np.uint8).reshape(shape)
+    pixels = np.frombuffer(raw, dtype=np.uint8, offset=end + 1).reshape(shape)
     return Message(request_id, deadline, top, pixels)
 
 

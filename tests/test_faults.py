@@ -418,14 +418,14 @@ def test_poison_planted_on_the_queue_is_logged_and_dropped_and_the_worker_keeps_
     s.start_web()
     s.wait_ready()
     keys = Keys(s.env["IMAGE_QUEUE"])
-    pixels = b'"' + b"A" * 8 + b'"}'
+    pixels = b"\n" + bytes(6)  # the header's end, then 2 x 1 x 3 pixel bytes
     poison = {
-        None: [b"not json at all", b"\xff\xfe\x00binary", b"[1, 2, 3]", b'{"deadline": 1e18, "top": 5}', b"{}"],
-        "wrongshape": b'{"id":"wrongshape","deadline":1e18,"top":5,"shape":[2,3],"dtype":"uint8","data":' + pixels,
-        "wrongdtype": b'{"id":"wrongdtype","deadline":1e18,"top":5,"shape":[2,1,3],"dtype":"float32","data":' + pixels,
-        "badbase64": b'{"id":"badbase64","deadline":1e18,"top":5,"shape":[2,1,3],"dtype":"uint8","data":"@@@"}',
-        "shortdata": b'{"id":"shortdata","deadline":1e18,"top":5,"shape":[224,224,3],"dtype":"uint8","data":' + pixels,
-        "notop": b'{"id":"notop","deadline":1e18,"shape":[2,1,3],"dtype":"uint8","data":"AAAAAAAA"}',
+        None: [b"not json at all", b"\xff\xfe\x00binary", b"[1, 2, 3]\n", b'{"deadline": 1e18, "top": 5}', b"{}"],
+        "wrongshape": b'{"id":"wrongshape","deadline":1e18,"top":5,"shape":[2,3],"dtype":"uint8"}' + pixels,
+        "wrongdtype": b'{"id":"wrongdtype","deadline":1e18,"top":5,"shape":[2,1,3],"dtype":"float32"}' + pixels,
+        "nopixels": b'{"id":"nopixels","deadline":1e18,"top":5,"shape":[2,1,3],"dtype":"uint8"}',
+        "shortdata": b'{"id":"shortdata","deadline":1e18,"top":5,"shape":[224,224,3],"dtype":"uint8"}' + pixels,
+        "notop": b'{"id":"notop","deadline":1e18,"shape":[2,1,3],"dtype":"uint8"}' + pixels,
     }
     with Traffic(s.url, *photos, rate=RATE) as traffic:
         traffic.wait_for_answers(40, 60)

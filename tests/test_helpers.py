@@ -1,6 +1,5 @@
 """Image preparation and the queue message format: pure functions, real images, no services."""
 
-import base64
 import io
 import json
 
@@ -184,12 +183,15 @@ def test_message_round_trip_keeps_every_pixel():
     assert message.pixels.dtype == np.uint8 and np.array_equal(message.pixels, pixels)
 
 
-def test_message_is_small_json_with_the_id_first():
-    pixels = np.zeros((224, 224, 3), np.uint8)
+def test_message_is_a_json_header_with_the_id_first_then_the_raw_pixels():
+    pixels = np.random.default_rng(1).integers(0, 256, (224, 224, 3), dtype=np.uint8)
     raw = helpers.encode_message("f" * 32, 1.0, 5, pixels)
     assert raw.startswith(b'{"id":"' + b"f" * 32)
-    assert len(raw) <= 210_000  # 150,528 pixel bytes, base64 plus the JSON around it
-    assert len(raw) < 4 * pixels.size  # a float32 payload would be four times the pixels
+    header, pixel_bytes = raw.split(b"\n", 1)
+    assert json.loads(header) == {"id": "f" * 32, "deadline": 1.0, "top": 5, "shape": [224, 224, 3], "dtype": "uint8"}
+    assert pixel_bytes == pixels.tobytes()  # any language reads it: row-major height x width x RGB
+    assert len(raw) <= 150_700  # 150,528 pixel bytes and the header; base64 in JSON was 200,828
+    assert helpers.decode_message(raw).pixels.base is not None  # a view of the message, not a copy
 
 
 def test_message_refuses_non_uint8_pixels():
@@ -197,22 +199,25 @@ def test_message_refuses_non_uint8_pixels():
         helpers.encode_message("x", 1.0, 5, np.zeros((4, 4, 3), np.float32))
 
 
-def good_body(**changes) -> bytes:
-    body = json.loads(helpers.encode_message("req1", 2.0, 5, np.zeros((2, 2, 3), np.uint8)))
-    body.update(changes)
-    return json.dumps({k: v for k, v in body.items() if v is not None}).encode()
+def good_body(pixel_bytes: bytes = bytes(12), **changes) -> bytes:
+    header = json.loads(helpers.encode_message("req1", 2.0, 5, np.zeros((2, 2, 3), np.uint8)).split(b"\n")[0])
+    header.update(changes)
+    return json.dumps({k: v for k, v in header.items() if v is not None}).encode() + b"\n" + pixel_bytes
 
 
 @pytest.mark.parametrize(
     ("raw", "request_id", "reason"),
     [
         (b"\xff\xfenot json", None, "not JSON"),
+        (b"not json\n" + bytes(12), None, "not JSON"),
         (b"[1, 2, 3]", None, "not a JSON object"),
         (good_body(id=None), None, "no request id"),
         (good_body(dtype="float32"), "req1", "dtype"),
         (good_body(shape=[2, 2]), "req1", "shape"),
         (good_body(shape=[3, 3, 3]), "req1", "do not fill"),
-        (good_body(data="!!not base64!!"), "req1", "bad or missing"),
+        (good_body(bytes(11)), "req1", "11 pixel bytes do not fill"),
+        (good_body(bytes(13)), "req1", "13 pixel bytes do not fill"),
+        (good_body().split(b"\n")[0], "req1", "0 pixel bytes do not fill"),  # no newline: no pixels
         (good_body(deadline=None), "req1", "bad or missing"),
         (good_body(top=0), "req1", "top"),
     ],
@@ -231,11 +236,6 @@ def test_answers_round_trip():
         "inference_ms": 41.23,
     }
     assert helpers.decode_answer(helpers.encode_error(500, "boom")) == {"error": "boom", "status": 500}
-
-
-def test_base64_is_standard_so_any_language_can_decode_it():
-    raw = helpers.encode_message("x", 1.0, 1, np.full((1, 1, 3), 200, np.uint8))
-    assert base64.b64decode(json.loads(raw)["data"]) == bytes([200, 200, 200])
 
 
 def test_a_large_jpeg_decoded_at_reduced_scale_matches_a_full_decode():

@@ -6,7 +6,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import IMAGENET_INDEX, distinct_photos
+from conftest import IMAGENET_INDEX, ROOT, distinct_photos
 
 import helpers
 from run_model_server import ModelWorker, answer_batch
@@ -62,11 +62,12 @@ def test_expired_messages_are_dropped_unanswered_and_not_run():
 
 
 def test_poison_messages_are_dropped_and_answered_when_their_id_can_be_read(caplog):
-    wrong_dtype = json.loads(message("bad-dtype"))
-    wrong_dtype["dtype"] = "float32"
-    no_id = json.loads(message("x"))
-    del no_id["id"]
-    batch = [b"\x00not json", json.dumps(no_id).encode(), json.dumps(wrong_dtype).encode(), message("good")]
+    def edited(request_id: str, **changes) -> bytes:
+        header, pixel_bytes = message(request_id).split(b"\n", 1)
+        fields = {**json.loads(header), **changes}
+        return json.dumps({k: v for k, v in fields.items() if v is not None}).encode() + b"\n" + pixel_bytes
+
+    batch = [b"\x00not json", edited("x", id=None), edited("bad-dtype", dtype="float32"), message("good")]
     with caplog.at_level(logging.ERROR):
         done = answer_batch(StandInClassifier(), batch, NOW).done
     assert len(done) == 4  # every message is released
@@ -327,3 +328,23 @@ def test_a_claim_whose_reply_was_lost_is_handed_back_and_answered(redis_url, que
             thread.join(5)
     assert lost and answer is not None and "predictions" in helpers.decode_answer(answer)
     assert "Redis is back (1 messages handed back)" in caplog.text
+
+
+def test_the_worker_is_backend_agnostic_tensorflow_only_in_the_optional_gpu_memory_setting():
+    """The worker runs on any Keras 3 backend (KERAS_BACKEND=jax or torch on a GPU box without TensorFlow):
+    no module of the service imports tensorflow except inside classifier.enable_gpu_memory_growth."""
+    import ast
+
+    found = []
+    for path in sorted(ROOT.glob("*.py")):
+        tree = ast.parse(path.read_text(), str(path))
+        parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
+        for node in ast.walk(tree):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            names += [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            if any(name.split(".")[0] == "tensorflow" for name in names):
+                scope = node
+                while scope in parents and not isinstance(scope, ast.FunctionDef):
+                    scope = parents[scope]
+                found.append((path.name, getattr(scope, "name", "<module>")))
+    assert found == [("classifier.py", "enable_gpu_memory_growth")]

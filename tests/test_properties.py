@@ -24,7 +24,7 @@ import helpers
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # Pillow's "Corrupt EXIF data" on mutated images
 
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-FIELDS = ("id", "deadline", "top", "shape", "dtype", "data")
+FIELDS = ("id", "deadline", "top", "shape", "dtype")  # the message header's
 
 # Any JSON value, including the numbers Python's json module reads that a float or int cannot hold.
 json_values = st.recursive(
@@ -46,9 +46,11 @@ pixel_arrays = st.builds(
 )
 
 
-def valid_message() -> dict:
+def valid_message() -> tuple[dict, bytes]:
+    """A valid message's header, parsed, and its pixel bytes."""
     pixels = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)
-    return json.loads(helpers.encode_message("a" * 32, 1.7e9, 5, pixels))
+    header, pixel_bytes = helpers.encode_message("a" * 32, 1.7e9, 5, pixels).split(b"\n", 1)
+    return json.loads(header), pixel_bytes
 
 
 def decodes_or_refuses(raw: bytes) -> None:
@@ -94,6 +96,7 @@ def test_decoding_any_bytes_raises_only_message_error(raw):
 @given(json_values)
 def test_decoding_any_json_raises_only_message_error(value):
     decodes_or_refuses(json.dumps(value).encode())
+    decodes_or_refuses(json.dumps(value).encode() + b"\n" + bytes(18))
 
 
 @FAST
@@ -102,12 +105,12 @@ def test_decoding_any_json_raises_only_message_error(value):
 @example(field="deadline", value=10**400, drop=False)  # float(10**400): OverflowError
 @example(field="shape", value=[float("inf"), 1, 3], drop=False)
 def test_a_message_with_any_field_replaced_or_missing_raises_only_message_error(field, value, drop):
-    body = valid_message()
+    header, pixel_bytes = valid_message()
     if drop:
-        del body[field]
+        del header[field]
     else:
-        body[field] = value
-    decodes_or_refuses(json.dumps(body).encode())
+        header[field] = value
+    decodes_or_refuses(json.dumps(header).encode() + b"\n" + pixel_bytes)
 
 
 @FAST
