@@ -239,14 +239,18 @@ while true do
 end
 """
 
-# KEYS: queue, workers. ARGV: processing prefix, message, queue_max. -> messages held, or -1 when full
-_ENQUEUE = (
+# Runs in one MULTI right after the LPUSH of a message, so that message is the queue's head: over the
+# bound, LTRIM drops it again. The message itself never passes through Lua (see _REGISTER).
+# KEYS: queue, workers. ARGV: processing prefix, queue_max. -> messages held, or -1 when full
+_ADMIT = (
     _HELD
     + """
 local n = held()
-if n >= tonumber(ARGV[3]) then return -1 end
-redis.call('LPUSH', KEYS[1], ARGV[2])
-return n + 1
+if n > tonumber(ARGV[2]) then
+  redis.call('LTRIM', KEYS[1], 1, -1)
+  return -1
+end
+return n
 """
 )
 
@@ -377,7 +381,7 @@ class ImageQueue:
         self.result_ttl_s = result_ttl_s
         self.worker_ttl_s = worker_ttl_s
         self._status = client.register_script(_STATUS)
-        self._enqueue = client.register_script(_ENQUEUE)
+        self._admit = client.register_script(_ADMIT)
         self._register = client.register_script(_REGISTER)
         self._ack = client.register_script(_ACK)
         self._heartbeat = client.register_script(_HEARTBEAT)
@@ -431,9 +435,12 @@ class ImageQueue:
         Held counts the messages waiting and those on workers' processing lists, so Redis never
         holds more than queue_max images for this queue.
         """
-        keys, args = [self.keys.queue, self.keys.workers], [self.keys.processing(""), message, self.queue_max]
+        keys, args = [self.keys.queue, self.keys.workers], [self.keys.processing(""), self.queue_max]
         try:
-            held = self._enqueue(keys=keys, args=args)
+            with self.redis.pipeline(transaction=True) as pipe:
+                pipe.lpush(self.keys.queue, message)
+                self._admit(keys=keys, args=args, client=pipe)
+                _, held = pipe.execute()
         except REDIS_ERRORS as exc:
             raise unavailable(exc) from exc
         if held < 0:
