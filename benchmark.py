@@ -123,6 +123,14 @@ def cpu_seconds(pids: list[int]) -> float:
     return total
 
 
+def rss_mb(pid: int) -> float:
+    """A process's resident memory, MB (/proc/PID/status)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return float("nan")
+
+
 def children(pid: int) -> list[int]:
     """A process's children (gunicorn's workers)."""
     found = []
@@ -318,6 +326,7 @@ def suite(args) -> int:
         for name in urls:
             report["seed_pattern"][name] = figures(open_loop(urls[name], images, rate, args.seed_seconds))
         say("  " + short(report["seed_pattern"]))
+        report["web_worker_rss_mb"] = [rss_mb(pid) for pid in service["pids"]["web"]]
         report["worker_log_tail"] = (Path(tmp) / "service-worker.log").read_text()[-2000:]
 
     report["latency_samples_ms"] = samples
@@ -435,6 +444,7 @@ def print_report(report: dict) -> None:
     print("\ntargets (medians over the rounds):")
     for name, t in report["targets"].items():
         print(f"  {'met    ' if t['met'] else 'MISSED '} {name}: {t['figure']} (target {t['target']})")
+    print(f"  service web workers' resident memory at the end: {report['web_worker_rss_mb']} MB")
     cpu = [lv["service_cpu_ms_per_answer"] for lv in report["rounds"] if lv["clients"] == 8]
     if cpu:
         print(f"  CPU ms per answer at 8 clients: { {k: statistics.median(c[k] for c in cpu) for k in cpu[0]} }")
