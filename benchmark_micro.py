@@ -345,10 +345,9 @@ def answer_plain(client: redis.Redis, queue: ImageQueue, worker: str, claimed: l
 
 
 def one_batch(client: redis.Redis, queue: ImageQueue, worker: str, messages: list[bytes], answer: bytes) -> dict:
-    """One batch through each path: the project's claim + ack, then plain and pipelined answers."""
+    """One batch through each path: the project's enqueue (all 32) + claim + ack, then plain and pipelined answers."""
     processing = queue.keys.processing(worker)
-    for message in messages:
-        queue.enqueue(message)
+    enqueue = measured(client, lambda: [queue.enqueue(message) for message in messages])
     holder: dict = {}
     claim = measured(client, lambda: holder.update(claim=queue.claim(worker, len(messages))))
     claimed = holder["claim"].messages
@@ -356,7 +355,7 @@ def one_batch(client: redis.Redis, queue: ImageQueue, worker: str, messages: lis
     ack = measured(client, lambda: holder.update(ack=queue.ack(worker, done, len(done), 3.0)))
     if len(holder["ack"][0]) != len(messages) or client.llen(processing):
         raise AssertionError(f"the ack answered {len(holder['ack'][0])} of {len(messages)} messages")
-    paths = {"claim": claim, "ack": ack}
+    paths = {"enqueue x32": enqueue, "claim": claim, "ack": ack}
     for name, pipe in (("plain", False), ("pipelined", True)):
         claimed = [(raw, helpers.decode_message(raw).request_id) for raw in claimed_batch(queue, worker, messages)]
         paths[name] = measured(client, lambda c=claimed, p=pipe: answer_plain(client, queue, worker, c, answer, p))
@@ -383,7 +382,7 @@ def redis_round_trips(plan: Plan, tmp: str, batch_s: float, classifier) -> dict:
     finally:
         server.stop()
     rows = {}
-    for name in ("claim", "ack", "plain", "pipelined"):
+    for name in ("enqueue x32", "claim", "ack", "plain", "pipelined"):
         ms = median_ms([r[name]["ms"] / 1000 for r in runs])
         last = runs[-1][name]
         rows[name] = {
@@ -399,10 +398,10 @@ def redis_round_trips(plan: Plan, tmp: str, batch_s: float, classifier) -> dict:
     print(
         f"   batch-{BATCH} inference {batch_s * 1000:.0f} ms; plain/pipelined: answering only, LREM sends the message)"
     )
-    print(f"{'path':>10} {'ms':>8} {'redis busy':>10} {'round trips':>11} {'commands':>8} {'share':>7}  commands")
+    print(f"{'path':>11} {'ms':>8} {'redis busy':>10} {'round trips':>11} {'commands':>8} {'share':>7}  commands")
     for name, row in rows.items():
         print(
-            f"{name:>10} {row['median_ms']:>8.2f} {row['redis_busy_ms']:>10.2f} {row['round_trips']:>11}"
+            f"{name:>11} {row['median_ms']:>8.2f} {row['redis_busy_ms']:>10.2f} {row['round_trips']:>11}"
             f" {row['commands']:>8}"
             f" {row['share_of_batch_inference']:>7.2%}  {json.dumps(row['by_command'])}"
         )
