@@ -338,12 +338,12 @@ def server_timing(arrived: float, queued: float, queued_on_redis_clock: float, a
     rest: the worker's decoding and answer, Redis, waking this thread). Older workers send no claim time."""
     now = time.monotonic()
     wait_ms, inference_ms = (now - queued) * 1000, answer["inference_ms"]
-    parts = [f"prepare;dur={(queued - arrived) * 1000:.1f}", f"wait;dur={wait_ms:.1f}"]
+    inference = f'inference;dur={inference_ms:.1f};desc="batch of {answer["batch_size"]}"'
+    parts = [f"prepare;dur={(queued - arrived) * 1000:.1f}", f"wait;dur={wait_ms:.1f}", inference]
     if "claimed" in answer:
         queue_ms = min(max(0.0, (answer["claimed"] - queued_on_redis_clock) * 1000), max(0.0, wait_ms - inference_ms))
-        parts.append(f"queue;dur={queue_ms:.1f}")
-        parts.append(f"return;dur={max(0.0, wait_ms - queue_ms - inference_ms):.1f}")
-    parts.append(f'inference;dur={inference_ms:.1f};desc="batch of {answer["batch_size"]}"')
+        return_ms = max(0.0, wait_ms - queue_ms - inference_ms)
+        parts[2:] = [f"queue;dur={queue_ms:.1f}", inference, f"return;dur={return_ms:.1f}"]
     parts.append(f"total;dur={(now - arrived) * 1000:.1f}")
     return ", ".join(parts)
 

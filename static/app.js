@@ -167,7 +167,7 @@ function setState(state, status) {
   }
 }
 
-/** "Answered in 412 ms. Server: prepare 3.1 ms, wait 80.5 ms, queue 6.0 ms, return 4.3 ms, inference 70.2 ms (batch of 4), total 84.0 ms." */
+/** "Answered in 412 ms. Server: prepare 3.1 ms, wait 80.5 ms, queue 6.0 ms, inference 70.2 ms (batch of 4), return 4.3 ms, total 84.0 ms." */
 function describeTiming(elapsedMs, headers) {
   let text = `Answered in ${Math.round(elapsedMs)} ms (measured by this page).`;
   const parts = parseServerTiming(headers.get("Server-Timing") || "").map(

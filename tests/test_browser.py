@@ -213,7 +213,8 @@ def test_a_chosen_photo_shows_five_bars_with_the_labels_and_percentages_predict_
     timing = page.text_content("#timing")
     assert re.fullmatch(
         r"Answered in \d+ ms \(measured by this page\)\. Server: prepare [\d.]+ ms, wait [\d.]+ ms, "
-        r"inference [\d.]+ ms \(batch of 1\), total [\d.]+ ms\. Request ID [0-9a-f]{32}\.",
+        r"queue [\d.]+ ms, inference [\d.]+ ms \(batch of 1\), return [\d.]+ ms, total [\d.]+ ms\. "
+        r"Request ID [0-9a-f]{32}\.",
         timing,
     ), timing
     assert page.eval_on_selector("#preview", "img => img.naturalWidth") == 451  # chelsea.jpg is 451 x 300

@@ -25,7 +25,7 @@ def test_server_timing_is_parsed_with_the_batch_size():
     from stress_test import parse_server_timing
 
     header = (
-        'prepare;dur=3.1, wait;dur=80.5, queue;dur=6.0, return;dur=4.3, inference;dur=70.2;desc="batch of 4", '
+        'prepare;dur=3.1, wait;dur=80.5, queue;dur=6.0, inference;dur=70.2;desc="batch of 4", return;dur=4.3, '
         "total;dur=84.0"
     )
     assert parse_server_timing(header) == {

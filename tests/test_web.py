@@ -130,7 +130,7 @@ def test_server_timing_splits_the_wait_into_queue_inference_and_return():
     answer = {"inference_ms": 100.0, "batch_size": 4, "claimed": 1000.05}  # taken 50 ms after it was queued
     header = server_timing(now - 0.3, now - 0.2, 1000.0, answer)
     ms = dict((part.split(";")[0], float(part.split("dur=")[1].split(";")[0])) for part in header.split(", "))
-    assert list(ms) == ["prepare", "wait", "queue", "return", "inference", "total"]
+    assert list(ms) == ["prepare", "wait", "queue", "inference", "return", "total"]
     assert ms["prepare"] == pytest.approx(100, abs=1) and ms["queue"] == pytest.approx(50, abs=0.1)
     assert ms["return"] == pytest.approx(ms["wait"] - 150, abs=0.2) and ms["total"] == pytest.approx(300, abs=2)
     assert 'inference;dur=100.0;desc="batch of 4"' in header
