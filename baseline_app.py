@@ -1,6 +1,6 @@
 """The in-process baseline: the design users would otherwise run, for benchmark.py to compare against.
 
-    gunicorn -c gunicorn_conf.py baseline_app:app        (the same gunicorn settings as the service)
+    gunicorn -c gunicorn_conf.py 'baseline_app:create_app()'      (the same gunicorn settings as the service)
 
 Each gunicorn worker process loads the model itself and runs every request's one image through it on
 the request's own thread: no Redis, no model worker, no batching across requests. It prepares images
@@ -9,6 +9,8 @@ predict_on_batch), so the comparison measures the architecture, not a different 
 yardstick, not a product: no deadlines, no queue bound, no API keys.
 """
 
+import os
+import sys
 import time
 
 from flask import Flask, jsonify, request
@@ -16,6 +18,8 @@ from flask import Flask, jsonify, request
 import helpers
 import settings
 from classifier import load_classifier
+
+READY = "baseline: model loaded in process"  # one line per gunicorn worker, for benchmark.py to wait on
 
 
 def create_app() -> Flask:
@@ -29,6 +33,7 @@ def create_app() -> Flask:
         settings.MODEL_PRECISION,
     )
     classifier.warm_up(1)
+    print(f"{READY} {os.getpid()}", file=sys.stderr, flush=True)
     height, width = classifier.input_size
     helpers.configure_pillow(settings.MAX_IMAGE_PIXELS)
     app = Flask(__name__)
@@ -64,6 +69,3 @@ def create_app() -> Flask:
         return response
 
     return app
-
-
-app = create_app()

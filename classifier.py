@@ -222,7 +222,11 @@ def imagenet_labels() -> list[str]:
 
 
 def enable_gpu_memory_growth() -> None:
-    """On TensorFlow, take GPU memory as needed rather than all of it (CUDA_VISIBLE_DEVICES picks GPUs)."""
+    """Take GPU memory as needed rather than most of it up front (CUDA_VISIBLE_DEVICES picks GPUs), so that
+    several processes can share a GPU (the benchmark's baseline does): on JAX through XLA's allocator
+    setting, which must be set before JAX is imported; on TensorFlow through memory growth."""
+    if os.environ.get("KERAS_BACKEND") == "jax":
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     import keras
 
     if keras.backend.backend() != "tensorflow":

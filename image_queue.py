@@ -14,14 +14,20 @@ Keys (IMAGE_QUEUE = "image_queue"):
 
 Flow:
     web     status()   one script: server time, live workers, model input size (503 if none live)
-            enqueue()  one script: LLEN >= QUEUE_MAX ? refuse (503) : LPUSH
+            enqueue()  one MULTI: LPUSH, then a script that counts the messages held and, over
+                       QUEUE_MAX, LTRIMs the message off again (503)
             wait_for() BLPOP on the request's own result key, at most REDIS_BLOCK_S per call,
                        until the request's deadline (then 504)
-    worker  claim()    one script: RPOP up to BATCH_SIZE and push them on the worker's processing
-                       list; when the queue is empty, BLMOVE one (blocks up to REDIS_BLOCK_S)
-            ack()      one script: per message, LREM it from the processing list and, only if it was
-                       still there and its deadline has not passed, RPUSH + EXPIRE its answer; count
+    worker  claim()    one MULTI: a script registers the worker and reads TIME, then LMOVEs up to
+                       BATCH_SIZE onto the worker's processing list; when the queue is empty, BLMOVE
+                       one (blocks up to REDIS_BLOCK_S)
+            ack()      one script: release the batch from the processing list (DEL when the list is
+                       exactly the batch, else LREM each by its handle) and, for each message that was
+                       still there and whose deadline has not passed, RPUSH + EXPIRE its answer; count
                        the batch in the stats hash
+    No message passes through a Lua script on the way in or out: a script copies every value it
+    touches into a Lua string. The two small scripts inside a MULTI are sent as source (EVAL), so a
+    MULTI is one round trip and cannot meet an empty script cache (NOSCRIPT) half-way.
             heartbeat() ZADD workers <now>; HSET model. requeue_dead_workers(): a worker silent for
                        WORKER_TTL_S has its processing list moved back to the head of the queue.
 
@@ -381,8 +387,6 @@ class ImageQueue:
         self.result_ttl_s = result_ttl_s
         self.worker_ttl_s = worker_ttl_s
         self._status = client.register_script(_STATUS)
-        self._admit = client.register_script(_ADMIT)
-        self._register = client.register_script(_REGISTER)
         self._ack = client.register_script(_ACK)
         self._heartbeat = client.register_script(_HEARTBEAT)
         self._dead = client.register_script(_DEAD)
@@ -439,7 +443,7 @@ class ImageQueue:
         try:
             with self.redis.pipeline(transaction=True) as pipe:
                 pipe.lpush(self.keys.queue, message)
-                self._admit(keys=keys, args=args, client=pipe)
+                pipe.eval(_ADMIT, len(keys), *keys, *args)
                 _, held = pipe.execute()
         except REDIS_ERRORS as exc:
             raise unavailable(exc) from exc
@@ -513,7 +517,7 @@ class ImageQueue:
     def _take_now(self, worker_id: str, count: int) -> tuple[float, list[bytes]]:
         """Register, read the clock and move up to count messages, in one MULTI (one round trip)."""
         with self.redis.pipeline(transaction=True) as pipe:
-            self._register(keys=[self.keys.workers], args=[worker_id], client=pipe)
+            pipe.eval(_REGISTER, 1, self.keys.workers, worker_id)
             for _ in range(count):
                 pipe.lmove(self.keys.queue, self.keys.processing(worker_id), "RIGHT", "LEFT")
             (sec, usec), *moved = pipe.execute()

@@ -297,8 +297,8 @@ def predict():
         image.close()  # frees the decoded upload (~200 MB for a 50-megapixel RGBA image) before the wait
     if pixels is None or time.monotonic() >= arrived + timeout:
         return error_response(504, f"the image took longer than {timeout:g} s to upload and prepare")
-    queued = time.monotonic()
     queue().enqueue(helpers.encode_message(request_id, deadline, top, pixels))
+    queued = time.monotonic()
     raw = queue().wait_for(request_id, arrived + timeout)
     if raw is None:
         return error_response(504, f"no answer within {timeout:g} s; the model workers are overloaded or stalled")
@@ -309,7 +309,7 @@ def predict():
             g.reject_reason = "worker_503"
         return error_response(status_code, answer["error"], retry_after=1 if status_code == 503 else None)
     response = jsonify(success=True, predictions=answer["predictions"])
-    queued_on_redis_clock = status.server_time + (queued - read_at)
+    queued_on_redis_clock = status.server_time + (queued - read_at)  # just after the push: queue >= 0
     response.headers["Server-Timing"] = server_timing(arrived, queued, queued_on_redis_clock, answer)
     now = time.monotonic()
     metrics.observe_prediction(now - arrived, now - queued, answer["inference_ms"] / 1000)

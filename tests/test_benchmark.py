@@ -51,15 +51,16 @@ def figures(throughput: float, p99: float, batches=None, inference=None) -> dict
 
 
 def synthetic_report(service_8: float, baseline_p99: float) -> dict:
+    """Three rounds per concurrency whose median is the given figure and whose mean, first and last are not."""
     rounds = [
         {
             "clients": c,
             "raw_ceiling_per_s": 20.0,
-            "service": figures(service_8, 900),
-            "baseline": figures(15.0, baseline_p99),
+            "service": figures(service_8 + offset, 900),
+            "baseline": figures(15.0, baseline_p99 + p99_offset),
         }
         for c in (8, 32)
-        for _ in range(3)
+        for offset, p99_offset in ((-3.0, 900), (0.0, 0), (0.5, -400))
     ]
     return {
         "rounds": rounds,
@@ -72,6 +73,7 @@ def test_targets_are_judged_from_the_round_medians():
     met = benchmark.targets(synthetic_report(service_8=18.6, baseline_p99=1500))
     assert met["served_over_ceiling_8"] == {"figure": 0.93, "target": 0.92, "met": True}
     assert met["served_over_baseline_8"]["figure"] == 1.24 and met["served_over_baseline_8"]["met"]
+    assert met["served_over_baseline_8"]["p99_ms"] == {"service": 900, "baseline": 1500}
     assert met["one_client_p50_ms"]["met"] and met["open_loop_90_p99_ms"]["met"]  # 60 <= 60; 350 <= 360
     assert "most often batch 2" in met["open_loop_90_p99_ms"]["target"]
     missed = benchmark.targets(synthetic_report(service_8=18.0, baseline_p99=800))
@@ -133,6 +135,7 @@ def test_the_suite_runs_end_to_end_and_both_systems_give_the_models_own_answers(
         assert level["raw_ceiling_per_s"] > 0
         for system in ("service", "baseline"):
             assert level[system]["succeeded"] > 0 and level[system]["failed"] == {}, level
+    assert all(level["baseline_1_thread"]["succeeded"] > 0 for level in report["rounds"])
     service_4 = report["closed_loop"][1]["service"]
     assert set(service_4["time_split_ms"]) == {"prepare", "queue", "inference", "return"}
     assert report["closed_loop"][1]["baseline"]["batches_by_size"] == {

@@ -1,5 +1,6 @@
 """Image preparation and the queue message format: pure functions, real images, no services."""
 
+import base64
 import io
 import json
 
@@ -194,6 +195,16 @@ def test_message_is_a_json_header_with_the_id_first_then_the_raw_pixels():
     assert helpers.decode_message(raw).pixels.base is not None  # a view of the message, not a copy
 
 
+def test_workers_still_read_the_earlier_all_json_base64_message():
+    """So that model workers can be upgraded before the web boxes that still send the earlier format."""
+    pixels = np.random.default_rng(2).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    earlier = {"id": "old1", "deadline": 9.5, "top": 3, "shape": [5, 7, 3], "dtype": "uint8"}
+    earlier["data"] = base64.b64encode(pixels.tobytes()).decode()
+    message = helpers.decode_message(json.dumps(earlier).encode())
+    assert (message.request_id, message.deadline, message.top) == ("old1", 9.5, 3)
+    assert np.array_equal(message.pixels, pixels)
+
+
 def test_message_refuses_non_uint8_pixels():
     with pytest.raises(ValueError, match="uint8"):
         helpers.encode_message("x", 1.0, 5, np.zeros((4, 4, 3), np.float32))
@@ -210,6 +221,8 @@ def good_body(pixel_bytes: bytes = bytes(12), **changes) -> bytes:
     [
         (b"\xff\xfenot json", None, "not JSON"),
         (b"not json\n" + bytes(12), None, "not JSON"),
+        (b"[" * 100_000, None, "not JSON"),  # json.loads raises RecursionError: it must not kill the worker
+        (good_body().split(b"\n")[0][:-1] + b',"data":"@@"}', "req1", "bad base64"),
         (b"[1, 2, 3]", None, "not a JSON object"),
         (good_body(id=None), None, "no request id"),
         (good_body(dtype="float32"), "req1", "dtype"),

@@ -189,19 +189,33 @@ def test_a_batch_moves_and_is_released_without_redis_copying_its_pixels_into_lua
     batch releases the list without reading it."""
     queue = make_queue()
     messages = [b'{"id":"m%d"' % i + bytes([i]) * 200_000 for i in range(4)]
-    script_args, admit = [], queue._admit
-    queue._admit = lambda keys, args, client: script_args.append(args) or admit(keys=keys, args=args, client=client)
+    script_args, pipeline = [], queue.redis.pipeline
+
+    def recording_pipeline(*args, **kwargs):  # what the scripts inside each MULTI are given
+        pipe = pipeline(*args, **kwargs)
+        run = pipe.eval
+        pipe.eval = lambda script, numkeys, *keys_and_args: (
+            script_args.append(keys_and_args) or run(script, numkeys, *keys_and_args)
+        )
+        return pipe
+
+    queue.redis.pipeline = recording_pipeline
+    redis_client.config_resetstat()
     for message in messages:
         queue.enqueue(message)
-    assert len(script_args) == 4 and max(len(str(a)) for args in script_args for a in args) < 100
     queue.heartbeat("w1", MODEL)
-    redis_client.config_resetstat()
     claimed = queue.claim("w1", 8).messages
     assert claimed == messages
+    assert len(script_args) == 5 and max(len(str(a)) for args in script_args for a in args) < 100
+    # one round trip per enqueue and per claim: no SCRIPT EXISTS before the MULTI, no EVALSHA to miss
+    assert redis_client.info("commandstats")["cmdstat_exec"]["calls"] == 5
+    stats = redis_client.info("commandstats")
+    assert not {"cmdstat_script|exists", "cmdstat_rpop"} & set(stats)
+    assert stats["cmdstat_lmove"]["calls"] == 8  # the take: one per message (4 moved, 4 found the queue empty)
+    redis_client.config_resetstat()
     answered, late = queue.ack("w1", [Done(m, f"m{i}", b"answer", time.time() + 30) for i, m in enumerate(claimed)])
     assert answered == ["m0", "m1", "m2", "m3"] and late == []
     stats = redis_client.info("commandstats")
-    assert stats["cmdstat_lmove"]["calls"] == 8  # the take: one per message (4 moved, 4 found the queue empty)
     assert not {"cmdstat_lrange", "cmdstat_lrem", "cmdstat_rpop", "cmdstat_lpush"} & set(stats)
     assert redis_client.llen(queue.keys.processing("w1")) == 0 and redis_client.llen(queue.keys.queue) == 0
     assert redis_client.hget(queue.keys.stats, "size:4") is None  # batch_size 0: the model ran nothing here
