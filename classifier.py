@@ -136,8 +136,8 @@ def load_classifier(
     """Build the classifier the settings describe (see settings.py: MODEL_*, LABELS_PATH).
 
     precision: a Keras dtype policy for the layers built here; mixed_bfloat16 computes in bfloat16 and
-    keeps the weights in float32 (1.5x the images/s on this project's AVX512-BF16 CPU; probabilities move
-    by up to ~0.02), mixed_float16 is for GPUs with tensor cores.
+    keeps the weights in float32 (1.4-1.5x the images/s on this project's AVX512-BF16 CPU; probabilities move
+    by up to ~0.03), mixed_float16 is for GPUs with tensor cores.
     """
     if preprocess and preprocess not in PREPROCESS_MODES:
         raise ModelConfigError(f"MODEL_PREPROCESS must be one of {', '.join(PREPROCESS_MODES)}, got {preprocess!r}")

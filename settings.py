@@ -125,7 +125,7 @@ LABELS_PATH = _str("LABELS_PATH", "")
 # model's own preprocess_input, or none for MODEL_PATH.
 MODEL_PREPROCESS = _str("MODEL_PREPROCESS", "").lower()
 # Keras dtype policy of a keras.applications model: float32, or mixed_bfloat16 (on this project's CPU,
-# AVX512-BF16: 1.5x the images/s, probabilities within ~0.02 of float32's) or mixed_float16 (GPUs with
+# AVX512-BF16: 1.4-1.5x the images/s, probabilities within ~0.03 of float32's) or mixed_float16 (GPUs with
 # tensor cores). A MODEL_PATH model keeps the policy it was saved with.
 MODEL_PRECISION = _str("MODEL_PRECISION", "float32").lower()
 # Pad each batch to the next of 1, 2, 4, ..., BATCH_SIZE: auto (when Keras compiles the model with XLA:
