@@ -17,21 +17,14 @@ from flask import Flask, jsonify, request
 
 import helpers
 import settings
-from classifier import load_classifier
+from classifier import load_configured_classifier
 
 READY = "baseline: model loaded in process"  # one line per gunicorn worker, for benchmark.py to wait on
 
 
 def create_app() -> Flask:
     """Load and warm the model in this process, then serve /predict one image per request."""
-    classifier = load_classifier(
-        settings.MODEL_NAME,
-        settings.MODEL_WEIGHTS,
-        settings.MODEL_PATH,
-        settings.LABELS_PATH,
-        settings.MODEL_PREPROCESS,
-        settings.MODEL_PRECISION,
-    )
+    classifier = load_configured_classifier(settings)
     classifier.warm_up(1)
     print(f"{READY} {os.getpid()}", file=sys.stderr, flush=True)
     height, width = classifier.input_size

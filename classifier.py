@@ -173,6 +173,18 @@ def load_classifier(
     return classifier
 
 
+def load_configured_classifier(settings) -> Classifier:
+    """The classifier the settings module describes (MODEL_*, LABELS_PATH): the worker's and the baseline's."""
+    return load_classifier(
+        settings.MODEL_NAME,
+        settings.MODEL_WEIGHTS,
+        settings.MODEL_PATH,
+        settings.LABELS_PATH,
+        settings.MODEL_PREPROCESS,
+        settings.MODEL_PRECISION,
+    )
+
+
 def build_application(name: str, weights: str):
     """A keras.applications model with ImageNet, local or no weights."""
     import keras

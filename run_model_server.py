@@ -183,17 +183,10 @@ def main() -> int:
     queue = queue_from_config(vars(settings))
     if not credentials_accepted(queue):
         return 2
-    from classifier import choose_buckets, load_classifier
+    from classifier import choose_buckets, load_configured_classifier
 
     started = time.perf_counter()
-    classifier = load_classifier(
-        settings.MODEL_NAME,
-        settings.MODEL_WEIGHTS,
-        settings.MODEL_PATH,
-        settings.LABELS_PATH,
-        settings.MODEL_PREPROCESS,
-        settings.MODEL_PRECISION,
-    )
+    classifier = load_configured_classifier(settings)
     classifier.buckets = choose_buckets(classifier.model, settings.BATCH_SIZE, settings.BATCH_BUCKETS)
     timings = classifier.warm_up(settings.BATCH_SIZE)
     height, width = classifier.input_size
