@@ -1,27 +1,11 @@
-"""Pure functions: upload bytes -> checked image -> uint8 pixels, and the queue's message formats.
+"""Image preparation, pure functions: upload bytes -> checked image -> uint8 pixels at the model's input size.
 
-Nothing here touches Redis, Flask or Keras, so each step can be called on its own in a test.
-
-Queue message (web -> model worker): a one-line JSON header, UTF-8, "id" first, then a newline, then
-the raw pixel bytes (row-major height x width x RGB):
-    {"id": "<32 hex chars>", "deadline": <Unix seconds, Redis server clock>, "top": <int>,
-     "shape": [height, width, 3], "dtype": "uint8"}\n<height * width * 3 bytes>
-    A 224 x 224 image is 150,528 pixel bytes, ~150.6 KB with the header. The earlier format, one JSON
-    object with the pixels in base64 under "data", was a third larger and cost ~1 ms of CPU per message;
-    workers still read it, so they can be upgraded before the web boxes (old workers cannot read this one).
-
-Answer (model worker -> web), one JSON object pushed on the request's own result key:
-    {"predictions": [{"label": "tabby", "probability": 0.93}, ...],
-     "batch_size": <images in the forward pass>, "inference_ms": <its duration>,
-     "claimed": <Unix seconds on the Redis clock when the worker took the message>}   on success
-    {"error": "<for a person>", "status": <HTTP status>}                           on failure
+Nothing here touches Redis, Flask or Keras, so each step can be called on its own in a test. The queue's
+message bytes are image_queue.py's.
 """
 
-import binascii
 import io
-import json
 import warnings
-from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -146,87 +130,3 @@ def to_rgb(image: Image.Image) -> Image.Image:
         background = Image.new("RGBA", rgba.size, BACKGROUND + (255,))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return image.convert("RGB")
-
-
-# --- Queue messages ----------------------------------------------------------------------------
-
-
-class MessageError(ValueError):
-    """A queue message that cannot be used; request_id is set when it could be read."""
-
-    def __init__(self, reason: str, request_id: str | None = None):
-        super().__init__(reason)
-        self.request_id = request_id
-
-
-@dataclass(frozen=True)
-class Message:
-    request_id: str
-    deadline: float  # Unix seconds on the Redis server's clock
-    top: int
-    pixels: np.ndarray  # uint8 (height, width, 3)
-
-
-def encode_message(request_id: str, deadline: float, top: int, pixels: np.ndarray) -> bytes:
-    """The queue message for one prepared image (format in the module docstring)."""
-    if pixels.dtype != np.uint8 or pixels.ndim != 3:
-        raise ValueError(f"pixels must be uint8 (h, w, c), got {pixels.dtype} {pixels.shape}")
-    header = {"id": request_id, "deadline": deadline, "top": top, "shape": list(pixels.shape), "dtype": "uint8"}
-    return json.dumps(header, separators=(",", ":")).encode("utf-8") + b"\n" + np.ascontiguousarray(pixels).tobytes()
-
-
-def decode_message(raw: bytes) -> Message:
-    """Parse and check a queue message; MessageError says what is wrong with it.
-
-    The pixels are a read-only view of raw, not a copy.
-    """
-    end = raw.find(b"\n")
-    header = raw if end < 0 else raw[:end]  # no newline: the earlier all-JSON format, or no pixels
-    try:
-        body = json.loads(header)
-    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: "[[[[..." nested too deep
-        raise MessageError("the header is not JSON") from None
-    if not isinstance(body, dict):
-        raise MessageError("not a JSON object")
-    request_id = body.get("id")
-    if not isinstance(request_id, str) or not request_id:
-        raise MessageError("no request id")
-    try:
-        deadline = float(body["deadline"])
-        top = int(body["top"])
-        shape = tuple(int(n) for n in body["shape"])
-        dtype = body["dtype"]
-    except (KeyError, TypeError, ValueError, OverflowError) as exc:  # OverflowError: int(inf)
-        raise MessageError(f"bad or missing field ({exc})", request_id) from None
-    if dtype != "uint8":
-        raise MessageError(f"dtype must be uint8, got {dtype!r}", request_id)
-    if len(shape) != 3 or shape[2] != 3 or min(shape) < 1:
-        raise MessageError(f"shape must be [height, width, 3], got {list(shape)}", request_id)
-    if end < 0 and "data" in body:  # the earlier format: base64 pixels inside the JSON
-        try:
-            raw, end = b"\n" + binascii.a2b_base64(body["data"], strict_mode=True), 0
-        except (TypeError, ValueError, binascii.Error) as exc:
-            raise MessageError(f"bad base64 pixels ({exc})", request_id) from None
-    size = 0 if end < 0 else len(raw) - end - 1
-    if size != shape[0] * shape[1] * shape[2]:
-        raise MessageError(f"{size} pixel bytes do not fill shape {list(shape)}", request_id)
-    if top < 1:
-        raise MessageError(f"top must be at least 1, got {top}", request_id)
-    pixels = np.frombuffer(raw, dtype=np.uint8, offset=end + 1).reshape(shape)
-    return Message(request_id, deadline, top, pixels)
-
-
-def encode_answer(predictions: list[dict], batch_size: int, inference_ms: float, claimed: float | None = None) -> bytes:
-    """claimed: when the worker took the message, Unix seconds on the Redis clock (the web derives queue wait)."""
-    body = {"predictions": predictions, "batch_size": batch_size, "inference_ms": round(inference_ms, 2)}
-    if claimed is not None:
-        body["claimed"] = round(claimed, 4)
-    return json.dumps(body).encode("utf-8")
-
-
-def encode_error(status: int, error: str) -> bytes:
-    return json.dumps({"error": error, "status": status}).encode("utf-8")
-
-
-def decode_answer(raw: bytes) -> dict:
-    return json.loads(raw)

@@ -17,8 +17,19 @@ import redis
 
 import logs
 import settings
-from helpers import MessageError, decode_message, encode_answer, encode_error
-from image_queue import REDIS_ERRORS, Backoff, Claim, Done, ImageQueue, ModelInfo, queue_from_config
+from image_queue import (
+    REDIS_ERRORS,
+    Backoff,
+    Claim,
+    Done,
+    ImageQueue,
+    MessageError,
+    ModelInfo,
+    decode_message,
+    encode_answer,
+    encode_error,
+    queue_from_config,
+)
 
 log = logging.getLogger("model_server")
 
@@ -43,7 +54,8 @@ def answer_batch(classifier, messages: list[bytes], now: float) -> Answered:
             message = decode_message(raw)
         except MessageError as exc:
             log.error("dropping an unusable queue message (%s), request id %s", exc, exc.request_id)
-            answer = encode_error(500, f"the queued request was unusable: {exc}") if exc.request_id else None
+            reason = str(exc) if exc.status == 503 else f"the queued request was unusable: {exc}"
+            answer = encode_error(exc.status, reason) if exc.request_id else None
             done.append(Done(raw, exc.request_id, answer))
             continue
         if message.deadline < now:

@@ -297,12 +297,12 @@ def predict():
         image.close()  # frees the decoded upload (~200 MB for a 50-megapixel RGBA image) before the wait
     if pixels is None or time.monotonic() >= arrived + timeout:
         return error_response(504, f"the image took longer than {timeout:g} s to upload and prepare")
-    queue().enqueue(helpers.encode_message(request_id, deadline, top, pixels))
+    queue().enqueue(image_queue.encode_message(request_id, deadline, top, pixels))
     queued = time.monotonic()
     raw = queue().wait_for(request_id, arrived + timeout)
     if raw is None:
         return error_response(504, f"no answer within {timeout:g} s; the model workers are overloaded or stalled")
-    answer = helpers.decode_answer(raw)
+    answer = image_queue.decode_answer(raw)
     if "error" in answer:
         status_code = answer["status"]
         if status_code == 503:

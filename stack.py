@@ -169,7 +169,7 @@ def start_model_worker(env: dict | None = None, log_path: Path | None = None) ->
 
 
 def start_web(env: dict | None = None, log_path: Path | None = None, app: str = "run_web_server:app") -> Service:
-    """gunicorn with gunicorn_conf.py serving app (benchmark.py serves 'baseline_app:create_app()' this way)."""
+    """gunicorn with gunicorn_conf.py serving app (the benchmark serves 'bench.baseline_app:create_app()' so)."""
     argv = [sys.executable, "-m", "gunicorn", "-c", "gunicorn_conf.py", app]
     return _start("gunicorn", argv, env, log_path)
 

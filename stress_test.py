@@ -9,170 +9,15 @@ N clients, each sending its next request as soon as its last is answered.
 """
 
 import argparse
-import itertools
 import json
-import math
 import sys
 import threading
-import time
-from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import requests
+from loadgen import TIMEOUT_S, LoadRun, format_summary, summarize
 
 DEFAULT_URL = "http://127.0.0.1:5000/predict"
 DEFAULT_IMAGE = Path(__file__).resolve().parent / "images" / "chelsea.jpg"
-TIMEOUT_S = 60  # client timeout: longer than the service's REQUEST_TIMEOUT_S and gunicorn's timeout
-
-
-@dataclass
-class Result:
-    started: float  # seconds since the run began
-    latency: float  # seconds
-    outcome: str  # "200", another HTTP status, or the client-side error's name
-    timing: dict[str, float] = field(default_factory=dict)  # the service's Server-Timing, ms; batch size
-
-
-def parse_server_timing(header: str) -> dict[str, float]:
-    """'prepare;dur=3.1, inference;dur=70.2;desc="batch of 4"' -> {"prepare": 3.1, "inference": 70.2, "batch": 4}"""
-    timing: dict[str, float] = {}
-    for metric in filter(None, (m.strip() for m in header.split(","))):
-        name, *params = metric.split(";")
-        for param in params:
-            key, _, value = param.partition("=")
-            if key == "dur":
-                timing[name] = float(value)
-            elif key == "desc" and value.strip('"').startswith("batch of "):
-                timing["batch"] = float(value.strip('"').split()[-1])
-    return timing
-
-
-class LoadRun:
-    """Sends requests from threads and collects one Result each; thread-safe."""
-
-    def __init__(self, url: str, images: list[bytes], timeout_s: float = TIMEOUT_S):
-        self.url, self.images, self.timeout_s = url, images, timeout_s
-        self.results: list[Result] = []
-        self.sent = 0
-        self.lock = threading.Lock()
-        self.start = time.monotonic()
-
-    def send_one(self, index: int, session: requests.Session | None = None) -> None:
-        image = self.images[index % len(self.images)]
-        started = time.monotonic()
-        with self.lock:
-            self.sent += 1
-        timing = {}
-        try:
-            post = session.post if session else requests.post
-            response = post(self.url, files={"image": ("image.jpg", image)}, timeout=self.timeout_s)
-            outcome = str(response.status_code)
-            timing = parse_server_timing(response.headers.get("Server-Timing", ""))
-        except requests.RequestException as exc:
-            outcome = type(exc).__name__
-        result = Result(started - self.start, time.monotonic() - started, outcome, timing)
-        with self.lock:
-            self.results.append(result)
-
-    def open_loop(self, count: int, spacing_s: float) -> None:
-        """A new request every spacing_s seconds, each from its own thread, until count are sent."""
-        threads = []
-        for i in range(count):
-            time.sleep(max(0.0, self.start + i * spacing_s - time.monotonic()))  # pacing, on a fixed schedule
-            thread = threading.Thread(target=self.send_one, args=(i,), daemon=True)
-            thread.start()
-            threads.append(thread)
-        for thread in threads:
-            thread.join()
-
-    def closed_loop(self, clients: int, count: int | None = None, duration_s: float | None = None) -> None:
-        """clients threads, each sending its next request when the last is answered."""
-        counter = itertools.count()
-        stop_at = None if duration_s is None else self.start + duration_s
-
-        def client():
-            with requests.Session() as session:
-                while True:
-                    i = next(counter)
-                    if (count is not None and i >= count) or (stop_at is not None and time.monotonic() >= stop_at):
-                        return
-                    self.send_one(i, session)
-
-        threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-
-    def print_progress(self, count: int, every_s: float = 1.0) -> None:
-        """Run in a thread of its own: a line a second until every answer is in."""
-        while True:
-            time.sleep(every_s)
-            with self.lock:
-                done, ok = len(self.results), sum(r.outcome == "200" for r in self.results)
-            print(
-                f"  {time.monotonic() - self.start:5.1f} s  sent {self.sent}/{count}  answered {done}  ok {ok}",
-                flush=True,
-            )
-            if done >= count:
-                return
-
-
-def percentile(sorted_values: list[float], q: float) -> float:
-    """Nearest-rank percentile of an ascending list (q in 0..100)."""
-    if not sorted_values:
-        return float("nan")
-    rank = max(1, min(len(sorted_values), math.ceil(q / 100 * len(sorted_values))))
-    return sorted_values[rank - 1]
-
-
-TIME_PARTS = ("prepare", "queue", "inference", "return")  # Server-Timing's split of a request's time
-
-
-def batch_sizes(results: list[Result]) -> dict[int, int]:
-    """Batches the answered requests ran in, by size: n requests answered in batches of b make n / b batches."""
-    requests_by_size = Counter(int(r.timing["batch"]) for r in results if r.outcome == "200" and "batch" in r.timing)
-    return {size: round(n / size) for size, n in sorted(requests_by_size.items())}
-
-
-def time_split(results: list[Result]) -> dict[str, float]:
-    """Mean ms per answered request in each part of Server-Timing's split (prepare, queue, inference, return)."""
-    timed = [r.timing for r in results if r.outcome == "200" and all(part in r.timing for part in TIME_PARTS)]
-    return {part: round(sum(t[part] for t in timed) / len(timed), 1) for part in TIME_PARTS} if timed else {}
-
-
-def summarize(results: list[Result]) -> dict:
-    """Throughput over the run, latency percentiles of the successes, outcomes by status, and, from
-    Server-Timing, the batch sizes the requests ran in and where their time went."""
-    ok = sorted(r.latency for r in results if r.outcome == "200")
-    wall = max((r.started + r.latency for r in results), default=0.0) - min((r.started for r in results), default=0.0)
-    return {
-        "sent": len(results),
-        "succeeded": len(ok),
-        "failed": dict(Counter(r.outcome for r in results if r.outcome != "200")),
-        "wall_s": round(wall, 3),
-        "throughput_per_s": round(len(ok) / wall, 3) if wall else 0.0,
-        "latency_ms": {
-            name: round(percentile(ok, q) * 1000, 1)
-            for name, q in (("p50", 50), ("p95", 95), ("p99", 99), ("max", 100))
-        },
-        "batches_by_size": batch_sizes(results),
-        "time_split_ms": time_split(results),
-    }
-
-
-def format_summary(summary: dict) -> str:
-    lat = summary["latency_ms"]
-    by_status = ", ".join(f"{k}: {v}" for k, v in sorted(summary["failed"].items())) or "none"
-    failed = sum(summary["failed"].values())
-    return (
-        f"sent {summary['sent']}, succeeded {summary['succeeded']}, failed {failed} ({by_status})\n"
-        f"throughput {summary['throughput_per_s']:.2f} answers/s over {summary['wall_s']:.1f} s\n"
-        f"latency p50 {lat['p50']:.0f} ms, p95 {lat['p95']:.0f} ms, p99 {lat['p99']:.0f} ms, max {lat['max']:.0f} ms"
-        + (f"\nbatches by size: {summary['batches_by_size']}" if summary["batches_by_size"] else "")
-        + (f"\nmean time split, ms: {summary['time_split_ms']}" if summary["time_split_ms"] else "")
-    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -203,7 +48,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps(summary, indent=2))
     if args.plot:
-        from plots import plot_run  # matplotlib only when asked for
+        try:
+            from bench.plots import plot_run  # matplotlib only when asked for
+        except ImportError as exc:
+            print(f"--plot needs matplotlib ({exc}): pip install -r requirements-dev.txt", file=sys.stderr)
+            return 2
 
         plot_run(run.results, args.plot, f"stress test: {args.count} requests to {args.url}")
         print(f"plot written to {args.plot}")

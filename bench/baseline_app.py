@@ -1,6 +1,6 @@
-"""The in-process baseline: the design users would otherwise run, for benchmark.py to compare against.
+"""The in-process baseline: the design users would otherwise run, for bench/benchmark.py to compare against.
 
-    gunicorn -c gunicorn_conf.py 'baseline_app:create_app()'      (the same gunicorn settings as the service)
+    gunicorn -c gunicorn_conf.py 'bench.baseline_app:create_app()'      (the same gunicorn settings as the service)
 
 Each gunicorn worker process loads the model itself and runs every request's one image through it on
 the request's own thread: no Redis, no model worker, no batching across requests. It prepares images

@@ -1,10 +1,10 @@
 """The benchmark suite: the raw model, the in-process baseline and this service, in one interleaved run.
 
-    python benchmark.py [--quick] [--out DIR]                  the suite (~10 min; --quick ~4 min)
-    python benchmark.py tune --vary NAME=V1,V2 [--vary ...]     the service under settings variants
+    python -m bench.benchmark [--quick] [--out DIR]                  the suite (~10 min; --quick ~4 min)
+    python -m bench.benchmark tune --vary NAME=V1,V2 [--vary ...]     the service under settings variants
 
 The suite starts, on free ports: redis-server, one model worker and gunicorn (this service, its
-default settings); gunicorn serving baseline_app.py (the in-process design, the same gunicorn
+default settings); gunicorn serving bench/baseline_app.py (the in-process design, the same gunicorn
 settings); and the same model in this process, for the raw figures. All are idle unless measured, so
 they can stay up together, and the measurements alternate between them: this machine's speed drifts by
 10-20% within minutes, so the figures that count are ratios taken a few seconds apart.
@@ -43,9 +43,9 @@ import requests
 
 import helpers
 import stack
-from stress_test import LoadRun, summarize
+from loadgen import LoadRun, summarize
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parent.parent  # the repository
 IMAGES = sorted((ROOT / "images").glob("*.jpg"))
 LABELS = ROOT / "models" / "imagenet_class_index.json"
 CLIENT_TIMEOUT_S = 60  # longer than any wait the service or the baseline imposes
@@ -191,11 +191,11 @@ class Lab:
         }
 
     def baseline(self, name: str = "baseline", **settings) -> dict:
-        """gunicorn serving baseline_app.py (the service's gunicorn settings unless overridden), once every
+        """gunicorn serving bench/baseline_app.py (the service's gunicorn settings unless overridden), once every
         gunicorn worker has loaded its model: a late one would load it while the others are measured."""
         env = self.env(**settings)
         log = self.tmp / f"{name}.log"
-        web = self._keep(stack.start_web(env, log, app="baseline_app:create_app()"))
+        web = self._keep(stack.start_web(env, log, app="bench.baseline_app:create_app()"))
         url = f"http://127.0.0.1:{env['WEB_PORT']}/"
         stack.wait_until_ready(url, [web])
         workers = int(env.get("WEB_WORKERS", os.environ.get("WEB_WORKERS", "2")))
@@ -216,7 +216,7 @@ class Lab:
 
 
 def baseline_app_ready_line() -> str:
-    from baseline_app import READY
+    from bench.baseline_app import READY
 
     return READY
 
@@ -362,7 +362,7 @@ def suite(args) -> int:
         f"this service vs the in-process baseline vs the raw model"
     )
     (args.out / "benchmark.json").write_text(json.dumps(report, indent=1))
-    from plots import plot_benchmark
+    from bench.plots import plot_benchmark
 
     plot_benchmark(report, args.out / "benchmark.png")
     print_report(report)

@@ -3,7 +3,7 @@ waits 0.5-1.5 s, and sends another. A request counts as failed unless it gets 20
 a failure is recorded with its status and the service's JSON error ("503: the queue holds 128 images"), so
 Locust's failure table says why.
 
-    locust -f locustfile.py --headless -u 8 -r 4 -t 30s --host http://127.0.0.1:5000 --csv results/locust -s 30
+    locust -f bench/locustfile.py --headless -u 8 -r 4 -t 30s --host http://127.0.0.1:5000 --csv results/locust -s 30
 
 -u users at once, started -r per second, for -t; -s (--stop-timeout) lets each user finish the request it
 is waiting for; --csv writes results/locust_stats.csv (count, failures, percentiles, requests/s) and
@@ -20,7 +20,9 @@ import gevent
 import locust.stats
 from locust import HttpUser, between, events, task
 
-IMAGES = [(path.name, path.read_bytes()) for path in sorted((Path(__file__).parent / "images").glob("*.jpg"))]
+IMAGES = [
+    (path.name, path.read_bytes()) for path in sorted((Path(__file__).resolve().parent.parent / "images").glob("*.jpg"))
+]
 TOP = 5  # the service's default top-k: an answer with any other count is a failure
 TIMEOUT_S = 60  # longer than the service's REQUEST_TIMEOUT_S: the service always answers first
 

@@ -1,6 +1,6 @@
 """Tuning micro-benchmark: what each candidate change to the service would save, one section per change.
 
-    python benchmark_micro.py [--quick] [--only SECTION ...] [--json FILE]   (2-4 min on 2 cores; --quick < 1 min)
+    python -m bench.micro [--quick] [--only SECTION ...] [--json FILE]   (2-4 min on 2 cores; --quick < 1 min)
 
 Loads ResNet50 with seeded random weights (speed does not depend on the weight values) through
 classifier.load_classifier, warms it up as the worker does (warm_up(32)), then measures:
@@ -36,10 +36,11 @@ import redis
 from PIL import Image, ImageOps
 
 import helpers
+import image_queue
 import stack
 from image_queue import Done, ImageQueue
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parent.parent  # the repository
 IMAGE = ROOT / "images" / "chelsea.jpg"
 LABELS = ROOT / "models" / "imagenet_class_index.json"
 SIZE = (224, 224)
@@ -123,7 +124,7 @@ def decode_json_base64(raw: bytes) -> helpers.Message:
     body = json.loads(raw)
     data = binascii.a2b_base64(body["data"], strict_mode=True)
     pixels = np.frombuffer(data, dtype=np.uint8).reshape(tuple(int(n) for n in body["shape"]))
-    return helpers.Message(body["id"], float(body["deadline"]), int(body["top"]), pixels)
+    return image_queue.Message(body["id"], float(body["deadline"]), int(body["top"]), pixels)
 
 
 def codec(plan: Plan, image_inference_ms: float) -> dict:
@@ -132,7 +133,7 @@ def codec(plan: Plan, image_inference_ms: float) -> dict:
     request_id, deadline = uuid.uuid4().hex, time.time() + 60
     formats = {
         "json_base64": (encode_json_base64, decode_json_base64),
-        "binary": (helpers.encode_message, helpers.decode_message),
+        "binary": (image_queue.encode_message, image_queue.decode_message),
     }
     rows = {}
     for name, (encode, decode) in formats.items():
@@ -356,13 +357,13 @@ def one_batch(client: redis.Redis, queue: ImageQueue, worker: str, messages: lis
     holder: dict = {}
     claim = measured(client, lambda: holder.update(claim=queue.claim(worker, len(messages))))
     claimed = holder["claim"].messages
-    done = [Done(raw, helpers.decode_message(raw).request_id, answer, time.time() + 3600) for raw in claimed]
+    done = [Done(raw, image_queue.decode_message(raw).request_id, answer, time.time() + 3600) for raw in claimed]
     ack = measured(client, lambda: holder.update(ack=queue.ack(worker, done, len(done), 3.0)))
     if len(holder["ack"][0]) != len(messages) or client.llen(processing):
         raise AssertionError(f"the ack answered {len(holder['ack'][0])} of {len(messages)} messages")
     paths = {"enqueue x32": enqueue, "claim": claim, "ack": ack}
     for name, pipe in (("plain", False), ("pipelined", True)):
-        claimed = [(raw, helpers.decode_message(raw).request_id) for raw in claimed_batch(queue, worker, messages)]
+        claimed = [(raw, image_queue.decode_message(raw).request_id) for raw in claimed_batch(queue, worker, messages)]
         paths[name] = measured(client, lambda c=claimed, p=pipe: answer_plain(client, queue, worker, c, answer, p))
         if client.llen(processing):
             raise AssertionError(f"{name} left messages on the processing list")
@@ -378,9 +379,9 @@ def redis_round_trips(plan: Plan, tmp: str, batch_s: float, classifier) -> dict:
         client = redis.Redis.from_url(f"redis://127.0.0.1:{port}/0", connection_class=CountingConnection)
         queue = ImageQueue(client, "micro", queue_max=128, block_s=0.2, result_ttl_s=60, worker_ttl_s=10.0)
         pixels = random_pixels(1)[0]
-        messages = [helpers.encode_message(uuid.uuid4().hex, time.time() + 3600, 5, pixels) for _ in range(BATCH)]
+        messages = [image_queue.encode_message(uuid.uuid4().hex, time.time() + 3600, 5, pixels) for _ in range(BATCH)]
         top = classifier.top_k(np.random.default_rng(0).dirichlet(np.ones(len(classifier.labels))), 5)
-        answer = helpers.encode_answer(top, BATCH, batch_s * 1000, time.time())
+        answer = image_queue.encode_answer(top, BATCH, batch_s * 1000, time.time())
         one_batch(client, queue, "micro-worker", messages, answer)  # loads the scripts, opens the connection
         runs = [one_batch(client, queue, "micro-worker", messages, answer) for _ in range(plan.redis_reps)]
         server_version = client.info("server")["redis_version"]

@@ -1,7 +1,7 @@
 """PNG plots for the load tools (matplotlib, Agg backend: no display needed).
 
 plot_run: one load run's latency over time and its histogram (`stress_test.py --plot FILE`).
-plot_benchmark: benchmark.py's report: throughput and p99 against concurrency for the service, the
+plot_benchmark: bench/benchmark.py's report: throughput and p99 against concurrency for the service, the
 in-process baseline and the raw model's ceiling, and the latency CDFs of its scenarios.
 """
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Install what the service needs, once: redis-server (Debian/Ubuntu packages) when it is not on PATH,
-# and a virtual environment in .venv from requirements.txt, reinstalled when that file changes.
-# Sourced by scripts/stack.sh and scripts/test.sh; safe to run again.
+# Install what running the service needs, once: redis-server (Debian/Ubuntu packages) when it is not on
+# PATH and no Redis is configured (REDIS_URL, REDIS_HOST or REDIS_PORT), and a virtual environment in .venv
+# from requirements.txt, reinstalled when that file changes. Nothing for tests: scripts/setup-dev.sh adds those.
+# Sourced by scripts/stack.sh (and, through setup-dev.sh, scripts/test.sh); safe to run again.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -12,34 +13,29 @@ apt_install() {
   as_root apt-get update -qq
   DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq "$@" >/dev/null
 }
+# install_requirements FILE: pip install -r FILE into .venv unless the files it stands on are unchanged
+install_requirements() {
+  local file=$1 stamp_file=".venv/.${1%.txt}.sha256" stamp
+  stamp=$(cat requirements-web.txt requirements.txt "$file" | sha256sum | cut -d' ' -f1)
+  if [ "$(cat "$stamp_file" 2>/dev/null)" != "$stamp" ]; then
+    echo "setup: installing $file into .venv (a few minutes the first time)" >&2
+    .venv/bin/python -m pip install -q -r "$file"
+    echo "$stamp" > "$stamp_file"
+  fi
+}
 
-command -v redis-server >/dev/null 2>&1 || apt_install redis-server
-[ -x /usr/bin/chromium ] || apt_install chromium  # tests/test_browser.py (Debian's package; Ubuntu's is a snap)
-# Apache and apache2-dev's apxs, which pip needs to build mod_wsgi (requirements.txt) against .venv's Python;
-# nginx. For tests/test_apache.py and tests/test_nginx.py, which run their own on free ports.
-[ -x /usr/bin/apxs ] && [ -x /usr/sbin/apache2 ] || apt_install apache2 apache2-dev
-[ -x /usr/sbin/nginx ] || apt_install nginx
-# tests/test_deploy_files.py: docker-compose validates docker-compose.yml (no container engine needed);
-# systemd-analyze verifies the unit files in deploy/systemd (systemd need not be running).
-command -v docker-compose >/dev/null 2>&1 || apt_install docker-compose
-command -v systemd-analyze >/dev/null 2>&1 || apt_install systemd
-# pip builds mod_wsgi from source: a C compiler and the headers of the Python that makes .venv
-command -v gcc >/dev/null 2>&1 || apt_install gcc
-"$PYTHON" -c 'import os, sys, sysconfig; sys.exit(not os.path.exists(sysconfig.get_path("include") + "/Python.h"))' ||
-  apt_install python3-dev
-if ! "$PYTHON" -c 'import venv, ensurepip' >/dev/null 2>&1; then
-  apt_install python3-venv
+if [ -z "${REDIS_URL:-}${REDIS_HOST:-}${REDIS_PORT:-}" ]; then
+  command -v redis-server >/dev/null 2>&1 || apt_install redis-server  # scripts/stack.sh starts its own
 fi
 "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 10))' || {
   echo "setup: Python 3.10 or newer is needed ($PYTHON is $("$PYTHON" --version))" >&2
   exit 1
 }
-
-stamp=$(cat requirements.txt requirements-web.txt | sha256sum | cut -d' ' -f1)
-if [ ! -x .venv/bin/python ] || [ "$(cat .venv/.requirements.sha256 2>/dev/null)" != "$stamp" ]; then
-  echo "setup: installing Python packages into .venv (a few minutes the first time)" >&2
-  [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
-  .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -r requirements.txt
-  echo "$stamp" > .venv/.requirements.sha256
+if ! "$PYTHON" -c 'import venv, ensurepip' >/dev/null 2>&1; then
+  apt_install python3-venv
 fi
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+  .venv/bin/python -m pip install -q --upgrade pip
+fi
+install_requirements requirements.txt

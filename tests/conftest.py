@@ -1,19 +1,18 @@
-"""Shared fixtures: a private redis-server, seeded ResNet50 weights, real photos, real processes."""
+"""Shared fixtures: a private redis-server, queues and apps on it, seeded ResNet50 weights, real processes.
 
-import io
+What the tests share that is not a fixture (stand-ins, photos, process stacks, traffic books) is in support/.
+"""
+
 import os
-import signal
 import sys
 import uuid
 from pathlib import Path
 
 import hypothesis
-import numpy as np
 import pytest
 import redis
-from PIL import Image
+from support import IMAGENET_INDEX, ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import stack  # noqa: E402
@@ -23,9 +22,10 @@ import stack  # noqa: E402
 hypothesis.settings.register_profile("ci", derandomize=True, database=None, deadline=None)
 hypothesis.settings.register_profile("explore", max_examples=2000, deadline=None)
 hypothesis.settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+from support.stacks import StackFactory  # noqa: E402
+
 from image_queue import ImageQueue, connect  # noqa: E402
 
-IMAGENET_INDEX = ROOT / "models" / "imagenet_class_index.json"  # a copy of ../shared/models' file
 WEIGHTS_SEED = 1234
 
 
@@ -96,36 +96,6 @@ def make_app(redis_url, queue_name):
     return make
 
 
-# --- Images -----------------------------------------------------------------------------------
-
-
-def photo(name: str = "chelsea") -> Image.Image:
-    """A real photo that ships with scikit-image (chelsea: a cat; coffee; astronaut; rocket)."""
-    from skimage import data
-
-    return Image.fromarray(getattr(data, name)())
-
-
-def encode(image: Image.Image, fmt: str = "JPEG", **options) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, fmt, **options)
-    return buf.getvalue()
-
-
-def distinct_photos(n: int) -> list[bytes]:
-    """n different real images as JPEG bytes: crops of four photos at different places and sizes."""
-    sources = [photo(name) for name in ("chelsea", "coffee", "astronaut", "rocket")]
-    rng = np.random.default_rng(7)
-    images = []
-    for i in range(n):
-        source = sources[i % len(sources)]
-        w, h = source.size
-        side = int(rng.integers(min(w, h) // 3, min(w, h)))
-        x, y = int(rng.integers(0, w - side + 1)), int(rng.integers(0, h - side + 1))
-        images.append(encode(source.crop((x, y, x + side, y + side)), "JPEG", quality=90))
-    return images
-
-
 # --- Model ------------------------------------------------------------------------------------
 
 
@@ -149,78 +119,6 @@ def resnet(resnet_weights):
 
 
 # --- Processes --------------------------------------------------------------------------------
-
-
-class Stack:
-    """Model workers and a gunicorn on the private Redis, on a queue of the test's own."""
-
-    def __init__(self, env: dict, logdir: Path):
-        self.env, self.logdir = env, logdir
-        self.url = f"http://127.0.0.1:{env['WEB_PORT']}/"
-        self.workers: list[stack.Service] = []
-        self.web: stack.Service | None = None
-
-    def start_worker(self, **env) -> stack.Service:
-        log_path = self.logdir / f"worker{len(self.workers)}.log"
-        worker = stack.start_model_worker(self.env | env, log_path)
-        self.workers.append(worker)
-        return worker
-
-    def start_web(self, **env) -> stack.Service:
-        self.web = stack.start_web(self.env | env, self.logdir / "web.log")
-        return self.web
-
-    def wait_ready(self, timeout_s: float = 180) -> None:
-        stack.wait_until_ready(self.url, [s for s in [self.web, *self.workers] if s], timeout_s)
-
-    def worker_logs(self) -> str:
-        return "".join(w.log_text() for w in self.workers)
-
-    def stop(self) -> None:
-        for service in [self.web, *self.workers]:
-            if service and service.alive():
-                os.kill(service.pid, signal.SIGCONT)  # in case the test stopped it
-            if service:
-                service.stop(timeout_s=20)
-
-
-class StackFactory:
-    """make(**env) -> Stack for ResNet50 with seeded weights, each on its own queue and port."""
-
-    def __init__(self, redis_url: str, weights: Path, logdir: Path):
-        self.redis_url, self.weights, self.logdir = redis_url, weights, logdir
-        self.stacks: list[Stack] = []
-
-    def __call__(self, **env) -> Stack:
-        base = {
-            "REDIS_URL": self.redis_url,
-            "IMAGE_QUEUE": f"q{uuid.uuid4().hex[:10]}",
-            "WEB_PORT": str(stack.free_port()),
-            "WEB_WORKERS": "2",
-            "WEB_THREADS": "32",
-            "MODEL_WEIGHTS": str(self.weights),
-            "LABELS_PATH": str(IMAGENET_INDEX),
-            "BATCH_SIZE": "16",
-            "WORKER_HEARTBEAT_S": "0.5",
-            "LOG_LEVEL": "DEBUG",
-        }
-        logdir = self.logdir / f"stack{len(self.stacks)}"
-        logdir.mkdir()
-        s = Stack(base | {k: str(v) for k, v in env.items()}, logdir)
-        self.stacks.append(s)
-        return s
-
-    def serve(self, **env) -> Stack:
-        """A stack with one model worker and gunicorn, started and ready."""
-        s = self(**env)
-        s.start_worker()
-        s.start_web()
-        s.wait_ready()
-        return s
-
-    def stop_all(self) -> None:
-        for s in self.stacks:
-            s.stop()
 
 
 @pytest.fixture

@@ -6,11 +6,11 @@ import threading
 import time
 
 import numpy as np
-from conftest import ROOT
-from test_web import MODEL, StandInWorker, assert_json_error, post_image
+from support import ROOT
+from support.stand_in import MODEL, StandInWorker, assert_json_error, post_image
 
 import admin
-import helpers
+import image_queue
 
 
 def test_purge_answers_each_waiting_request_with_503_at_once_and_spares_the_rest(make_app, redis_client):
@@ -39,11 +39,11 @@ def test_purge_answers_each_waiting_request_with_503_at_once_and_spares_the_rest
 
 def test_purge_drops_a_message_whose_id_cannot_be_read_without_answering_anyone(make_queue, redis_client):
     queue = make_queue()
-    message = helpers.encode_message("abc123", time.time() + 30, 5, np.zeros((2, 2, 3), np.uint8))
+    message = image_queue.encode_message("abc123", time.time() + 30, 5, np.zeros((2, 2, 3), np.uint8))
     queue.enqueue(b"garbage")
     queue.enqueue(message)
     assert queue.purge("test") == 2
-    assert helpers.decode_answer(redis_client.lpop(queue.keys.result("abc123")))["status"] == 503
+    assert image_queue.decode_answer(redis_client.lpop(queue.keys.result("abc123")))["status"] == 503
     assert [k for k in redis_client.scan_iter(match=queue.keys.result("*"))] == []
 
 
@@ -51,7 +51,7 @@ def test_drain_refuses_new_requests_waits_until_nothing_is_held_and_resume_reope
     app = make_app()
     queue, client = app.extensions["image_queue"], app.test_client()
     with StandInWorker(queue):
-        queue.enqueue(helpers.encode_message("queued", time.time() + 30, 5, np.zeros((32, 48, 3), np.uint8)))
+        queue.enqueue(image_queue.encode_message("queued", time.time() + 30, 5, np.zeros((32, 48, 3), np.uint8)))
         assert admin.drain(queue, wait_s=10) == 0  # the worker answered what was held
         response = post_image(client)
         assert_json_error(response, 503, "draining")

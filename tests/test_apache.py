@@ -22,8 +22,9 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import ROOT, encode, photo
-from traffic import expected_top5, same_answer, wait_for
+from support import ROOT
+from support.images import encode, photo
+from support.traffic import expected_top5, same_answer, wait_for
 
 import settings
 import stack

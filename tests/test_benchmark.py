@@ -6,11 +6,11 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import ROOT
 from PIL import Image
+from support import ROOT
 
-import benchmark
-from stress_test import Result, batch_sizes, time_split
+from bench import benchmark
+from loadgen import Result, batch_sizes, time_split
 
 
 def result(latency_ms: float, outcome="200", batch=None, **parts) -> Result:
@@ -90,7 +90,7 @@ def is_drawn_png(path) -> tuple[int, int]:
 
 
 def test_plot_run_draws_latency_over_the_run_and_its_histogram(tmp_path):
-    from plots import plot_run
+    from bench.plots import plot_run
 
     runs = [Result(i * 0.05, 0.08 + (i % 7) / 100, "200") for i in range(200)] + [Result(3.0, 0.01, "503")]
     plot_run(runs, tmp_path / "run.png", "a run")
@@ -99,7 +99,7 @@ def test_plot_run_draws_latency_over_the_run_and_its_histogram(tmp_path):
 
 
 def test_plot_benchmark_draws_three_panels_from_a_report(tmp_path):
-    from plots import plot_benchmark
+    from bench.plots import plot_benchmark
 
     sweep = [
         {
@@ -124,7 +124,7 @@ def test_plot_benchmark_draws_three_panels_from_a_report(tmp_path):
 def test_the_suite_runs_end_to_end_and_both_systems_give_the_models_own_answers(tmp_path):
     """A short real run: the seeded ResNet50 in the suite's process, the service and the baseline under gunicorn."""
     short = "--clients 1,4 --seconds 1.5 --raw-seconds 0.3 --open-seconds 2 --seed-seconds 2 --rounds 1 --single 4"
-    argv = [sys.executable, "benchmark.py", "--out", str(tmp_path), *short.split()]
+    argv = [sys.executable, "-m", "bench.benchmark", "--out", str(tmp_path), *short.split()]
     run = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     report = json.loads((tmp_path / "benchmark.json").read_text())

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import ROOT
-from traffic import same_answer, wait_for
+from support import ROOT
+from support.traffic import same_answer, wait_for
 
 import stack
 from run_web_server import create_app

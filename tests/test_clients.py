@@ -2,7 +2,7 @@
 
 import math
 
-from stress_test import Result, format_summary, percentile, summarize
+from loadgen import Result, format_summary, percentile, summarize
 
 
 def test_percentile_is_nearest_rank():
@@ -22,7 +22,7 @@ def test_summary_counts_failures_by_status_and_times_only_successes():
 
 
 def test_server_timing_is_parsed_with_the_batch_size():
-    from stress_test import parse_server_timing
+    from loadgen import parse_server_timing
 
     header = (
         'prepare;dur=3.1, wait;dur=80.5, queue;dur=6.0, inference;dur=70.2;desc="batch of 4", return;dur=4.3, '

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT
+from support import ROOT
 
 VENV_BIN = Path(sys.executable).parent
 SYSTEMD = ROOT / "deploy" / "systemd"

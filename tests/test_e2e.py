@@ -14,9 +14,10 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import requests
-from conftest import ROOT, distinct_photos, encode, photo
 from PIL import Image
-from traffic import PROBABILITY_TOLERANCE, batch_sizes, expected_top5, same_answer, wait_for
+from support import ROOT
+from support.images import distinct_photos, encode, photo
+from support.traffic import PROBABILITY_TOLERANCE, batch_sizes, expected_top5, same_answer, wait_for
 
 from stack import free_port
 

@@ -19,15 +19,17 @@ from pathlib import Path
 import pytest
 import redis
 import requests
-from conftest import StackFactory, distinct_photos, encode
 from PIL import Image
-from test_web import StandInWorker
-from traffic import Traffic, expected_top5, same_answer, wait_for
+from support.images import distinct_photos, encode
+from support.stacks import StackFactory
+from support.stand_in import StandInWorker
+from support.traffic import Traffic, expected_top5, same_answer, wait_for
 
 import helpers
+import image_queue
 import stack
 from image_queue import ImageQueue, Keys, connect
-from stress_test import LoadRun, percentile
+from loadgen import LoadRun, percentile
 
 pytestmark = pytest.mark.slow
 
@@ -324,7 +326,7 @@ def test_twice_the_capacity_for_60_s_rejects_fast_keeps_p99_bounded_and_redis_me
     probe.closed_loop(8, duration_s=10)
     capacity = sum(r.outcome == "200" for r in probe.results) / (time.monotonic() - probe.start)
 
-    message = helpers.encode_message("0" * 32, time.time(), 5, helpers.prepare_image(
+    message = image_queue.encode_message("0" * 32, time.time(), 5, helpers.prepare_image(
         helpers.open_image(images[0], 10**8), (224, 224)))  # fmt: skip
     probe_key = "{" + s.env["IMAGE_QUEUE"] + "}:footprint-probe"
     redis_client.lpush(probe_key, message)
@@ -440,6 +442,6 @@ def test_poison_planted_on_the_queue_is_logged_and_dropped_and_the_worker_keeps_
     assert log.count("dropping an unusable queue message") == 5 + len(poison) - 1
     assert "Traceback" not in log and worker.alive()
     for request_id in [k for k in poison if k]:  # an id that can be read gets its error answer
-        answer = helpers.decode_answer(redis_client.lpop(keys.result(request_id)))
+        answer = image_queue.decode_answer(redis_client.lpop(keys.result(request_id)))
         assert answer["status"] == 500 and "unusable" in answer["error"], answer
     assert redis_client.llen(keys.queue) == 0 and not holds_a_batch(redis_client, keys)

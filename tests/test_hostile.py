@@ -1,4 +1,4 @@
-"""Every case of the hostile corpus (tests/hostile_corpus.py) gets its right answer, and the service goes on serving.
+"""Every case of the hostile corpus (tests/support/hostile_corpus.py) gets its right answer; the service goes on.
 
 A refusal must be its 4xx as JSON {"success": false, "error": ...} naming what is wrong; a valid but
 unusual image must be served with its predictions; nothing may be a 5xx; and a good photo sent after
@@ -18,9 +18,9 @@ from collections import Counter
 
 import pytest
 from flask import Response
-from hostile_corpus import Case, build_corpus, cat_jpeg, png_bomb, upload
 from PIL import Image
-from test_web import StandInWorker
+from support.hostile_corpus import Case, build_corpus, cat_jpeg, png_bomb, upload
+from support.stand_in import StandInWorker
 
 import helpers
 from run_web_server import create_app

@@ -1,4 +1,4 @@
-"""locustfile.py run as the README says (headless, --csv) against real gunicorn and a ResNet50 worker.
+"""bench/locustfile.py run as the README says (headless, --csv) against real gunicorn and a ResNet50 worker.
 
 Locust's own numbers are checked against the service's: the model worker's log must show exactly as many
 answers as the CSV counts requests, so the statistics are of real round trips and final (Locust itself
@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import ROOT
-from traffic import answered_ids, wait_for
+from support import ROOT
+from support.traffic import answered_ids, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -27,7 +27,7 @@ def served(make_module_stack):
 
 
 def run_locust(url: str, csv_prefix: Path) -> subprocess.CompletedProcess:
-    argv = [str(LOCUST), "-f", str(ROOT / "locustfile.py"), "--headless", "-u", str(USERS), "-r", str(USERS)]
+    argv = [str(LOCUST), "-f", str(ROOT / "bench" / "locustfile.py"), "--headless", "-u", str(USERS), "-r", str(USERS)]
     argv += ["-t", f"{SECONDS}s", "--stop-timeout", "30", "--host", url.rstrip("/"), "--csv", str(csv_prefix)]
     return subprocess.run([*argv, "--only-summary"], cwd=ROOT, capture_output=True, text=True, timeout=120)
 

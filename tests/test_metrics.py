@@ -18,14 +18,15 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
-from conftest import distinct_photos
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 from prometheus_client.parser import text_string_to_metric_families
+from support.images import distinct_photos
+from support.stand_in import CAT, MODEL, StandInWorker, post_image
+from support.traffic import Traffic, wait_for
 from test_model_server import StandInClassifier
-from test_web import CAT, MODEL, StandInWorker, post_image
-from traffic import Traffic, wait_for
 
 import helpers
+import image_queue
 import logs
 import stack
 from image_queue import Done, Keys
@@ -334,14 +335,14 @@ def test_the_workers_info_line_per_batch_names_its_requests(make_queue, caplog):
     ids = [f"{i:032x}" for i in range(3)]
     for request_id in ids:
         pixels = helpers.prepare_image(helpers.open_image(CAT, 10**8), (4, 4))
-        queue.enqueue(helpers.encode_message(request_id, time.time() + 60, 2, pixels))
+        queue.enqueue(image_queue.encode_message(request_id, time.time() + 60, 2, pixels))
     with caplog.at_level(logging.DEBUG, logger="model_server"):
         worker.process(queue.claim(worker.worker_id, 8))
     [info] = [r for r in caplog.records if r.levelno == logging.INFO]
     assert info.getMessage().endswith(f"3 answered, 0 expired in queue, 0 too late; ids={','.join(ids)}")
     assert json.loads(logs.JsonFormatter().format(info))["request_ids"] == ids
     answered = [r for r in caplog.records if r.levelno == logging.DEBUG]
-    assert [r.getMessage() for r in answered] == [f"answered {i}" for i in ids]  # what tests/traffic.py reads
+    assert [r.getMessage() for r in answered] == [f"answered {i}" for i in ids]  # what tests/support/traffic.py reads
     assert [json.loads(logs.JsonFormatter().format(r))["request_id"] for r in answered] == ids
     assert queue.stats().batch_sizes == {3: 1}  # the real worker counts its batches
 

@@ -6,9 +6,11 @@ import time
 
 import numpy as np
 import pytest
-from conftest import IMAGENET_INDEX, ROOT, distinct_photos
+from support import IMAGENET_INDEX, ROOT
+from support.images import distinct_photos
 
 import helpers
+import image_queue
 from run_model_server import ModelWorker, answer_batch
 
 
@@ -36,11 +38,11 @@ NOW = 1_800_000_000.0
 
 
 def message(request_id: str, value: int = 200, deadline: float = NOW + 10, size=(4, 4)) -> bytes:
-    return helpers.encode_message(request_id, deadline, 2, np.full((*size, 3), value, np.uint8))
+    return image_queue.encode_message(request_id, deadline, 2, np.full((*size, 3), value, np.uint8))
 
 
 def answers(done) -> dict:
-    return {d.request_id: (helpers.decode_answer(d.answer) if d.answer else None) for d in done}
+    return {d.request_id: (image_queue.decode_answer(d.answer) if d.answer else None) for d in done}
 
 
 def test_one_forward_pass_for_the_whole_batch_and_each_answer_is_its_own():
@@ -79,6 +81,16 @@ def test_poison_messages_are_dropped_and_answered_when_their_id_can_be_read(capl
     }
     assert "predictions" in answers(done)["good"]
     assert caplog.text.count("dropping an unusable queue message") == 3
+
+
+def test_a_message_in_a_newer_format_is_answered_503_upgrade_the_workers_at_once():
+    header, pixel_bytes = message("newer").split(b"\n", 1)
+    newer = json.dumps({**json.loads(header), "v": image_queue.MESSAGE_FORMAT + 1}).encode() + b"\n" + pixel_bytes
+    model = StandInClassifier()
+    result = answer_batch(model, [newer, message("current")], NOW)
+    got = answers(result.done)
+    assert got["newer"]["status"] == 503 and "upgrade the model workers" in got["newer"]["error"]
+    assert "predictions" in got["current"] and model.batches == [1]  # the batch's other requests are served
 
 
 def test_an_image_prepared_for_another_model_size_is_503_retry():
@@ -290,7 +302,7 @@ def test_worker_rides_out_a_redis_restart_without_busy_looping(tmp_path, caplog)
             assert queue.status().live_workers == 1 and queue.status().model.name == "StandIn"
             queue.enqueue(message("after-restart", deadline=time.time() + 30))
             answer = queue.wait_for("after-restart", time.monotonic() + 5)
-            assert answer is not None and "predictions" in helpers.decode_answer(answer)
+            assert answer is not None and "predictions" in image_queue.decode_answer(answer)
             assert "Redis is back" in caplog.text
     finally:
         worker.request_stop()
@@ -326,7 +338,7 @@ def test_a_claim_whose_reply_was_lost_is_handed_back_and_answered(redis_url, que
         finally:
             worker.request_stop()
             thread.join(5)
-    assert lost and answer is not None and "predictions" in helpers.decode_answer(answer)
+    assert lost and answer is not None and "predictions" in image_queue.decode_answer(answer)
     assert "Redis is back (1 messages handed back)" in caplog.text
 
 

@@ -18,9 +18,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, encode, photo
-from hostile_corpus import Case, build_corpus, multipart
-from traffic import answered_ids, expected_top5, same_answer, wait_for
+from support import ROOT
+from support.hostile_corpus import Case, build_corpus, multipart
+from support.images import encode, photo
+from support.traffic import answered_ids, expected_top5, same_answer, wait_for
 
 import settings
 import stack
@@ -254,7 +255,7 @@ def test_request_lines_gunicorn_accepts_pass_and_longer_ones_get_414_json_from_n
     json_error(headers, body)
 
 
-# The requests gunicorn refuses itself with an HTML page (tests/hostile_corpus.py), and an upload over the
+# The requests gunicorn refuses itself with an HTML page (tests/support/hostile_corpus.py), and an upload over the
 # limit: through nginx, each gets its 4xx as JSON from nginx itself, and gunicorn never sees it. Except one:
 # nginx bounds the bytes of the headers, not their number, so 150 small headers reach gunicorn, whose limit
 # is 100 (limit_request_fields); that client gets gunicorn's 431, in HTML. No real client sends 100 headers.

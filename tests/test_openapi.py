@@ -15,10 +15,11 @@ from collections import Counter
 import pytest
 import schemathesis
 import schemathesis.checks
-from conftest import ROOT, distinct_photos, encode, photo
 from PIL import Image
 from schemathesis.engine import Status, events, from_schema
-from test_web import MODEL, StandInWorker
+from support import ROOT
+from support.images import distinct_photos, encode, photo
+from support.stand_in import MODEL, StandInWorker
 
 SPEC_PATH = ROOT / "openapi.json"
 SPEC = json.loads(SPEC_PATH.read_text())

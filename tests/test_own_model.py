@@ -8,8 +8,8 @@ import json
 
 import numpy as np
 import pytest
-from conftest import encode
 from PIL import Image
+from support.images import encode
 from test_e2e import post_all
 
 import helpers

@@ -20,6 +20,7 @@ from hypothesis.extra.numpy import arrays
 from PIL import Image
 
 import helpers
+import image_queue
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # Pillow's "Corrupt EXIF data" on mutated images
 
@@ -49,15 +50,15 @@ pixel_arrays = st.builds(
 def valid_message() -> tuple[dict, bytes]:
     """A valid message's header, parsed, and its pixel bytes."""
     pixels = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)
-    header, pixel_bytes = helpers.encode_message("a" * 32, 1.7e9, 5, pixels).split(b"\n", 1)
+    header, pixel_bytes = image_queue.encode_message("a" * 32, 1.7e9, 5, pixels).split(b"\n", 1)
     return json.loads(header), pixel_bytes
 
 
 def decodes_or_refuses(raw: bytes) -> None:
     """decode_message gives a well-formed Message or raises MessageError; anything else fails the test."""
     try:
-        message = helpers.decode_message(raw)
-    except helpers.MessageError:
+        message = image_queue.decode_message(raw)
+    except image_queue.MessageError:
         return
     assert message.pixels.dtype == np.uint8 and message.pixels.ndim == 3 and message.pixels.shape[2] == 3
     assert isinstance(message.request_id, str) and message.request_id and message.top >= 1
@@ -74,7 +75,7 @@ def decodes_or_refuses(raw: bytes) -> None:
     pixels=pixel_arrays,
 )
 def test_a_message_decodes_to_exactly_what_was_encoded(request_id, deadline, top, pixels):
-    message = helpers.decode_message(helpers.encode_message(request_id, deadline, top, pixels))
+    message = image_queue.decode_message(image_queue.encode_message(request_id, deadline, top, pixels))
     assert (message.request_id, message.deadline, message.top) == (request_id, deadline, top)
     assert message.pixels.dtype == np.uint8 and np.array_equal(message.pixels, pixels)
 
@@ -82,8 +83,8 @@ def test_a_message_decodes_to_exactly_what_was_encoded(request_id, deadline, top
 @FAST
 @given(arrays(np.uint8, st.tuples(st.integers(1, 6), st.integers(1, 6), st.integers(1, 6).filter(lambda c: c != 3))))
 def test_pixels_without_three_channels_are_refused_when_decoded(pixels):
-    with pytest.raises(helpers.MessageError, match="shape"):
-        helpers.decode_message(helpers.encode_message("id", 0.0, 1, pixels))
+    with pytest.raises(image_queue.MessageError, match="shape"):
+        image_queue.decode_message(image_queue.encode_message("id", 0.0, 1, pixels))
 
 
 @FAST
@@ -116,7 +117,7 @@ def test_a_message_with_any_field_replaced_or_missing_raises_only_message_error(
 @FAST
 @given(st.data())
 def test_a_valid_message_with_bytes_changed_raises_only_message_error(data):
-    raw = helpers.encode_message("b" * 32, 1.7e9, 5, data.draw(pixel_arrays))
+    raw = image_queue.encode_message("b" * 32, 1.7e9, 5, data.draw(pixel_arrays))
     decodes_or_refuses(mutated(data, raw, edits=8, actions=("set", "delete", "insert", "cut")))
 
 
@@ -149,14 +150,14 @@ def mutated(data, raw: bytes, edits: int, actions: tuple, longest_delete: int = 
     inference_ms=st.floats(0, 1e7),
 )
 def test_an_answer_decodes_to_what_was_encoded(predictions, batch_size, inference_ms):
-    answer = helpers.decode_answer(helpers.encode_answer(predictions, batch_size, inference_ms))
+    answer = image_queue.decode_answer(image_queue.encode_answer(predictions, batch_size, inference_ms))
     assert answer == {"predictions": predictions, "batch_size": batch_size, "inference_ms": round(inference_ms, 2)}
 
 
 @FAST
 @given(status=st.integers(400, 599), error=st.text())
 def test_an_error_answer_decodes_to_what_was_encoded(status, error):
-    assert helpers.decode_answer(helpers.encode_error(status, error)) == {"error": error, "status": status}
+    assert image_queue.decode_answer(image_queue.encode_error(status, error)) == {"error": error, "status": status}
 
 
 # --- Uploads ----------------------------------------------------------------------------------

@@ -26,8 +26,8 @@ import uuid
 import pytest
 import redis
 import requests
-from conftest import ROOT
-from test_web import CAT, StandInWorker, assert_json_error, expected_checksum, post_image
+from support import ROOT
+from support.stand_in import CAT, StandInWorker, assert_json_error, expected_checksum, post_image
 
 import stack
 from image_queue import ImageQueue, connect

@@ -5,7 +5,7 @@ import os
 import subprocess
 import sys
 
-from conftest import ROOT
+from support import ROOT
 
 NAMES = (
     "REDIS_URL", "REDIS_CONFIGURED", "IMAGE_QUEUE", "BATCH_SIZE", "MAX_BATCH_WAIT_MS", "QUEUE_MAX",

@@ -10,7 +10,7 @@ import time
 
 import pytest
 import requests
-from conftest import IMAGENET_INDEX, ROOT
+from support import IMAGENET_INDEX, ROOT
 
 from stack import free_port
 

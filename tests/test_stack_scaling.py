@@ -16,8 +16,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
-from conftest import IMAGENET_INDEX, ROOT, distinct_photos
-from traffic import expected_top5, same_answer, wait_for
+from support import IMAGENET_INDEX, ROOT
+from support.images import distinct_photos
+from support.traffic import expected_top5, same_answer, wait_for
 
 import stack
 from stack import free_port, visible_gpus, web_url, worker_environments

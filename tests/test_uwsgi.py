@@ -17,8 +17,9 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import ROOT, distinct_photos, encode, photo
-from traffic import batch_sizes, expected_top5, same_answer, wait_for
+from support import ROOT
+from support.images import distinct_photos, encode, photo
+from support.traffic import batch_sizes, expected_top5, same_answer, wait_for
 
 import stack
 

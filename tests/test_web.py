@@ -4,7 +4,6 @@ Fast: no model. The stand-in answers with a checksum of the pixels it received, 
 show that what the web side prepared is exactly what a worker gets.
 """
 
-import hashlib
 import io
 import re
 import subprocess
@@ -13,54 +12,13 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
 import pytest
-from conftest import ROOT, encode, photo
 from PIL import Image
+from support import ROOT
+from support.images import encode, photo
+from support.stand_in import CAT, MODEL, StandInWorker, assert_json_error, expected_checksum, post_image
 
 import helpers
-from image_queue import Done, ImageQueue, ModelInfo
-
-MODEL = ModelInfo("StandIn", 32, 48)  # height, width: not square, so a transposed size would show
-
-
-class StandInWorker:
-    """A thread that heartbeats, claims and answers like run_model_server.py, with no model."""
-
-    def __init__(self, queue: ImageQueue, worker_id: str = "stand-in", error: tuple[int, str] | None = None):
-        self.queue, self.worker_id, self.error = queue, worker_id, error
-        self.batches: list[int] = []
-        self.running = True
-        self.thread = threading.Thread(target=self.run, daemon=True)
-
-    def run(self):
-        while self.running:
-            self.queue.heartbeat(self.worker_id, MODEL)
-            claim = self.queue.claim(self.worker_id, 16)
-            if not claim.messages:
-                continue
-            self.batches.append(len(claim.messages))
-            done = []
-            for raw in claim.messages:
-                message = helpers.decode_message(raw)
-                if self.error:
-                    answer = helpers.encode_error(*self.error)
-                else:
-                    checksum = fingerprint(message.pixels)
-                    predictions = [{"label": checksum, "probability": 1.0}] * message.top
-                    answer = helpers.encode_answer(predictions, len(claim.messages), 12.5, claim.server_time)
-                done.append(Done(raw, message.request_id, answer, message.deadline))
-            ran = 0 if self.error else len(claim.messages)  # counted in the stats hash as the real worker does
-            self.queue.ack(self.worker_id, done, ran, 0.0125)
-
-    def __enter__(self):
-        self.queue.heartbeat(self.worker_id, MODEL)  # ready before the first request, as a real worker is
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.running = False
-        self.thread.join(5)
 
 
 @pytest.fixture
@@ -77,27 +35,6 @@ def client(app):
 def worker(app):
     with StandInWorker(app.extensions["image_queue"]) as w:
         yield w
-
-
-CAT = encode(photo("chelsea"), "JPEG")
-
-
-def fingerprint(pixels: np.ndarray) -> str:
-    return f"{hashlib.sha256(pixels.tobytes()).hexdigest()[:16]} {pixels.dtype} {pixels.shape}"
-
-
-def expected_checksum(data: bytes) -> str:
-    return fingerprint(helpers.prepare_image(helpers.open_image(data, 10**8), (MODEL.width, MODEL.height)))
-
-
-def post_image(client, data: bytes = CAT, query: str = "", **kwargs):
-    return client.post(f"/predict{query}", data={"image": (io.BytesIO(data), "cat.jpg")}, **kwargs)
-
-
-def assert_json_error(response, status: int, words: str):
-    assert response.status_code == status, response.get_data(as_text=True)
-    assert response.is_json and response.json["success"] is False
-    assert words in response.json["error"]
 
 
 # --- Serving ----------------------------------------------------------------------------------

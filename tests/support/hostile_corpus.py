@@ -1,6 +1,6 @@
 """Malformed, hostile and unusual requests for the service, each built byte by byte, and the right answer to each.
 
-    python tests/hostile_corpus.py OUTDIR    writes every case to OUTDIR to replay by hand:
+    python tests/support/hostile_corpus.py OUTDIR    writes every case to OUTDIR to replay by hand:
         OUTDIR/NAME.http   the exact request bytes:   nc -q 5 127.0.0.1 5000 < OUTDIR/NAME.http
         OUTDIR/NAME.body   its body alone, for curl:  the "curl" line in OUTDIR/index.json (null: use the .http)
         OUTDIR/index.json  every case: what it is, the request, the right status and words
@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the repository
 CAT_PATH = ROOT / "images" / "chelsea.jpg"
 BOUNDARY = "hostile-corpus-boundary-7d1f"
 MULTIPART = f"multipart/form-data; boundary={BOUNDARY}"

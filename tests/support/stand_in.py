@@ -1,0 +1,78 @@
+"""A stand-in model worker speaking the real queue protocol with no model, and helpers to call the app with.
+
+The stand-in answers with a checksum of the pixels it received, so a test can show that what the web side
+prepared is exactly what a worker gets.
+"""
+
+import hashlib
+import io
+import threading
+
+import numpy as np
+
+import helpers
+import image_queue
+from image_queue import Done, ImageQueue, ModelInfo
+from support.images import encode, photo
+
+MODEL = ModelInfo("StandIn", 32, 48)  # height, width: not square, so a transposed size would show
+
+
+class StandInWorker:
+    """A thread that heartbeats, claims and answers like run_model_server.py, with no model."""
+
+    def __init__(self, queue: ImageQueue, worker_id: str = "stand-in", error: tuple[int, str] | None = None):
+        self.queue, self.worker_id, self.error = queue, worker_id, error
+        self.batches: list[int] = []
+        self.running = True
+        self.thread = threading.Thread(target=self.run, daemon=True)
+
+    def run(self):
+        while self.running:
+            self.queue.heartbeat(self.worker_id, MODEL)
+            claim = self.queue.claim(self.worker_id, 16)
+            if not claim.messages:
+                continue
+            self.batches.append(len(claim.messages))
+            done = []
+            for raw in claim.messages:
+                message = image_queue.decode_message(raw)
+                if self.error:
+                    answer = image_queue.encode_error(*self.error)
+                else:
+                    checksum = fingerprint(message.pixels)
+                    predictions = [{"label": checksum, "probability": 1.0}] * message.top
+                    answer = image_queue.encode_answer(predictions, len(claim.messages), 12.5, claim.server_time)
+                done.append(Done(raw, message.request_id, answer, message.deadline))
+            ran = 0 if self.error else len(claim.messages)  # counted in the stats hash as the real worker does
+            self.queue.ack(self.worker_id, done, ran, 0.0125)
+
+    def __enter__(self):
+        self.queue.heartbeat(self.worker_id, MODEL)  # ready before the first request, as a real worker is
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.running = False
+        self.thread.join(5)
+
+
+CAT = encode(photo("chelsea"), "JPEG")
+
+
+def fingerprint(pixels: np.ndarray) -> str:
+    return f"{hashlib.sha256(pixels.tobytes()).hexdigest()[:16]} {pixels.dtype} {pixels.shape}"
+
+
+def expected_checksum(data: bytes) -> str:
+    return fingerprint(helpers.prepare_image(helpers.open_image(data, 10**8), (MODEL.width, MODEL.height)))
+
+
+def post_image(client, data: bytes = CAT, query: str = "", **kwargs):
+    return client.post(f"/predict{query}", data={"image": (io.BytesIO(data), "cat.jpg")}, **kwargs)
+
+
+def assert_json_error(response, status: int, words: str):
+    assert response.status_code == status, response.get_data(as_text=True)
+    assert response.is_json and response.json["success"] is False
+    assert words in response.json["error"]
