@@ -145,21 +145,29 @@ def load_classifier(
         raise ModelConfigError(f"MODEL_PRECISION must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if model_path and not labels_path:
         raise ModelConfigError("MODEL_PATH needs LABELS_PATH: a JSON list of the model's class names")
+    if not model_path and name not in APPLICATIONS:
+        raise ModelConfigError(f"MODEL_NAME {name!r} is not one of: {', '.join(APPLICATIONS)}")
     weights_file = "" if weights in ("imagenet", "none", "") else weights
     for setting, path in (("MODEL_PATH", model_path), ("MODEL_WEIGHTS", weights_file), ("LABELS_PATH", labels_path)):
-        if path and not os.path.exists(path):
-            raise ModelConfigError(f"{setting} {path} does not exist")
+        if path and not os.path.isfile(path):
+            raise ModelConfigError(
+                f"{setting}={path}: no such file" + (OFFLINE_HINT if setting != "MODEL_PATH" else "")
+            )
     enable_gpu_memory_growth()
     import keras
 
     keras.mixed_precision.set_global_policy(precision)  # for the layers built or loaded below
     if model_path:
-        model = keras.saving.load_model(model_path, compile=False)
+        try:
+            model = keras.saving.load_model(model_path, compile=False)
+        except Exception as exc:  # Keras raises ValueError, OSError, zipfile errors, ... for a bad file
+            raise ModelConfigError(
+                f"MODEL_PATH={model_path} is not a Keras model Keras can load ({first_line(exc)}): "
+                "point it at a .keras (or Keras .h5) file saved with model.save()"
+            ) from None
         name = os.path.splitext(os.path.basename(model_path))[0]
         classifier = Classifier(name, model, preprocess_function(preprocess or "none"), load_labels(labels_path))
     else:
-        if name not in APPLICATIONS:
-            raise ModelConfigError(f"MODEL_NAME {name!r} is not one of: {', '.join(APPLICATIONS)}")
         model = build_application(name, weights)
         module = getattr(keras.applications, APPLICATIONS[name])
         prep = preprocess_function(preprocess) if preprocess else module.preprocess_input
@@ -186,17 +194,46 @@ def load_configured_classifier(settings) -> Classifier:
 
 
 def build_application(name: str, weights: str):
-    """A keras.applications model with ImageNet, local or no weights."""
+    """A keras.applications model with ImageNet, local or no weights; ModelConfigError says which setting fixes
+    a download that fails (offline, or a partial file in Keras's cache) or a weights file that does not fit."""
     import keras
 
     constructor = getattr(keras.applications, name)
     if weights in ("", "none"):
         return constructor(weights=None)
-    if weights.endswith(".weights.h5"):  # Keras 3 format: build, then load
-        model = constructor(weights=None)
-        model.load_weights(weights)
-        return model
-    return constructor(weights=weights)  # "imagenet" (downloaded and cached) or a Keras 2 .h5 file
+    try:
+        if weights.endswith(".weights.h5"):  # Keras 3 format: build, then load
+            model = constructor(weights=None)
+            model.load_weights(weights)
+            return model
+        return constructor(weights=weights)  # "imagenet" (downloaded and cached) or a Keras 2 .h5 file
+    except Exception as exc:  # a download (Keras raises a bare Exception), h5py's OSError, a shape ValueError
+        if weights == "imagenet":
+            raise ModelConfigError(
+                f"could not download the ImageNet weights of {name} ({first_line(exc)}); a partial download in "
+                f"{keras_cache()} is fetched again only online." + OFFLINE_HINT
+            ) from None
+        raise ModelConfigError(
+            f"MODEL_WEIGHTS={weights} is not a weights file of {name} ({first_line(exc)})." + OFFLINE_HINT
+        ) from None
+
+
+# What a worker that cannot get its weights or labels says, after what failed.
+OFFLINE_HINT = (
+    " Set MODEL_WEIGHTS=/path/to/file.h5 (the weights file, copied to this machine) and"
+    " LABELS_PATH=models/imagenet_class_index.json: see the README's Offline section"
+)
+
+
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """An exception as one short line, for an error a person reads."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def keras_cache() -> str:
+    """Where keras.utils.get_file keeps downloads (KERAS_HOME, else ~/.keras), its models/ folder."""
+    return os.path.join(os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras"), "models")
 
 
 def preprocess_function(mode: str) -> Callable[[np.ndarray], np.ndarray]:
@@ -210,8 +247,11 @@ def preprocess_function(mode: str) -> Callable[[np.ndarray], np.ndarray]:
 
 def load_labels(path: str) -> list[str]:
     """A JSON list of names, {"0": "name", ...}, or the ImageNet index {"0": [wnid, name], ...}."""
-    with open(path, encoding="utf-8") as f:
-        data = json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError) as exc:  # ValueError: not JSON, or not UTF-8
+        raise ModelConfigError(f"LABELS_PATH={path} is not a JSON labels file ({first_line(exc)})") from None
     if isinstance(data, list):
         return [str(label) for label in data]
     if isinstance(data, dict):
@@ -227,9 +267,15 @@ def imagenet_labels() -> list[str]:
     """The ImageNet index from Keras's cache, downloading it once on a connected machine."""
     import keras
 
-    path = keras.utils.get_file(
-        "imagenet_class_index.json", IMAGENET_INDEX_URL, cache_subdir="models", file_hash=IMAGENET_INDEX_MD5
-    )
+    try:
+        path = keras.utils.get_file(
+            "imagenet_class_index.json", IMAGENET_INDEX_URL, cache_subdir="models", file_hash=IMAGENET_INDEX_MD5
+        )
+    except Exception as exc:  # Keras raises a bare Exception when the download fails
+        raise ModelConfigError(
+            f"could not download the ImageNet class index ({first_line(exc)}): set "
+            "LABELS_PATH=models/imagenet_class_index.json (it ships with the service); see the README's Offline section"
+        ) from None
     return load_labels(path)
 
 

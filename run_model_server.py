@@ -195,10 +195,14 @@ def main() -> int:
     queue = queue_from_config(vars(settings))
     if not credentials_accepted(queue):
         return 2
-    from classifier import choose_buckets, load_configured_classifier
+    from classifier import ModelConfigError, choose_buckets, load_configured_classifier
 
     started = time.perf_counter()
-    classifier = load_configured_classifier(settings)
+    try:
+        classifier = load_configured_classifier(settings)
+    except ModelConfigError as exc:  # a setting to fix: one line saying which, no traceback
+        log.error("cannot load the model: %s", exc)
+        return 1
     classifier.buckets = choose_buckets(classifier.model, settings.BATCH_SIZE, settings.BATCH_BUCKETS)
     timings = classifier.warm_up(settings.BATCH_SIZE)
     height, width = classifier.input_size

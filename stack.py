@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -35,6 +36,7 @@ class Service:
     name: str
     process: subprocess.Popen
     log_path: Path | None = None
+    last_line: str = ""  # the last line it printed, when its output is relayed (relay_output)
 
     @property
     def pid(self) -> int:
@@ -42,6 +44,23 @@ class Service:
 
     def alive(self) -> bool:
         return self.process.poll() is None
+
+    def relay_output(self) -> None:
+        """Copy the child's piped output to ours, line by line, remembering the last (a thread runs this)."""
+        for raw in self.process.stdout:
+            line = raw.decode(errors="replace")
+            sys.stdout.write(line)
+            sys.stdout.flush()
+            if line.strip():
+                self.last_line = line.strip()
+
+    def exit_report(self) -> str:
+        """Why it exited: its status and its last line (a worker's one-line reason), or the end of its log."""
+        report = f"{self.name} exited with status {self.process.returncode}"
+        if self.last_line:
+            return f"{report}: {self.last_line}"
+        tail = self.log_text()[-3000:]
+        return f"{report}:\n{tail}" if tail else report
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path and self.log_path.exists() else ""
@@ -124,8 +143,9 @@ def _die_with_parent() -> None:
         _LIBC.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-def _start(name: str, argv: list[str], env: dict | None, log_path: Path | None) -> Service:
-    out = open(log_path, "ab") if log_path else None  # noqa: SIM115 (the child keeps it)
+def _start(name: str, argv: list[str], env: dict | None, log_path: Path | None, relay: bool = False) -> Service:
+    """relay: pipe the child's output through this process (Service.relay_output), so its last line is known."""
+    out = open(log_path, "ab") if log_path else (subprocess.PIPE if relay else None)  # noqa: SIM115
     try:
         process = subprocess.Popen(
             argv,
@@ -133,13 +153,17 @@ def _start(name: str, argv: list[str], env: dict | None, log_path: Path | None) 
             env={**os.environ, **(env or {})},
             stdout=out,
             stderr=subprocess.STDOUT if out else None,
+            bufsize=0,
             start_new_session=True,  # Ctrl-C reaches the launcher only; it stops the children in order
             preexec_fn=_die_with_parent,
         )
     finally:
-        if out:
+        if log_path:
             out.close()
-    return Service(name, process, log_path)
+    service = Service(name, process, log_path)
+    if relay:
+        threading.Thread(target=service.relay_output, daemon=True).start()
+    return service
 
 
 def start_redis(port: int, workdir: str, log_path: Path | None = None, *extra: str) -> Service:
@@ -164,8 +188,8 @@ def start_redis(port: int, workdir: str, log_path: Path | None = None, *extra: s
     raise RuntimeError(f"redis-server did not start on port {port}")
 
 
-def start_model_worker(env: dict | None = None, log_path: Path | None = None) -> Service:
-    return _start("model worker", [sys.executable, "run_model_server.py"], env, log_path)
+def start_model_worker(env: dict | None = None, log_path: Path | None = None, relay: bool = False) -> Service:
+    return _start("model worker", [sys.executable, "run_model_server.py"], env, log_path, relay)
 
 
 def start_web(env: dict | None = None, log_path: Path | None = None, app: str = "run_web_server:app") -> Service:
@@ -185,9 +209,9 @@ def wait_until_ready(base_url: str, services: list[Service], timeout_s: float = 
     while time.monotonic() < deadline:
         for service in services:
             if not service.alive():
-                raise RuntimeError(
-                    f"{service.name} exited with {service.process.returncode}:\n{service.log_text()[-3000:]}"
-                )
+                service.process.wait()
+                time.sleep(0.1)  # let a relay thread copy the last line out
+                raise RuntimeError(service.exit_report())
         try:
             with urllib.request.urlopen(base_url + "readyz", timeout=2) as response:
                 if response.status == 200:
@@ -215,6 +239,7 @@ def main() -> int:
 
     services: list[Service] = []
     env: dict[str, str] = {}
+    failure = ""
 
     def stop_requested(signum, frame):
         raise KeyboardInterrupt
@@ -228,7 +253,7 @@ def main() -> int:
                 env["REDIS_URL"] = f"redis://127.0.0.1:{port}/0"
                 print(f"stack: started redis-server on 127.0.0.1:{port} (set REDIS_URL to use your own)", flush=True)
             for worker_env in workers:
-                services.append(start_model_worker(env | worker_env))
+                services.append(start_model_worker(env | worker_env, relay=True))
             where = f"on GPUs {', '.join(w['CUDA_VISIBLE_DEVICES'] for w in workers)}" if gpus else "on the CPU"
             print(f"stack: {len(workers)} model worker(s) {where}", flush=True)
             services.append(start_web(env))
@@ -245,12 +270,14 @@ def main() -> int:
             print("\nstack: stopping", flush=True)
             return 0
         except RuntimeError as exc:
-            print(f"stack: {exc}", file=sys.stderr, flush=True)
+            failure = str(exc)
             return 1
         finally:
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             for service in reversed(services):  # web first, then workers, then Redis
                 service.stop()
+            if failure:  # after gunicorn's shutdown lines, so that the reason is what the user sees last
+                print(f"stack: {failure}", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

@@ -147,8 +147,8 @@ def test_labels_files_in_each_supported_format(tmp_path):
         ({"name": "NotANet"}, "is not one of"),
         ({"preprocess": "sideways"}, "MODEL_PREPROCESS must be one of"),
         ({"model_path": "/some/model.keras", "labels_path": ""}, "needs LABELS_PATH"),
-        ({"model_path": "/some/model.keras"}, "MODEL_PATH /some/model.keras does not exist"),
-        ({"weights": "/some/weights.h5"}, "MODEL_WEIGHTS /some/weights.h5 does not exist"),
+        ({"model_path": "/some/model.keras"}, "MODEL_PATH=/some/model.keras: no such file"),
+        ({"weights": "/some/weights.h5"}, "MODEL_WEIGHTS=/some/weights.h5: no such file"),
     ],
 )
 def test_bad_model_settings_fail_with_a_clear_message(settings, words):
