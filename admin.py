@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     purge_parser.add_argument("--yes", action="store_true", help="really purge")
     args = parser.parse_args(argv)
 
-    queue = queue_from_config(vars(settings))
+    queue = queue_from_config(settings.current.as_dict())
     if args.command == "status":
         show(queue)
     elif args.command == "drain":

@@ -192,7 +192,7 @@ def main() -> int:
     if settings.WORKER_NICE:  # before any thread starts: threads inherit it
         os.setpriority(os.PRIO_PROCESS, 0, settings.WORKER_NICE)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up chatter out of the log
-    queue = queue_from_config(vars(settings))
+    queue = queue_from_config(settings.current.as_dict())
     if not credentials_accepted(queue):
         return 2
     from classifier import ModelConfigError, choose_buckets, load_configured_classifier

@@ -1,178 +1,267 @@
-"""Every setting of the service: the one module that reads the environment.
+"""Every setting of the service: the one place that reads the environment.
 
-Each setting is an environment variable of the same name with the default shown here. The web
-workers and the model workers of one queue must agree on the Redis, queue and heartbeat settings.
-See the README's settings table for how the timeouts are ordered.
+Each setting is an environment variable of the same name with the default shown in Settings.from_env.
+They are read once, into one typed, frozen Settings object (`settings.current`); every other module takes
+its values from there (`settings.BATCH_SIZE` reads `settings.current.BATCH_SIZE`). The checks between
+settings (the timeouts' order) run when a Settings is built, so a bad combination fails at start. Tests
+build their own with `Settings.from_env({...})`, no subprocess needed. The web workers and the model
+workers of one queue must agree on the Redis, queue and heartbeat settings. The README's settings table
+says how the timeouts are ordered.
 """
 
 import math
 import os
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, replace
 
 
 class SettingError(ValueError):
-    """An environment variable holds a value the service cannot use."""
-
-
-def _str(name: str, default: str) -> str:
-    return os.environ.get(name, default).strip()
-
-
-def _number(name: str, default: float, minimum: float, kind: type, what: str):
-    raw = _str(name, str(default))
-    try:
-        value = kind(raw)
-    except ValueError:
-        raise SettingError(f"{name} must be {what}, got {raw!r}") from None
-    if not math.isfinite(value):
-        raise SettingError(f"{name} must be finite, got {raw!r}")
-    if value < minimum:
-        raise SettingError(f"{name} must be at least {minimum}, got {value}")
-    return value
-
-
-def _int(name: str, default: int, minimum: int = 0) -> int:
-    return _number(name, default, minimum, int, "a whole number")
-
-
-def _float(name: str, default: float, minimum: float = 0.0) -> float:
-    return _number(name, default, minimum, float, "a number")
-
-
-def _flag(name: str, default: bool = False) -> bool:
-    """On: 1, true, yes, on; off: 0, false, no, off or empty (any case)."""
-    raw = _str(name, "").lower()
-    if raw in ("1", "true", "yes", "on"):
-        return True
-    if raw in ("0", "false", "no", "off"):
-        return False
-    if raw:
-        raise SettingError(f"{name} must be 1/true/yes/on or 0/false/no/off, got {raw!r}")
-    return default
+    """An environment variable holds a value the service cannot use, or two settings contradict each other."""
 
 
 API_KEY_MIN_LENGTH = 16  # shorter keys are guessable: refused at start
-
-
-def _api_keys(name: str) -> tuple[str, ...]:
-    """Comma-separated keys, blanks ignored. Errors name a key's position, never the key (a secret)."""
-    keys = tuple(key.strip() for key in _str(name, "").split(",") if key.strip())
-    for position, key in enumerate(keys, 1):
-        if len(key) < API_KEY_MIN_LENGTH or not (key.isascii() and key.isprintable()) or " " in key:
-            raise SettingError(
-                f"{name}: key {position} of {len(keys)} must be at least {API_KEY_MIN_LENGTH} printable ASCII "
-                "characters without spaces (e.g. the output of `openssl rand -hex 32`)"
-            )
-    return keys
-
-
-def _rate_limit(name: str) -> str:
-    """A Flask-Limiter limit string ("10/second;300/minute"), parsed now so that a typo fails at start."""
-    value = _str(name, "")
-    if value:
-        from limits import parse_many  # Flask-Limiter's parser; imported only when a limit is set
-
-        try:
-            items = parse_many(value)
-        except ValueError:
-            items = []
-        if not items or any(item.amount < 1 for item in items):
-            raise SettingError(f"{name} must be limits like '10/second;300/minute' (at least 1 each), got {value!r}")
-    return value
-
-
-# --- Redis ------------------------------------------------------------------------------------
-REDIS_HOST = _str("REDIS_HOST", "localhost")  # host name; ignored when REDIS_URL is set
-REDIS_PORT = _int("REDIS_PORT", 6379, 1)  # TCP port; ignored when REDIS_URL is set
-REDIS_DB = _int("REDIS_DB", 0)  # database number; ignored when REDIS_URL is set
-# Full URL (redis://[:password@]host:port/db, rediss:// for TLS, unix:///path.sock); wins over the above.
-REDIS_URL = _str("REDIS_URL", "") or f"redis://{REDIS_HOST}:{REDIS_PORT}/{REDIS_DB}"
-# True when the operator named a Redis; the stack launcher starts its own redis-server otherwise.
-REDIS_CONFIGURED = any(name in os.environ for name in ("REDIS_URL", "REDIS_HOST", "REDIS_PORT"))
-REDIS_BLOCK_S = _float("REDIS_BLOCK_S", 1.0, 0.1)  # seconds: the longest single blocking Redis call
-
-# --- Queue ------------------------------------------------------------------------------------
-IMAGE_QUEUE = _str("IMAGE_QUEUE", "image_queue")  # queue name; every key is "{IMAGE_QUEUE}:..."
-BATCH_SIZE = _int("BATCH_SIZE", 32, 1)  # images: the most one forward pass takes
-MAX_BATCH_WAIT_MS = _float("MAX_BATCH_WAIT_MS", 0.0)  # ms a worker holds a partial batch to fill it
-QUEUE_MAX = _int("QUEUE_MAX", 128, 1)  # messages: /predict answers 503 once the queue holds this many
-REQUEST_TIMEOUT_S = _float("REQUEST_TIMEOUT_S", 10.0, 0.5)  # seconds from arrival to 504
-RESULT_TTL_S = _int("RESULT_TTL_S", 60, 1)  # seconds an unread answer stays in Redis
-WORKER_HEARTBEAT_S = _float("WORKER_HEARTBEAT_S", 1.0, 0.1)  # seconds between a worker's heartbeats
-# Seconds without a heartbeat before a worker counts as dead: /predict then answers 503 and peers
-# requeue its claimed messages. Must exceed REDIS_BLOCK_S plus the longest batch's inference time.
-WORKER_TTL_S = _float("WORKER_TTL_S", 10.0, 1.0)
-
-# --- Model (the model worker only) -------------------------------------------------------------
-# Niceness the model worker runs at (0-19); 0: unchanged. On a CPU-only box whose cores the model shares
-# with gunicorn and Redis, 10-19 lets their short work preempt the model, so 503s stay fast under
-# overload (twice the capacity, 2 cores: 503 p99 21-51 ms at 0, 29 ms at 19; served rate unchanged).
-# The cost: a flood of huge images decoding on every core can starve a niced worker past WORKER_TTL_S,
-# and peers then count it dead. Not needed on a GPU box.
-WORKER_NICE = _int("WORKER_NICE", 0)
-if WORKER_NICE > 19:
-    raise SettingError(f"WORKER_NICE must be 0 to 19, got {WORKER_NICE}")
-# Model worker processes `python stack.py` starts: 0 = one per visible GPU (CUDA_VISIBLE_DEVICES=<that GPU>
-# each), or 1 without a GPU; N = exactly N (spread over the GPUs in turn). `stack.py --workers N` overrides it.
-MODEL_WORKERS = _int("MODEL_WORKERS", 0)
-MODEL_NAME = _str("MODEL_NAME", "ResNet50")  # a keras.applications model, e.g. MobileNetV2, VGG16
-# "imagenet" (Keras downloads and caches it), a local weights file (.h5 or .weights.h5), or "none".
-MODEL_WEIGHTS = _str("MODEL_WEIGHTS", "imagenet")
-MODEL_PATH = _str("MODEL_PATH", "")  # your own saved Keras model (.keras or .h5); wins over MODEL_NAME
-# Labels file: a JSON list, or the ImageNet index format {"0": [wnid, label], ...}. Required with
-# MODEL_PATH; for keras.applications it replaces the ImageNet index Keras would download.
-LABELS_PATH = _str("LABELS_PATH", "")
-# How pixels are scaled before the model: caffe, tf, torch or none. Empty: the keras.applications
-# model's own preprocess_input, or none for MODEL_PATH.
-MODEL_PREPROCESS = _str("MODEL_PREPROCESS", "").lower()
-# Keras dtype policy of a keras.applications model: float32, or mixed_bfloat16 (on this project's CPU,
-# AVX512-BF16: 1.4-1.5x the images/s, probabilities within ~0.03 of float32's) or mixed_float16 (GPUs with
-# tensor cores). A MODEL_PATH model keeps the policy it was saved with.
-MODEL_PRECISION = _str("MODEL_PRECISION", "float32").lower()
-# Pad each batch to the next of 1, 2, 4, ..., BATCH_SIZE: auto (when Keras compiles the model with XLA:
-# JAX, or TensorFlow on a GPU, where each new batch size would compile on a live request), on, or off.
-BATCH_BUCKETS = _str("BATCH_BUCKETS", "auto").lower()
-for _name, _value, _allowed in (
-    ("MODEL_PRECISION", MODEL_PRECISION, ("float32", "mixed_bfloat16", "mixed_float16")),
-    ("BATCH_BUCKETS", BATCH_BUCKETS, ("auto", "on", "off")),
-):
-    if _value not in _allowed:
-        raise SettingError(f"{_name} must be one of {', '.join(_allowed)}, got {_value!r}")
-
-# --- Web --------------------------------------------------------------------------------------
-# Address the web server binds; 0.0.0.0 or :: to serve others. An IPv6 address may be in brackets ([::1]),
-# as uWSGI needs it; the brackets are dropped here.
-WEB_HOST = _str("WEB_HOST", "127.0.0.1").removeprefix("[").removesuffix("]")
-WEB_PORT = _int("WEB_PORT", 5000, 1)  # TCP port gunicorn binds
-WEB_WORKERS = _int("WEB_WORKERS", 2, 1)  # gunicorn worker processes
-WEB_THREADS = _int("WEB_THREADS", 16, 1)  # threads per gunicorn worker: concurrent requests each
-GUNICORN_TIMEOUT_S = _int("GUNICORN_TIMEOUT_S", 30, 1)  # seconds; must exceed REQUEST_TIMEOUT_S
-MAX_UPLOAD_MB = _float("MAX_UPLOAD_MB", 16.0, 0.001)  # megabytes: larger bodies get 413 unread
-# Images one web process decodes at once; more wait their turn (503 at the deadline). A decode takes up
-# to ~12 bytes per pixel, so this x WEB_WORKERS x that is the web tier's worst case for image memory.
-DECODE_SLOTS = _int("DECODE_SLOTS", 2, 1)
-MAX_IMAGE_PIXELS = _int("MAX_IMAGE_PIXELS", 50_000_000, 1)  # width x height: more gets 413 undecoded
-TOP_K = _int("TOP_K", 5, 1)  # predictions per answer unless the request asks ?top=K
 TOP_K_MAX = 20  # the largest ?top=K accepted
-
-# --- Security (web) ---------------------------------------------------------------------------
-# API keys, comma-separated: empty (the default, for local use) leaves the service open; with keys set,
-# every request but /, /healthz, /readyz and /openapi.json needs "Authorization: Bearer <key>" or
-# "X-API-Key: <key>". Keys are secrets: set them from the environment or a secret store, never in code
-# or a committed file. Each must be at least API_KEY_MIN_LENGTH characters, or the service refuses to start.
-API_KEYS = _api_keys("API_KEYS")
-# Per-client limit on /predict, in Flask-Limiter's syntax ("10/second;300/minute"); empty: no limit.
-# Counted in the queue's Redis, per API key (or per remote address when API_KEYS is empty).
-RATE_LIMIT = _rate_limit("RATE_LIMIT")
-# Proxies in front of gunicorn (nginx: 1) whose X-Forwarded-For/-Proto are trusted; 0: none. Behind a
-# proxy with 0, every client has the proxy's address, and so shares one rate-limit counter.
-TRUSTED_PROXIES = _int("TRUSTED_PROXIES", 0)
-
-LOG_LEVEL = _str("LOG_LEVEL", "INFO").upper()  # DEBUG logs every request id a worker answers
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"  # one format for every process
-# One JSON object per log line (time, level, logger, pid, message, request_id where known) from the web
-# app, gunicorn's own and access logs, and the model worker; off: the text format above. See logs.py.
-LOG_JSON = _flag("LOG_JSON")
-# prometheus-client's multiprocess mode: a directory for each web process's metric files. Under gunicorn,
-# gunicorn_conf.py empties it at start (a private temporary one when unset). Apache mod_wsgi or uWSGI with
-# several processes need it set, to an empty directory of their own. See metrics.py.
-PROMETHEUS_MULTIPROC_DIR = _str("PROMETHEUS_MULTIPROC_DIR", "")
+MODEL_PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
+BATCH_BUCKET_MODES = ("auto", "on", "off")
+
+
+class _Reader:
+    """Typed reads of one environment mapping; each error names the variable."""
+
+    def __init__(self, env: Mapping[str, str]):
+        self.env = env
+
+    def text(self, name: str, default: str) -> str:
+        return self.env.get(name, default).strip()
+
+    def _parse(self, name: str, default: float, minimum: float, kind: type, what: str):
+        raw = self.text(name, str(default))
+        try:
+            value = kind(raw)
+        except ValueError:
+            raise SettingError(f"{name} must be {what}, got {raw!r}") from None
+        if not math.isfinite(value):
+            raise SettingError(f"{name} must be finite, got {raw!r}")
+        if value < minimum:
+            raise SettingError(f"{name} must be at least {minimum}, got {value}")
+        return value
+
+    def whole(self, name: str, default: int, minimum: int = 0) -> int:
+        return self._parse(name, default, minimum, int, "a whole number")
+
+    def number(self, name: str, default: float, minimum: float = 0.0) -> float:
+        return self._parse(name, default, minimum, float, "a number")
+
+    def flag(self, name: str, default: bool = False) -> bool:
+        """On: 1, true, yes, on; off: 0, false, no, off or empty (any case)."""
+        raw = self.text(name, "").lower()
+        if raw in ("1", "true", "yes", "on"):
+            return True
+        if raw in ("0", "false", "no", "off"):
+            return False
+        if raw:
+            raise SettingError(f"{name} must be 1/true/yes/on or 0/false/no/off, got {raw!r}")
+        return default
+
+    def choice(self, name: str, default: str, allowed: tuple[str, ...]) -> str:
+        value = self.text(name, default).lower()
+        if value not in allowed:
+            raise SettingError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+        return value
+
+    def api_keys(self, name: str) -> tuple[str, ...]:
+        """Comma-separated keys, blanks ignored. Errors name a key's position, never the key (a secret)."""
+        keys = tuple(key.strip() for key in self.text(name, "").split(",") if key.strip())
+        for position, key in enumerate(keys, 1):
+            if len(key) < API_KEY_MIN_LENGTH or not (key.isascii() and key.isprintable()) or " " in key:
+                raise SettingError(
+                    f"{name}: key {position} of {len(keys)} must be at least {API_KEY_MIN_LENGTH} printable ASCII "
+                    "characters without spaces (e.g. the output of `openssl rand -hex 32`)"
+                )
+        return keys
+
+    def rate_limit(self, name: str) -> str:
+        """A Flask-Limiter limit string ("10/second;300/minute"), parsed now so that a typo fails at start."""
+        value = self.text(name, "")
+        if value:
+            from limits import parse_many  # Flask-Limiter's parser; imported only when a limit is set
+
+            try:
+                items = parse_many(value)
+            except ValueError:
+                items = []
+            if not items or any(item.amount < 1 for item in items):
+                raise SettingError(
+                    f"{name} must be limits like '10/second;300/minute' (at least 1 each), got {value!r}"
+                )
+        return value
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The service's settings, typed; what each means and its default are in from_env."""
+
+    REDIS_URL: str
+    REDIS_CONFIGURED: bool
+    REDIS_BLOCK_S: float
+    IMAGE_QUEUE: str
+    BATCH_SIZE: int
+    MAX_BATCH_WAIT_MS: float
+    QUEUE_MAX: int
+    REQUEST_TIMEOUT_S: float
+    RESULT_TTL_S: int
+    WORKER_HEARTBEAT_S: float
+    WORKER_TTL_S: float
+    WORKER_NICE: int
+    MODEL_WORKERS: int
+    MODEL_NAME: str
+    MODEL_WEIGHTS: str
+    MODEL_PATH: str
+    LABELS_PATH: str
+    MODEL_PREPROCESS: str
+    MODEL_PRECISION: str
+    BATCH_BUCKETS: str
+    WEB_HOST: str
+    WEB_PORT: int
+    WEB_WORKERS: int
+    WEB_THREADS: int
+    GUNICORN_TIMEOUT_S: int
+    MAX_UPLOAD_MB: float
+    DECODE_SLOTS: int
+    MAX_IMAGE_PIXELS: int
+    TOP_K: int
+    API_KEYS: tuple[str, ...]
+    RATE_LIMIT: str
+    TRUSTED_PROXIES: int
+    LOG_LEVEL: str
+    LOG_JSON: bool
+    PROMETHEUS_MULTIPROC_DIR: str
+
+    def __post_init__(self):
+        """The checks between settings, all here: a combination that breaks the timeouts' order fails at start."""
+        if self.WORKER_NICE > 19:
+            raise SettingError(f"WORKER_NICE must be 0 to 19, got {self.WORKER_NICE}")
+        if self.REDIS_BLOCK_S >= self.REQUEST_TIMEOUT_S:
+            raise SettingError(
+                f"REDIS_BLOCK_S ({self.REDIS_BLOCK_S:g} s) must be shorter than REQUEST_TIMEOUT_S "
+                f"({self.REQUEST_TIMEOUT_S:g} s): a request waits for its answer in calls of REDIS_BLOCK_S"
+            )
+        if self.REDIS_BLOCK_S >= self.WORKER_TTL_S:
+            raise SettingError(
+                f"REDIS_BLOCK_S ({self.REDIS_BLOCK_S:g} s) must be shorter than WORKER_TTL_S "
+                f"({self.WORKER_TTL_S:g} s): an idle worker blocks that long between heartbeats"
+            )
+        if self.WORKER_HEARTBEAT_S >= self.WORKER_TTL_S:
+            raise SettingError(
+                f"WORKER_HEARTBEAT_S ({self.WORKER_HEARTBEAT_S:g} s) must be shorter than WORKER_TTL_S "
+                f"({self.WORKER_TTL_S:g} s), or live workers would count as dead between heartbeats"
+            )
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def replace(self, **changes) -> "Settings":
+        """A copy with some values changed, checked again."""
+        return replace(self, **changes)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
+        """Read every setting from env (default: os.environ): its variable, or the default given here."""
+        env = os.environ if env is None else env
+        read = _Reader(env)
+        redis_host = read.text("REDIS_HOST", "localhost")  # host name; ignored when REDIS_URL is set
+        redis_port = read.whole("REDIS_PORT", 6379, 1)  # TCP port; ignored when REDIS_URL is set
+        redis_db = read.whole("REDIS_DB", 0)  # database number; ignored when REDIS_URL is set
+        return cls(
+            # --- Redis ------------------------------------------------------------------------------------
+            # Full URL (redis://[:password@]host:port/db, rediss:// for TLS, unix:///path.sock); wins over the above.
+            REDIS_URL=read.text("REDIS_URL", "") or f"redis://{redis_host}:{redis_port}/{redis_db}",
+            # True when the operator named a Redis; the stack launcher starts its own redis-server otherwise.
+            REDIS_CONFIGURED=any(name in env for name in ("REDIS_URL", "REDIS_HOST", "REDIS_PORT")),
+            REDIS_BLOCK_S=read.number("REDIS_BLOCK_S", 1.0, 0.1),  # seconds: the longest single blocking Redis call
+            # --- Queue ------------------------------------------------------------------------------------
+            IMAGE_QUEUE=read.text("IMAGE_QUEUE", "image_queue"),  # queue name; every key is "{IMAGE_QUEUE}:..."
+            BATCH_SIZE=read.whole("BATCH_SIZE", 32, 1),  # images: the most one forward pass takes
+            MAX_BATCH_WAIT_MS=read.number("MAX_BATCH_WAIT_MS", 0.0),  # ms a worker holds a partial batch to fill it
+            QUEUE_MAX=read.whole("QUEUE_MAX", 128, 1),  # messages: /predict answers 503 once the queue holds this many
+            REQUEST_TIMEOUT_S=read.number("REQUEST_TIMEOUT_S", 10.0, 0.5),  # seconds from arrival to 504
+            RESULT_TTL_S=read.whole("RESULT_TTL_S", 60, 1),  # seconds an unread answer stays in Redis
+            WORKER_HEARTBEAT_S=read.number("WORKER_HEARTBEAT_S", 1.0, 0.1),  # seconds between a worker's heartbeats
+            # Seconds without a heartbeat before a worker counts as dead: /predict then answers 503 and peers
+            # requeue its claimed messages. Must exceed REDIS_BLOCK_S plus the longest batch's inference time.
+            WORKER_TTL_S=read.number("WORKER_TTL_S", 10.0, 1.0),
+            # --- Model (the model worker only) -------------------------------------------------------------
+            # Niceness the model worker runs at (0-19); 0: unchanged. On a CPU-only box whose cores the model shares
+            # with gunicorn and Redis, 10-19 lets their short work preempt the model, so 503s stay fast under
+            # overload (twice the capacity, 2 cores: 503 p99 21-51 ms at 0, 29 ms at 19; served rate unchanged).
+            # The cost: a flood of huge images decoding on every core can starve a niced worker past WORKER_TTL_S,
+            # and peers then count it dead. Not needed on a GPU box.
+            WORKER_NICE=read.whole("WORKER_NICE", 0),
+            # Model worker processes `python stack.py` starts: 0 = one per visible GPU (each with
+            # CUDA_VISIBLE_DEVICES=<that GPU>), or 1 without a GPU; N = exactly N (spread over the GPUs in turn).
+            # `stack.py --workers N` overrides it.
+            MODEL_WORKERS=read.whole("MODEL_WORKERS", 0),
+            MODEL_NAME=read.text("MODEL_NAME", "ResNet50"),  # a keras.applications model, e.g. MobileNetV2, VGG16
+            # "imagenet" (Keras downloads and caches it), a local weights file (.h5 or .weights.h5), or "none".
+            MODEL_WEIGHTS=read.text("MODEL_WEIGHTS", "imagenet"),
+            MODEL_PATH=read.text("MODEL_PATH", ""),  # your own saved Keras model (.keras or .h5); wins over MODEL_NAME
+            # Labels file: a JSON list, or the ImageNet index format {"0": [wnid, label], ...}. Required with
+            # MODEL_PATH; for keras.applications it replaces the ImageNet index Keras would download.
+            LABELS_PATH=read.text("LABELS_PATH", ""),
+            # How pixels are scaled before the model: caffe, tf, torch or none. Empty: the keras.applications
+            # model's own preprocess_input, or none for MODEL_PATH.
+            MODEL_PREPROCESS=read.text("MODEL_PREPROCESS", "").lower(),
+            # Keras dtype policy of a keras.applications model: float32, or mixed_bfloat16 (on this project's CPU,
+            # AVX512-BF16: 1.4-1.5x the images/s, probabilities within ~0.03 of float32's) or mixed_float16 (GPUs with
+            # tensor cores). A MODEL_PATH model keeps the policy it was saved with.
+            MODEL_PRECISION=read.choice("MODEL_PRECISION", "float32", MODEL_PRECISIONS),
+            # Pad each batch to the next of 1, 2, 4, ..., BATCH_SIZE: auto (when Keras compiles the model with XLA:
+            # JAX, or TensorFlow on a GPU, where each new batch size would compile on a live request), on, or off.
+            BATCH_BUCKETS=read.choice("BATCH_BUCKETS", "auto", BATCH_BUCKET_MODES),
+            # --- Web --------------------------------------------------------------------------------------
+            # Address the web server binds; 0.0.0.0 or :: to serve others. An IPv6 address may be in brackets ([::1]),
+            # as uWSGI needs it; the brackets are dropped here.
+            WEB_HOST=read.text("WEB_HOST", "127.0.0.1").removeprefix("[").removesuffix("]"),
+            WEB_PORT=read.whole("WEB_PORT", 5000, 1),  # TCP port gunicorn binds
+            WEB_WORKERS=read.whole("WEB_WORKERS", 2, 1),  # gunicorn worker processes
+            WEB_THREADS=read.whole("WEB_THREADS", 16, 1),  # threads per gunicorn worker: concurrent requests each
+            GUNICORN_TIMEOUT_S=read.whole("GUNICORN_TIMEOUT_S", 30, 1),  # seconds; must exceed REQUEST_TIMEOUT_S
+            MAX_UPLOAD_MB=read.number("MAX_UPLOAD_MB", 16.0, 0.001),  # megabytes: larger bodies get 413 unread
+            # Images one web process decodes at once; more wait their turn (503 at the deadline). A decode takes up
+            # to ~12 bytes per pixel, so this x WEB_WORKERS x that is the web tier's worst case for image memory.
+            DECODE_SLOTS=read.whole("DECODE_SLOTS", 2, 1),
+            MAX_IMAGE_PIXELS=read.whole("MAX_IMAGE_PIXELS", 50_000_000, 1),  # width x height: more gets 413 undecoded
+            TOP_K=read.whole("TOP_K", 5, 1),  # predictions per answer unless the request asks ?top=K
+            # --- Security (web) ---------------------------------------------------------------------------
+            # API keys, comma-separated: empty (the default, for local use) leaves the service open; with keys set,
+            # every request but /, /healthz, /readyz and /openapi.json needs "Authorization: Bearer <key>" or
+            # "X-API-Key: <key>". Keys are secrets: set them from the environment or a secret store, never in code
+            # or a committed file. Each must be at least API_KEY_MIN_LENGTH characters, or the service refuses to start.
+            API_KEYS=read.api_keys("API_KEYS"),
+            # Per-client limit on /predict, in Flask-Limiter's syntax ("10/second;300/minute"); empty: no limit.
+            # Counted in the queue's Redis, per API key (or per remote address when API_KEYS is empty).
+            RATE_LIMIT=read.rate_limit("RATE_LIMIT"),
+            # Proxies in front of gunicorn (nginx: 1) whose X-Forwarded-For/-Proto are trusted; 0: none. Behind a
+            # proxy with 0, every client has the proxy's address, and so shares one rate-limit counter.
+            TRUSTED_PROXIES=read.whole("TRUSTED_PROXIES", 0),
+            LOG_LEVEL=read.text("LOG_LEVEL", "INFO").upper(),  # DEBUG logs every request id a worker answers
+            # One JSON object per log line (time, level, logger, pid, message, request_id where known) from the web
+            # app, gunicorn's own and access logs, and the model worker; off: the text format above. See logs.py.
+            LOG_JSON=read.flag("LOG_JSON"),
+            # prometheus-client's multiprocess mode: a directory for each web process's metric files. Under gunicorn,
+            # gunicorn_conf.py empties it at start (a private temporary one when unset). Apache mod_wsgi or uWSGI with
+            # several processes need it set, to an empty directory of their own. See metrics.py.
+            PROMETHEUS_MULTIPROC_DIR=read.text("PROMETHEUS_MULTIPROC_DIR", ""),
+        )
+
+
+current = Settings.from_env()  # read once, at import: a bad value fails the process at start
+
+
+def __getattr__(name: str):
+    """settings.NAME is current.NAME."""
+    try:
+        return getattr(current, name)
+    except AttributeError:
+        raise AttributeError(f"module 'settings' has no attribute {name!r}") from None

@@ -1,84 +1,113 @@
-"""settings.py reads the environment: defaults, overrides, and clear errors for bad values."""
+"""settings.py reads the environment once into a typed Settings: defaults, overrides, clear errors for bad
+values and for combinations that break the timeouts' order. Settings.from_env takes any mapping, so these
+need no subprocess, but for the one that shows a bad value stops a process at import."""
 
-import json
-import os
 import subprocess
 import sys
 
+import pytest
 from support import ROOT
 
-NAMES = (
-    "REDIS_URL", "REDIS_CONFIGURED", "IMAGE_QUEUE", "BATCH_SIZE", "MAX_BATCH_WAIT_MS", "QUEUE_MAX",
-    "REQUEST_TIMEOUT_S", "RESULT_TTL_S", "MODEL_NAME", "MODEL_WEIGHTS", "MODEL_PATH", "LABELS_PATH",
-    "MODEL_PREPROCESS", "MAX_UPLOAD_MB", "MAX_IMAGE_PIXELS", "TOP_K", "REDIS_BLOCK_S", "WORKER_TTL_S",
-    "GUNICORN_TIMEOUT_S", "WEB_HOST", "MODEL_PRECISION", "BATCH_BUCKETS",
-)  # fmt: skip
-
-
-def load(**env) -> subprocess.CompletedProcess:
-    clean = {k: v for k, v in os.environ.items() if k not in NAMES and not k.startswith(("REDIS_", "MODEL_"))}
-    code = f"import json, settings; print(json.dumps({{n: getattr(settings, n) for n in {NAMES!r}}}))"
-    return subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, env=clean | env, capture_output=True, text=True, timeout=30
-    )
-
-
-def values(**env) -> dict:
-    result = load(**env)
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)
+from settings import SettingError, Settings
 
 
 def test_defaults_are_the_documented_ones():
-    s = values()
-    assert s["REDIS_URL"] == "redis://localhost:6379/0" and s["REDIS_CONFIGURED"] is False
-    assert s["IMAGE_QUEUE"] == "image_queue" and s["BATCH_SIZE"] == 32 and s["MAX_BATCH_WAIT_MS"] == 0
-    assert s["MODEL_NAME"] == "ResNet50" and s["MODEL_WEIGHTS"] == "imagenet" and s["TOP_K"] == 5
-    assert s["WEB_HOST"] == "127.0.0.1" and s["MODEL_PRECISION"] == "float32" and s["BATCH_BUCKETS"] == "auto"
+    s = Settings.from_env({})
+    assert s.REDIS_URL == "redis://localhost:6379/0" and s.REDIS_CONFIGURED is False
+    assert s.IMAGE_QUEUE == "image_queue" and s.BATCH_SIZE == 32 and s.MAX_BATCH_WAIT_MS == 0
+    assert s.MODEL_NAME == "ResNet50" and s.MODEL_WEIGHTS == "imagenet" and s.TOP_K == 5
+    assert s.WEB_HOST == "127.0.0.1" and s.MODEL_PRECISION == "float32" and s.BATCH_BUCKETS == "auto"
+    assert s.API_KEYS == () and s.RATE_LIMIT == "" and s.LOG_JSON is False
 
 
 def test_timeouts_are_ordered_by_default():
-    s = values()
-    assert s["REDIS_BLOCK_S"] < s["REQUEST_TIMEOUT_S"] < s["GUNICORN_TIMEOUT_S"]
-    assert s["REDIS_BLOCK_S"] < s["WORKER_TTL_S"]
+    s = Settings.from_env({})
+    assert s.REDIS_BLOCK_S < s.REQUEST_TIMEOUT_S < s.GUNICORN_TIMEOUT_S
+    assert s.REDIS_BLOCK_S < s.WORKER_TTL_S and s.WORKER_HEARTBEAT_S < s.WORKER_TTL_S
 
 
 def test_seed_redis_names_build_the_url():
-    s = values(REDIS_HOST="cache.internal", REDIS_PORT="6380", REDIS_DB="2")
-    assert s["REDIS_URL"] == "redis://cache.internal:6380/2" and s["REDIS_CONFIGURED"] is True
+    s = Settings.from_env({"REDIS_HOST": "cache.internal", "REDIS_PORT": "6380", "REDIS_DB": "2"})
+    assert s.REDIS_URL == "redis://cache.internal:6380/2" and s.REDIS_CONFIGURED is True
 
 
 def test_redis_url_wins_over_host_and_port():
-    s = values(REDIS_URL="rediss://:pw@example:6390/1", REDIS_HOST="ignored")
-    assert s["REDIS_URL"] == "rediss://:pw@example:6390/1"
+    s = Settings.from_env({"REDIS_URL": "rediss://:pw@example:6390/1", "REDIS_HOST": "ignored"})
+    assert s.REDIS_URL == "rediss://:pw@example:6390/1" and s.REDIS_CONFIGURED is True
 
 
 def test_every_setting_is_read_from_its_variable():
-    s = values(
-        IMAGE_QUEUE="cats", BATCH_SIZE="8", MAX_BATCH_WAIT_MS="2.5", QUEUE_MAX="10", REQUEST_TIMEOUT_S="3",
-        RESULT_TTL_S="9", MODEL_NAME="MobileNetV2", MODEL_WEIGHTS="/w.h5", MODEL_PATH="/m.keras",
-        LABELS_PATH="/l.json", MODEL_PREPROCESS="Torch", MAX_UPLOAD_MB="2", MAX_IMAGE_PIXELS="1000", TOP_K="3",
-        MODEL_PRECISION="Mixed_BFloat16", BATCH_BUCKETS="on",
+    s = Settings.from_env(
+        {
+            "IMAGE_QUEUE": "cats", "BATCH_SIZE": "8", "MAX_BATCH_WAIT_MS": "2.5", "QUEUE_MAX": "10",
+            "REQUEST_TIMEOUT_S": "3", "RESULT_TTL_S": "9", "MODEL_NAME": "MobileNetV2", "MODEL_WEIGHTS": "/w.h5",
+            "MODEL_PATH": "/m.keras", "LABELS_PATH": "/l.json", "MODEL_PREPROCESS": "Torch", "MAX_UPLOAD_MB": "2",
+            "MAX_IMAGE_PIXELS": "1000", "TOP_K": "3", "MODEL_PRECISION": "Mixed_BFloat16", "BATCH_BUCKETS": "on",
+            "WEB_HOST": "[::1]", "LOG_JSON": "yes", "WORKER_TTL_S": "4", "WORKER_HEARTBEAT_S": "0.5",
+        }
     )  # fmt: skip
-    assert s["IMAGE_QUEUE"] == "cats" and s["BATCH_SIZE"] == 8 and s["MAX_BATCH_WAIT_MS"] == 2.5
-    assert s["QUEUE_MAX"] == 10 and s["REQUEST_TIMEOUT_S"] == 3.0 and s["RESULT_TTL_S"] == 9
-    assert s["MODEL_NAME"] == "MobileNetV2" and s["MODEL_WEIGHTS"] == "/w.h5" and s["MODEL_PATH"] == "/m.keras"
-    assert s["LABELS_PATH"] == "/l.json" and s["MODEL_PREPROCESS"] == "torch"
-    assert s["MAX_UPLOAD_MB"] == 2.0 and s["MAX_IMAGE_PIXELS"] == 1000 and s["TOP_K"] == 3
-    assert s["MODEL_PRECISION"] == "mixed_bfloat16" and s["BATCH_BUCKETS"] == "on"
+    assert s.IMAGE_QUEUE == "cats" and s.BATCH_SIZE == 8 and s.MAX_BATCH_WAIT_MS == 2.5
+    assert s.QUEUE_MAX == 10 and s.REQUEST_TIMEOUT_S == 3.0 and s.RESULT_TTL_S == 9
+    assert s.MODEL_NAME == "MobileNetV2" and s.MODEL_WEIGHTS == "/w.h5" and s.MODEL_PATH == "/m.keras"
+    assert s.LABELS_PATH == "/l.json" and s.MODEL_PREPROCESS == "torch"
+    assert s.MAX_UPLOAD_MB == 2.0 and s.MAX_IMAGE_PIXELS == 1000 and s.TOP_K == 3
+    assert s.MODEL_PRECISION == "mixed_bfloat16" and s.BATCH_BUCKETS == "on"
+    assert s.WEB_HOST == "::1" and s.LOG_JSON is True and s.WORKER_TTL_S == 4.0 and s.WORKER_HEARTBEAT_S == 0.5
+    assert isinstance(s.BATCH_SIZE, int) and isinstance(s.REQUEST_TIMEOUT_S, float)
 
 
-def test_bad_values_fail_at_start_with_the_setting_named():
-    result = load(BATCH_SIZE="lots")
-    assert result.returncode != 0 and "BATCH_SIZE must be a whole number" in result.stderr
-    result = load(BATCH_SIZE="0")
-    assert result.returncode != 0 and "BATCH_SIZE must be at least 1" in result.stderr
-    result = load(MODEL_PRECISION="float16")
-    assert result.returncode != 0 and "MODEL_PRECISION must be one of float32, mixed_bfloat16" in result.stderr
-    result = load(BATCH_BUCKETS="yes")
-    assert result.returncode != 0 and "BATCH_BUCKETS must be one of auto, on, off" in result.stderr
-    result = load(REQUEST_TIMEOUT_S="soon")
-    assert result.returncode != 0 and "REQUEST_TIMEOUT_S must be a number" in result.stderr
-    for infinite in ("inf", "nan", "-inf"):
-        result = load(REQUEST_TIMEOUT_S=infinite)
-        assert result.returncode != 0 and "REQUEST_TIMEOUT_S must be finite" in result.stderr
+@pytest.mark.parametrize(
+    ("env", "words"),
+    [
+        ({"BATCH_SIZE": "lots"}, "BATCH_SIZE must be a whole number"),
+        ({"BATCH_SIZE": "0"}, "BATCH_SIZE must be at least 1"),
+        ({"MODEL_PRECISION": "float16"}, "MODEL_PRECISION must be one of float32, mixed_bfloat16"),
+        ({"BATCH_BUCKETS": "yes"}, "BATCH_BUCKETS must be one of auto, on, off"),
+        ({"REQUEST_TIMEOUT_S": "soon"}, "REQUEST_TIMEOUT_S must be a number"),
+        ({"REQUEST_TIMEOUT_S": "inf"}, "REQUEST_TIMEOUT_S must be finite"),
+        ({"REQUEST_TIMEOUT_S": "nan"}, "REQUEST_TIMEOUT_S must be finite"),
+        ({"REQUEST_TIMEOUT_S": "-inf"}, "REQUEST_TIMEOUT_S must be finite"),
+        ({"WORKER_NICE": "20"}, "WORKER_NICE must be 0 to 19"),
+        ({"LOG_JSON": "maybe"}, "LOG_JSON must be 1/true/yes/on"),
+    ],
+)
+def test_bad_values_fail_with_the_setting_named(env, words):
+    with pytest.raises(SettingError, match=words):
+        Settings.from_env(env)
+
+
+@pytest.mark.parametrize(
+    ("env", "words"),
+    [
+        (
+            {"REDIS_BLOCK_S": "2", "REQUEST_TIMEOUT_S": "1.5"},
+            "REDIS_BLOCK_S (2 s) must be shorter than REQUEST_TIMEOUT_S",
+        ),
+        ({"REDIS_BLOCK_S": "3", "WORKER_TTL_S": "2"}, "REDIS_BLOCK_S (3 s) must be shorter than WORKER_TTL_S"),
+        (
+            {"WORKER_HEARTBEAT_S": "5", "WORKER_TTL_S": "5"},
+            "WORKER_HEARTBEAT_S (5 s) must be shorter than WORKER_TTL_S",
+        ),
+    ],
+)
+def test_combinations_that_break_the_timeouts_order_are_refused(env, words):
+    with pytest.raises(SettingError, match=words.replace("(", r"\(").replace(")", r"\)")):
+        Settings.from_env(env)
+
+
+def test_a_changed_copy_is_checked_again():
+    s = Settings.from_env({})
+    assert s.replace(BATCH_SIZE=4).BATCH_SIZE == 4 and s.BATCH_SIZE == 32
+    with pytest.raises(SettingError, match="WORKER_HEARTBEAT_S"):
+        s.replace(WORKER_HEARTBEAT_S=s.WORKER_TTL_S)
+
+
+def test_the_module_reads_the_environment_once_and_a_bad_value_stops_the_process_at_import():
+    code = "import settings; print(settings.BATCH_SIZE, settings.current.BATCH_SIZE, settings.TOP_K_MAX)"
+    env = {"PATH": "/usr/bin:/bin", "BATCH_SIZE": "7"}
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.split() == ["7", "7", "20"], result.stderr
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env | {"BATCH_SIZE": "0"}, capture_output=True, text=True
+    )
+    assert result.returncode != 0 and "SettingError: BATCH_SIZE must be at least 1" in result.stderr
