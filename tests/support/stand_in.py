@@ -76,3 +76,12 @@ def assert_json_error(response, status: int, words: str):
     assert response.status_code == status, response.get_data(as_text=True)
     assert response.is_json and response.json["success"] is False
     assert words in response.json["error"]
+
+
+def bearer(key: str) -> dict:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def counters(client, queue: str) -> dict[str, int]:
+    """The rate-limit counters of one queue's service: key -> count."""
+    return {key.decode(): int(client.get(key)) for key in client.scan_iter(match=f"{{{queue}}}:ratelimit:*")}
