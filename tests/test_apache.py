@@ -2,7 +2,7 @@
 
 The site file is used as committed; only its Define lines (checkout, venv, port) are set to this test's.
 The main file around it is what Debian's apache2.conf and `a2enmod wsgi_venv headers` amount to, with its
-paths under a directory of the test's own. mod_wsgi is the one pip built into .venv (requirements.txt)
+paths under a directory of the test's own. mod_wsgi is the one pip built into .venv (requirements-dev.txt)
 against .venv's Python, loaded with the line `mod_wsgi-express module-config` prints. Behind it runs a real
 ResNet50 model worker; the settings (Redis URL, queue, API key) reach the app only through Apache's own
 environment, as the site file documents, so a served prediction shows that they did.
