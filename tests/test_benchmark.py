@@ -121,11 +121,12 @@ def test_plot_benchmark_draws_three_panels_from_a_report(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)  # ~140 s on a 2-core Xeon; the model loads three times
 def test_the_suite_runs_end_to_end_and_both_systems_give_the_models_own_answers(tmp_path):
     """A short real run: the seeded ResNet50 in the suite's process, the service and the baseline under gunicorn."""
     short = "--clients 1,4 --seconds 1.5 --raw-seconds 0.3 --open-seconds 2 --seed-seconds 2 --rounds 1 --single 4"
     argv = [sys.executable, "-m", "bench.benchmark", "--out", str(tmp_path), *short.split()]
-    run = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    run = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=570)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     report = json.loads((tmp_path / "benchmark.json").read_text())
     assert report["answers_agree"] == {"service": True, "baseline": True}

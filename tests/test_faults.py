@@ -369,7 +369,9 @@ def test_twice_the_capacity_for_60_s_rejects_fast_keeps_p99_bounded_and_redis_me
         f"MB); all of Redis +{(max(allocated) - baseline) / 1e6:.1f} MB with its connections' buffers"
     )
     assert len(rejected) > len(traffic.replies) / 4  # it was overloaded ...
-    assert percentile(rejected, 99) < 0.05  # ... and said so at once
+    # ... and said so at once: a reject costs the web's own work (decode, the full-queue check) on two cores
+    # that the model worker also uses, never a wait for the queue; a tenth of an accepted answer's wait at most
+    assert percentile(rejected, 99) < min(0.15, percentile(accepted, 50) / 10)
     assert percentile(accepted, 99) < bound
     assert served_rate > 0.75 * capacity  # overload does not collapse throughput
     assert max(held) <= queue_max  # what Redis holds for the queue is capped ...
