@@ -245,6 +245,9 @@ def main() -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, stop_requested)
+    # Explicitly: a shell starts a background job (`python stack.py &`) with SIGINT ignored, and Python then
+    # leaves it ignored, so Ctrl-C's signal (kill -INT) would do nothing.
+    signal.signal(signal.SIGINT, stop_requested)
     with tempfile.TemporaryDirectory(prefix="stack-redis-") as redis_dir:
         try:
             if not settings.REDIS_CONFIGURED:
