@@ -8,6 +8,7 @@ import logging
 import os
 import socket
 import sys
+import threading
 import time
 import uuid
 from typing import NamedTuple
@@ -83,8 +84,46 @@ def answer_batch(classifier, messages: list[bytes], now: float) -> Answered:
     return Answered(done, ran, took_ms / 1000)
 
 
+class Heartbeat:
+    """A thread that says the worker is alive every heartbeat_s and requeues the batches of silent peers.
+
+    It does not wait for the batch in hand, so a dead worker's last heartbeat is at most heartbeat_s before
+    its death, whatever its batch takes (settings.Settings.takeover_s). A stalled process (SIGSTOP) stalls
+    this thread too, so a stalled worker is still written off, and its late answers dropped by the ack.
+    """
+
+    def __init__(self, queue: ImageQueue, worker_id: str, model_info: ModelInfo, every_s: float):
+        self.queue, self.worker_id, self.model_info, self.every_s = queue, worker_id, model_info, every_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop beating; after this returns, nothing re-registers the worker (unregister may follow)."""
+        self._stop.set()
+        self._thread.join()
+
+    def beat(self) -> None:
+        self.queue.heartbeat(self.worker_id, self.model_info)  # also rewrites the model hash a restart lost
+        self.queue.requeue_dead_workers()
+
+    def _run(self) -> None:
+        backoff, delay = Backoff(), 0.0
+        while not self._stop.wait(delay):
+            try:
+                self.beat()
+                backoff.reset()
+                delay = self.every_s
+            except REDIS_ERRORS as exc:
+                delay = min(backoff.next_delay(), self.every_s)
+                if backoff.failures == 1:  # the main loop logs the outage too: once per outage here
+                    log.warning("worker %s: heartbeat failed (%s); retrying", self.worker_id, exc)
+
+
 class ModelWorker:
-    """The worker loop: heartbeat and look for dead peers, claim, predict, acknowledge."""
+    """The worker loop: claim, predict, acknowledge; a Heartbeat thread beside it."""
 
     def __init__(self, queue: ImageQueue, classifier, *, batch_size: int, max_wait_s: float, heartbeat_s: float):
         self.queue = queue
@@ -105,22 +144,20 @@ class ModelWorker:
         self.stopping = True
 
     def run(self) -> None:
-        backoff, last_beat = Backoff(), -float("inf")
+        backoff = Backoff()
+        heartbeat = Heartbeat(self.queue, self.worker_id, self.model_info, self.heartbeat_s)
         log.info(
             "worker %s serving queue %r in batches of up to %d", self.worker_id, self.queue.keys.name, self.batch_size
         )
+        heartbeat.start()
         while not self.stopping:
             try:
                 if backoff.failures:
                     # A failed call may have left messages on our list that we do not hold: hand them back.
                     left = self.queue.requeue_own(self.worker_id)
+                    heartbeat.beat()  # at once: Redis may have lost us and the model hash (a restart without AOF)
                     log.info("worker %s: Redis is back (%d messages handed back)", self.worker_id, left)
                     backoff.reset()
-                    last_beat = -float("inf")  # heartbeat first: Redis may have lost us (a restart without AOF)
-                if time.monotonic() - last_beat >= self.heartbeat_s:
-                    self.queue.heartbeat(self.worker_id, self.model_info)
-                    self.queue.requeue_dead_workers()
-                    last_beat = time.monotonic()
                 claim = self.queue.claim(self.worker_id, self.batch_size, self.max_wait_s)
                 if claim.messages:
                     self.process(claim)
@@ -128,6 +165,7 @@ class ModelWorker:
                 delay = backoff.next_delay()
                 log.warning("worker %s: Redis unavailable (%s); retrying in %.2f s", self.worker_id, exc, delay)
                 time.sleep(delay)
+        heartbeat.stop()
         try:
             left = self.queue.unregister(self.worker_id)
             log.info("worker %s stopped (%d messages handed back)", self.worker_id, left)
@@ -217,12 +255,11 @@ def main() -> int:
         list(classifier.buckets) or "none",
         ", ".join(f"batch {n}: {s * 1000:.0f} ms" for n, s in timings.items()),
     )
-    if max(timings.values()) + settings.REDIS_BLOCK_S >= settings.WORKER_TTL_S:
-        log.warning(
-            "a full batch takes %.1f s: raise WORKER_TTL_S (%.1f s) or peers will think this worker dead",
-            max(timings.values()),
-            settings.WORKER_TTL_S,
-        )
+    try:
+        settings.current.check_takeover(max(timings.values()))
+    except settings.SettingError as exc:
+        log.error("cannot serve with these settings: %s", exc)
+        return 1
     worker = ModelWorker(
         queue,
         classifier,

@@ -158,6 +158,26 @@ class Settings:
                 f"({self.WORKER_TTL_S:g} s), or live workers would count as dead between heartbeats"
             )
 
+    def takeover_s(self, longest_batch_s: float) -> float:
+        """Seconds from a worker's death until a survivor has answered the batch it held, at worst.
+
+        Its last heartbeat may have come just before it died; it counts as dead WORKER_TTL_S later; the
+        next peer heartbeat (within WORKER_HEARTBEAT_S) requeues its batch; a survivor may be mid-batch
+        (one longest batch) before it runs the requeued messages (another).
+        """
+        return self.WORKER_TTL_S + self.WORKER_HEARTBEAT_S + 2 * longest_batch_s
+
+    def check_takeover(self, longest_batch_s: float) -> None:
+        """The model worker's start-up check, once it has timed its largest batch: a killed worker's requests
+        must be answered by a survivor before their deadline, or a worker dying means 504s."""
+        if self.takeover_s(longest_batch_s) >= self.REQUEST_TIMEOUT_S:
+            raise SettingError(
+                f"a dead worker's requests would expire before a survivor answers them: WORKER_TTL_S "
+                f"({self.WORKER_TTL_S:g} s) + WORKER_HEARTBEAT_S ({self.WORKER_HEARTBEAT_S:g} s) + 2 x the largest "
+                f"batch ({longest_batch_s:.2f} s here) must be under REQUEST_TIMEOUT_S ({self.REQUEST_TIMEOUT_S:g} s): "
+                "lower WORKER_TTL_S or BATCH_SIZE, or raise REQUEST_TIMEOUT_S"
+            )
+
     def as_dict(self) -> dict:
         return asdict(self)
 
@@ -187,10 +207,15 @@ class Settings:
             QUEUE_MAX=read.whole("QUEUE_MAX", 128, 1),  # messages: /predict answers 503 once the queue holds this many
             REQUEST_TIMEOUT_S=read.number("REQUEST_TIMEOUT_S", 10.0, 0.5),  # seconds from arrival to 504
             RESULT_TTL_S=read.whole("RESULT_TTL_S", 60, 1),  # seconds an unread answer stays in Redis
-            WORKER_HEARTBEAT_S=read.number("WORKER_HEARTBEAT_S", 1.0, 0.1),  # seconds between a worker's heartbeats
+            # Seconds between a worker's heartbeats, sent from a thread of their own (a batch in hand does not
+            # delay them); each also requeues the batches of peers silent for WORKER_TTL_S.
+            WORKER_HEARTBEAT_S=read.number("WORKER_HEARTBEAT_S", 0.5, 0.1),
             # Seconds without a heartbeat before a worker counts as dead: /predict then answers 503 and peers
-            # requeue its claimed messages. Must exceed REDIS_BLOCK_S plus the longest batch's inference time.
-            WORKER_TTL_S=read.number("WORKER_TTL_S", 10.0, 1.0),
+            # requeue its claimed messages. A worker refuses to start unless WORKER_TTL_S + WORKER_HEARTBEAT_S +
+            # 2 x its largest batch < REQUEST_TIMEOUT_S (check_takeover), so a dead worker's requests are answered
+            # in time. Too short, and a worker starved of CPU for that long (a niced one under a decode flood)
+            # counts as dead; its late answers are then dropped, never doubled.
+            WORKER_TTL_S=read.number("WORKER_TTL_S", 3.0, 1.0),
             # --- Model (the model worker only) -------------------------------------------------------------
             # Niceness the model worker runs at (0-19); 0: unchanged. On a CPU-only box whose cores the model shares
             # with gunicorn and Redis, 10-19 lets their short work preempt the model, so 503s stay fast under

@@ -360,3 +360,73 @@ def test_the_worker_is_backend_agnostic_tensorflow_only_in_the_optional_gpu_memo
                     scope = parents[scope]
                 found.append((path.name, getattr(scope, "name", "<module>")))
     assert found == [("classifier.py", "enable_gpu_memory_growth")]
+
+
+# --- Heartbeats from their own thread: takeover before the deadline ------------------------------
+
+
+class SlowClassifier(StandInClassifier):
+    """A batch that takes longer than the workers' TTL, as a big batch on a slow CPU does."""
+
+    def __init__(self, seconds: float):
+        super().__init__()
+        self.seconds = seconds
+
+    def predict(self, pixels):
+        time.sleep(self.seconds)
+        return super().predict(pixels)
+
+
+def test_a_batch_longer_than_the_ttl_keeps_its_worker_alive_and_is_answered_once(redis_url, queue_name):
+    import threading
+
+    from image_queue import ImageQueue, connect
+
+    queue = ImageQueue(connect(redis_url, 0.2), queue_name, block_s=0.2, worker_ttl_s=1.0)
+    worker = ModelWorker(queue, SlowClassifier(2.5), batch_size=8, max_wait_s=0, heartbeat_s=0.2)
+    peer = ImageQueue(connect(redis_url, 0.2), queue_name, block_s=0.2, worker_ttl_s=1.0)
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
+    try:
+        queue.enqueue(message("slow", deadline=time.time() + 30))
+        live, requeued = [], 0
+        answer = None
+        while answer is None:
+            live.append(peer.status().live_workers)
+            requeued += peer.requeue_dead_workers()  # a peer looking for dead workers all along
+            answer = queue.wait_for("slow", time.monotonic() + 0.1)
+        assert min(live) == 1 and requeued == 0  # its heartbeats went on while the model ran for 2.5 s
+        assert queue.redis.llen(queue.keys.result("slow")) == 0  # and one answer, already taken
+        assert queue.stats().requeued == 0
+    finally:
+        worker.request_stop()
+        thread.join(5)
+
+
+def test_a_busy_worker_requeues_a_dead_peers_batch_within_ttl_plus_a_heartbeat(redis_url, queue_name):
+    """The rescue does not wait for the survivor's batch in hand: its heartbeat thread requeues."""
+    import threading
+
+    from image_queue import ImageQueue, connect
+
+    queue = ImageQueue(connect(redis_url, 0.2), queue_name, block_s=0.2, worker_ttl_s=1.0)
+    for i in range(3):
+        queue.enqueue(message(f"dead-{i}", deadline=time.time() + 30))
+    dead = queue.claim("dead-peer", 3)  # a worker that claimed a batch and was then killed
+    assert len(dead.messages) == 3
+    died = time.monotonic()
+    queue.enqueue(message("busy", deadline=time.time() + 30))
+    survivor = ModelWorker(queue, SlowClassifier(3.0), batch_size=1, max_wait_s=0, heartbeat_s=0.2)
+    thread = threading.Thread(target=survivor.run, daemon=True)
+    thread.start()
+    try:
+        while queue.redis.llen(queue.keys.processing("dead-peer")):
+            assert time.monotonic() - died < 1.0 + 0.2 + 0.5, "not requeued while the survivor was busy"
+            time.sleep(0.02)
+        requeued_after = time.monotonic() - died
+        assert requeued_after < 3.0  # before the survivor's 3 s batch ended
+        for i in range(3):
+            assert queue.wait_for(f"dead-{i}", time.monotonic() + 15) is not None
+    finally:
+        survivor.request_stop()
+        thread.join(10)

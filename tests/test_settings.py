@@ -111,3 +111,15 @@ def test_the_module_reads_the_environment_once_and_a_bad_value_stops_the_process
         [sys.executable, "-c", code], cwd=ROOT, env=env | {"BATCH_SIZE": "0"}, capture_output=True, text=True
     )
     assert result.returncode != 0 and "SettingError: BATCH_SIZE must be at least 1" in result.stderr
+
+
+def test_a_worker_refuses_settings_under_which_a_dead_workers_requests_expire_before_takeover():
+    defaults = Settings.from_env({})
+    assert (defaults.WORKER_TTL_S, defaults.WORKER_HEARTBEAT_S, defaults.REQUEST_TIMEOUT_S) == (3.0, 0.5, 10.0)
+    assert defaults.takeover_s(1.1) == pytest.approx(5.7)  # ResNet50, batch 32, on 2 cores: room to spare
+    defaults.check_takeover(1.1)
+    with pytest.raises(SettingError, match=r"WORKER_TTL_S \(3 s\).*2 x the largest batch \(3.40 s here\)"):
+        defaults.check_takeover(3.4)  # 3 + 0.5 + 6.8 >= 10
+    Settings.from_env({"REQUEST_TIMEOUT_S": "12"}).check_takeover(3.4)
+    with pytest.raises(SettingError, match="lower WORKER_TTL_S or BATCH_SIZE, or raise REQUEST_TIMEOUT_S"):
+        Settings.from_env({"WORKER_TTL_S": "10"}).check_takeover(0.1)  # the old default TTL: 504s, not takeover
