@@ -67,15 +67,19 @@ that was stalled (SIGSTOP, a long GC, a partition) and wakes after its batch was
 messages gone from its list, so its late answers are not written. Answers past their deadline are never
 written, and result keys expire, so nothing leaks when a client goes away.
 
-Redis errors (REDIS_ERRORS) are retried with backoff by the worker loop, its acks and the web's wait;
-redis-py's own retries are off, since the scripts are not idempotent. A worker that recovers from a Redis
-error first hands back whatever its processing list holds.
+Redis errors are classified in one place (redis_trouble: transient, configuration, unexpected; see
+TRANSIENT_REPLIES). Transient and unexpected ones are retried with backoff by the worker loop, its
+heartbeat thread and the web's wait; the web answers 503 where it cannot wait, never 500; a configuration
+error ends the worker (exit 2) and is a 503 on the web. redis-py's own retries are off, since the scripts
+are not idempotent. A worker that recovers from a Redis error first hands back whatever its processing
+list holds.
 """
 
 import binascii
 import json
 import logging
 import random
+import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -87,14 +91,33 @@ from redis.retry import Retry
 
 log = logging.getLogger(__name__)
 
-# What a lost, restarting, stalled, read-only (after a failover) or full Redis raises: transient,
-# so both sides retry them with backoff (the web answers 503 where it cannot wait).
-REDIS_ERRORS = (
-    redis.ConnectionError,
+# Every Redis error is one of three kinds (redis_trouble), decided here and nowhere else:
+#   transient: the connection or a timeout, or a reply from a Redis that is restarting or loading its data,
+#     running a long script, failing over, out of memory, or unable to write its disk (MISCONF). Both sides
+#     back off and retry; the web answers 503 + Retry-After where it cannot wait.
+#   configuration: a refused password or a missing ACL permission; only an operator's fix helps. The
+#     worker exits 2 with one line; the web answers 503 and logs it once per process.
+#   unexpected: any other reply. The worker logs it, backs off and hands its batch back; the web answers 503.
+# A Redis condition is never a 500 and never ends a worker.
+TRANSIENT_REPLIES = frozenset(
+    "BUSY LOADING MASTERDOWN MISCONF NOREPLICAS TRYAGAIN CLUSTERDOWN UNBLOCKED READONLY OOM".split()
+)
+CONFIGURATION_REPLIES = frozenset({"NOPERM", "NOAUTH", "WRONGPASS"})
+CONFIGURATION_ERRORS = (
+    redis.AuthenticationError,  # WRONGPASS, NOAUTH, "invalid password"
+    redis.exceptions.AuthorizationError,
+    redis.exceptions.NoPermissionError,  # NOPERM: the ACL user may not run this command or touch this key
+    redis.exceptions.AuthenticationWrongNumberOfArgsError,
+)
+TRANSIENT_ERRORS = (
+    redis.ConnectionError,  # also LOADING (BusyLoadingError)
     redis.TimeoutError,
     redis.exceptions.ReadOnlyError,
     redis.exceptions.OutOfMemoryError,
+    redis.exceptions.ClusterDownError,  # also MASTERDOWN
+    redis.exceptions.TryAgainError,
 )
+REDIS_ERRORS = (redis.RedisError,)  # what the callers catch; redis_trouble says which kind it is
 WEB_SOCKET_MARGIN_S = 0.5  # web: a stalled Redis delays a 503/504 by at most REDIS_BLOCK_S + this
 WORKER_SOCKET_MARGIN_S = 2.0  # worker: room to move a batch of messages over a slow link
 NO_DEADLINE = 1e18  # deadline for answers that must go out whatever the time (poison messages)
@@ -113,13 +136,40 @@ class Draining(Exception):
 
 
 class QueueUnavailable(Exception):
-    """Redis cannot be reached."""
+    """Redis cannot be reached, or cannot serve now (a transient or unexpected reply)."""
 
 
-def unavailable(exc: Exception) -> QueueUnavailable:
-    """The 503 for a Redis error; one that refused our password says so, since only a fix of REDIS_URL helps."""
+class QueueMisconfigured(QueueUnavailable):
+    """Redis refused our credentials or permissions: a setting to fix, not an outage."""
+
+
+def reply_code(exc: redis.RedisError) -> str:
+    """The error reply's code (BUSY, NOPERM, ...), also when a pipeline wrapped its message."""
+    if code := getattr(exc, "status_code", None):  # redis-py strips the code it maps to a class
+        return code
+    found = re.search(r"(?:^|caused error: )([A-Z]{3,})\b", str(exc))
+    return found.group(1) if found else ""
+
+
+def redis_trouble(exc: redis.RedisError) -> str:
+    """ "transient", "configuration" or "unexpected" (see TRANSIENT_REPLIES)."""
+    code = reply_code(exc)
+    if isinstance(exc, CONFIGURATION_ERRORS) or code in CONFIGURATION_REPLIES:
+        return "configuration"
+    if isinstance(exc, TRANSIENT_ERRORS) or code in TRANSIENT_REPLIES:
+        return "transient"
+    return "unexpected"
+
+
+def unavailable(exc: redis.RedisError) -> QueueUnavailable:
+    """The web's 503 for a Redis error; one that refused our credentials says which setting to check."""
+    kind = redis_trouble(exc)
     if isinstance(exc, redis.AuthenticationError):
-        return QueueUnavailable(f"Redis authentication failed ({exc}): check the password in REDIS_URL")
+        return QueueMisconfigured(f"Redis authentication failed ({exc}): check the password in REDIS_URL")
+    if kind == "configuration":
+        return QueueMisconfigured(f"Redis refused a command ({exc}): the ACL of REDIS_URL's user must allow it")
+    if kind == "unexpected":
+        log.error("unexpected Redis reply: %r", exc)
     return QueueUnavailable(f"Redis is unavailable: {exc}")
 
 
@@ -602,6 +652,8 @@ class ImageQueue:
             try:
                 reply = self.redis.blpop([key], timeout=max(0.01, min(remaining, self.block_s)))
             except REDIS_ERRORS as exc:
+                if redis_trouble(exc) == "configuration":
+                    raise unavailable(exc) from exc
                 delay = min(backoff.next_delay(), max(0.0, deadline - time.monotonic()))
                 log.warning("waiting for %s: Redis unavailable (%s); retrying in %.2f s", request_id, exc, delay)
                 time.sleep(delay)

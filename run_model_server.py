@@ -14,11 +14,11 @@ import uuid
 from typing import NamedTuple
 
 import numpy as np
-import redis
 
 import logs
 import settings
 from image_queue import (
+    CONFIGURATION_ERRORS,
     REDIS_ERRORS,
     Backoff,
     Claim,
@@ -30,6 +30,7 @@ from image_queue import (
     encode_answer,
     encode_error,
     queue_from_config,
+    redis_trouble,
 )
 
 log = logging.getLogger("model_server")
@@ -119,7 +120,9 @@ class Heartbeat:
             except REDIS_ERRORS as exc:
                 delay = min(backoff.next_delay(), self.every_s)
                 if backoff.failures == 1:  # the main loop logs the outage too: once per outage here
-                    log.warning("worker %s: heartbeat failed (%s); retrying", self.worker_id, exc)
+                    log.warning(
+                        "worker %s: heartbeat failed (%s: %s); retrying", self.worker_id, redis_trouble(exc), exc
+                    )
 
 
 class ModelWorker:
@@ -135,6 +138,7 @@ class ModelWorker:
         height, width = classifier.input_size
         self.model_info = ModelInfo(classifier.name, height, width)
         self.stopping = False
+        self.exit_code = 0  # 2: Redis refused this worker's credentials or permissions
 
     def request_stop(self, signum=None, frame=None) -> None:
         """Signal handler: the first asks to stop after the batch in hand, the second stops now."""
@@ -162,8 +166,17 @@ class ModelWorker:
                 if claim.messages:
                     self.process(claim)
             except REDIS_ERRORS as exc:
-                delay = backoff.next_delay()
-                log.warning("worker %s: Redis unavailable (%s); retrying in %.2f s", self.worker_id, exc, delay)
+                kind, delay = redis_trouble(exc), backoff.next_delay()
+                if kind == "configuration":  # retrying cannot help: say so once and leave
+                    log.error(
+                        "worker %s: Redis refused it (%s): check REDIS_URL and the ACL; exiting", self.worker_id, exc
+                    )
+                    self.exit_code = 2
+                    break
+                if kind == "unexpected":  # logged in full; its batch goes back on the queue once Redis answers
+                    log.error("worker %s: unexpected Redis reply %r; retrying in %.2f s", self.worker_id, exc, delay)
+                else:
+                    log.warning("worker %s: Redis unavailable (%s); retrying in %.2f s", self.worker_id, exc, delay)
                 time.sleep(delay)
         heartbeat.stop()
         try:
@@ -200,7 +213,7 @@ class ModelWorker:
             try:
                 return self.queue.ack(self.worker_id, result.done, result.batch_size, result.inference_s)
             except REDIS_ERRORS as exc:
-                if time.monotonic() > give_up:
+                if redis_trouble(exc) != "transient" or time.monotonic() > give_up:
                     raise
                 delay = backoff.next_delay()
                 log.warning("worker %s: could not answer (%s); retrying in %.2f s", self.worker_id, exc, delay)
@@ -215,7 +228,7 @@ def credentials_accepted(queue: ImageQueue) -> bool:
     """
     try:
         queue.redis.ping()
-    except redis.AuthenticationError as exc:
+    except CONFIGURATION_ERRORS as exc:
         log.error("Redis refused this worker's credentials (%s): check the password in REDIS_URL; exiting", exc)
         return False
     except REDIS_ERRORS as exc:
@@ -270,7 +283,7 @@ def main() -> int:
     signal.signal(signal.SIGTERM, worker.request_stop)
     signal.signal(signal.SIGINT, worker.request_stop)
     worker.run()
-    return 0
+    return worker.exit_code
 
 
 if __name__ == "__main__":

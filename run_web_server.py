@@ -438,9 +438,16 @@ def domain_error(exc: Exception):
     reason = next((r for cls, r in REJECT_REASONS.items() if isinstance(exc, cls)), None)
     if reason:
         g.reject_reason = reason
-    if status >= 500:
+    if isinstance(exc, image_queue.QueueMisconfigured):  # the same refusal for every request until fixed: once
+        if str(exc) not in _SAID:
+            _SAID.add(str(exc))
+            log.error("%s (logged once per web process)", exc)
+    elif status >= 500:
         log.warning("%s %s: %d %s", request.method, request.path, status, exc)
     return error_response(status, str(exc), retry_after)
+
+
+_SAID: set[str] = set()  # configuration errors this process has logged
 
 
 def too_large(exc: RequestEntityTooLarge):

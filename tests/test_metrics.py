@@ -21,9 +21,8 @@ import requests
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 from prometheus_client.parser import text_string_to_metric_families
 from support.images import distinct_photos
-from support.stand_in import CAT, MODEL, StandInWorker, post_image
+from support.stand_in import CAT, MODEL, StandInClassifier, StandInWorker, post_image
 from support.traffic import Traffic, wait_for
-from test_model_server import StandInClassifier
 
 import helpers
 import image_queue

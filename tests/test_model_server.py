@@ -8,31 +8,11 @@ import numpy as np
 import pytest
 from support import IMAGENET_INDEX, ROOT
 from support.images import distinct_photos
+from support.stand_in import StandInClassifier
 
 import helpers
 import image_queue
 from run_model_server import ModelWorker, answer_batch
-
-
-class StandInClassifier:
-    """Probabilities that depend on the pixels, so answers can be traced back to their image."""
-
-    name, input_size, labels = "StandIn", (4, 4), ["dark", "bright"]
-
-    def __init__(self, fail: bool = False):
-        self.fail, self.batches = fail, []
-
-    def predict(self, pixels):
-        self.batches.append(len(pixels))
-        if self.fail:
-            raise RuntimeError("out of memory")
-        bright = pixels.reshape(len(pixels), -1).mean(axis=1) / 255
-        return np.stack([1 - bright, bright], axis=1)
-
-    def top_k(self, probabilities, k):
-        order = np.argsort(-probabilities)[:k]
-        return [{"label": self.labels[i], "probability": float(probabilities[i])} for i in order]
-
 
 NOW = 1_800_000_000.0
 

@@ -18,6 +18,26 @@ from support.images import encode, photo
 MODEL = ModelInfo("StandIn", 32, 48)  # height, width: not square, so a transposed size would show
 
 
+class StandInClassifier:
+    """Probabilities that depend on the pixels, so answers can be traced back to their image."""
+
+    name, input_size, labels = "StandIn", (4, 4), ["dark", "bright"]
+
+    def __init__(self, fail: bool = False):
+        self.fail, self.batches = fail, []
+
+    def predict(self, pixels):
+        self.batches.append(len(pixels))
+        if self.fail:
+            raise RuntimeError("out of memory")
+        bright = pixels.reshape(len(pixels), -1).mean(axis=1) / 255
+        return np.stack([1 - bright, bright], axis=1)
+
+    def top_k(self, probabilities, k):
+        order = np.argsort(-probabilities)[:k]
+        return [{"label": self.labels[i], "probability": float(probabilities[i])} for i in order]
+
+
 class StandInWorker:
     """A thread that heartbeats, claims and answers like run_model_server.py, with no model."""
 
