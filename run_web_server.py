@@ -144,25 +144,33 @@ def queue() -> image_queue.ImageQueue:
 
 
 def require_api_key():
-    """With API_KEYS set, every request but OPEN_PATHS needs a valid key: 401 before its body is read.
+    """With API_KEYS set, every request but OPEN_PATHS needs a valid key: 401 before its body is read."""
+    if request.path in OPEN_PATHS or request.path.startswith(OPEN_PREFIX):
+        return None
+    refusal = api_key_refusal()
+    return unauthorized(refusal) if refusal else None
+
+
+def api_key_refusal() -> str | None:
+    """Why this request's API key is refused, or None when keys are off or it carries a valid one.
 
     The presented key is hashed like the configured ones, so every comparison is between equal
     lengths, and it is compared with every key (hmac.compare_digest, no early exit): the time taken
     tells neither which key matched nor how much of one. The key itself is never logged.
     """
     known = current_app.extensions["api_keys"]
-    if not known or request.path in OPEN_PATHS or request.path.startswith(OPEN_PREFIX):
+    if not known:
         return None
     presented = presented_api_key()
     if presented is None:
-        return unauthorized("an API key is required: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'")
+        return "an API key is required: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'"
     digest = hashlib.sha256(presented.encode()).digest()
     valid = False
     for key_digest in known:
         valid |= hmac.compare_digest(digest, key_digest)
     if not valid:
         log.info("%s %s: 401, an unknown API key from %s", request.method, request.path, request.remote_addr)
-        return unauthorized("the API key is not valid")
+        return "the API key is not valid"
     g.client_id = f"key-{digest.hex()[:16]}"  # what the rate limit counts against: a hash, not the key
     return None
 
@@ -252,8 +260,14 @@ def healthz():
 
 @bp.get("/readyz")
 def readyz():
-    """Ready when Redis answers and a model worker's heartbeat is fresh."""
+    """Ready when Redis answers and a model worker's heartbeat is fresh.
+
+    Open to load balancers without a key; with API_KEYS set, the queue's figures (workers, model, depth)
+    are shown only to a request with a valid key, as on /metrics.
+    """
     status = live_status()
+    if api_key_refusal():
+        return jsonify(ready=True)
     model = status.model
     return jsonify(
         ready=True,

@@ -300,3 +300,14 @@ def test_a_short_or_malformed_key_stops_the_start_without_printing_it(bad):
 def test_a_rate_limit_typo_stops_the_start(bad):
     result = settings_in_a_clean_process(RATE_LIMIT=bad)
     assert result.returncode != 0 and "SettingError: RATE_LIMIT must be limits like" in result.stderr
+
+
+def test_readyz_shows_the_queue_figures_only_with_a_valid_key(make_app):
+    app = make_app(API_KEYS=(KEY_A,))
+    client = app.test_client()
+    with StandInWorker(app.extensions["image_queue"]):
+        for headers in ({}, {"X-API-Key": "not-a-key-but-long-enough"}):
+            response = client.get("/readyz", headers=headers)
+            assert response.status_code == 200 and response.json == {"ready": True}  # open, but says no more
+        figures = client.get("/readyz", headers={"X-API-Key": KEY_A}).json
+    assert figures["ready"] is True and figures["workers"] == 1 and "queue_depth" in figures and "model" in figures
