@@ -35,7 +35,8 @@ Steps, each one round trip (scripts and MULTI blocks are atomic):
     status()    web, one script: Redis TIME, workers whose heartbeat is younger than WORKER_TTL_S, the
                 model's input size, messages waiting and held, paused. No live worker: 503 at once.
     enqueue()   web, one MULTI: LPUSH the message, then a script counts the messages held (waiting plus
-                every worker's processing list); over QUEUE_MAX it LTRIMs the message off again (503).
+                every worker's processing list); over QUEUE_MAX, or while paused, it LTRIMs the message
+                off again (503). So once admin.py drain has seen nothing held, nothing more arrives.
                 The deadline is the Redis clock plus what is left of REQUEST_TIMEOUT_S, so web and worker
                 machines agree on it.
     wait_for()  web: BLPOP on the request's own result key, at most REDIS_BLOCK_S per call, until the
@@ -440,11 +441,18 @@ end
 """
 
 # Runs in one MULTI right after the LPUSH of a message, so that message is the queue's head: over the
-# bound, LTRIM drops it again. The message itself never passes through Lua (see _REGISTER).
-# KEYS: queue, workers. ARGV: processing prefix, queue_max. -> messages held, or -1 when full
+# bound, or while an operator drains the queue, LTRIM drops it again. The pause is checked here, atomically
+# with the push, and not only before the upload is decoded: a drain that has seen nothing held can then
+# never be followed by a message that passed the early check. The message never passes through Lua.
+# KEYS: queue, workers, paused. ARGV: processing prefix, queue_max. -> messages held, -1 when full,
+# -2 when paused
 _ADMIT = (
     _HELD
     + """
+if redis.call('EXISTS', KEYS[3]) == 1 then
+  redis.call('LTRIM', KEYS[1], 1, -1)
+  return -2
+end
 local n = held()
 if n > tonumber(ARGV[2]) then
   redis.call('LTRIM', KEYS[1], 1, -1)
@@ -633,7 +641,8 @@ class ImageQueue:
         Held counts the messages waiting and those on workers' processing lists, so Redis never
         holds more than queue_max images for this queue.
         """
-        keys, args = [self.keys.queue, self.keys.workers], [self.keys.processing(""), self.queue_max]
+        keys = [self.keys.queue, self.keys.workers, self.keys.paused]
+        args = [self.keys.processing(""), self.queue_max]
         try:
             with self.redis.pipeline(transaction=True) as pipe:
                 pipe.lpush(self.keys.queue, message)
@@ -641,6 +650,8 @@ class ImageQueue:
                 _, held = pipe.execute()
         except REDIS_ERRORS as exc:
             raise unavailable(exc) from exc
+        if held == -2:
+            raise Draining("the service is draining for maintenance; retry shortly")
         if held < 0:
             raise QueueFull(f"the queue holds {self.queue_max} images")
         return held

@@ -62,6 +62,28 @@ def test_drain_refuses_new_requests_waits_until_nothing_is_held_and_resume_reope
     assert "drained: nothing is held" in capsys.readouterr().out
 
 
+def test_a_request_that_passed_the_pause_check_before_a_drain_is_refused_not_queued_after_it(make_app, monkeypatch):
+    """The drain starts while a request that saw the queue open is still decoding: once the drain has seen
+    nothing held, that request must get 503 "draining", not slip into the queue and 504 when workers stop."""
+    import helpers
+
+    app = make_app()
+    queue, client = app.extensions["image_queue"], app.test_client()
+    prepare = helpers.prepare_image
+    drained = []
+
+    def prepare_while_a_drain_starts(image, size):
+        drained.append(admin.drain(queue, wait_s=1))  # nothing is held yet: the drain reports 0
+        return prepare(image, size)
+
+    monkeypatch.setattr(helpers, "prepare_image", prepare_while_a_drain_starts)
+    queue.heartbeat("idle", MODEL)  # a live worker that claims nothing: a queued message would wait
+    response = post_image(client)
+    assert drained == [0]
+    assert_json_error(response, 503, "draining")
+    assert queue.status().held == 0  # nothing arrived after the drain said so
+
+
 def test_drain_gives_up_with_status_1_when_nothing_answers(make_queue):
     queue = make_queue()
     queue.enqueue(b"stuck")
