@@ -39,8 +39,9 @@ Steps, each one round trip (scripts and MULTI blocks are atomic):
                 off again (503). So once admin.py drain has seen nothing held, nothing more arrives.
                 The deadline is the Redis clock plus what is left of REQUEST_TIMEOUT_S, so web and worker
                 machines agree on it.
-    wait_for()  web: BLPOP on the request's own result key, at most REDIS_BLOCK_S per call, until the
-                deadline (then 504). No sleeping, no polling of a shared key.
+    wait_for()  web: BLMOVE of the request's own result key onto itself (a blocking read that leaves the
+                answer there, so a reply lost on the way is read again), at most REDIS_BLOCK_S per
+                call, until the deadline (then 504); then DEL. No sleeping, no polling of a shared key.
     claim()     worker, one MULTI: a script registers the worker (ZADD workers) and reads TIME, then up to
                 BATCH_SIZE LMOVEs queue -> processing. On an empty queue the worker blocks in BLMOVE
                 (REDIS_BLOCK_S), so a lone request starts at once; MAX_BATCH_WAIT_MS > 0 holds a partial
@@ -661,7 +662,9 @@ class ImageQueue:
         key, backoff = self.keys.result(request_id), Backoff()
         while (remaining := deadline - time.monotonic()) > 0:
             try:
-                reply = self.redis.blpop([key], timeout=max(0.01, min(remaining, self.block_s)))
+                # BLMOVE from the key onto itself: a blocking read that leaves the answer where it is, so
+                # a reply lost on the way (the connection drops after Redis sent it) is read again.
+                answer = self.redis.blmove(key, key, max(0.01, min(remaining, self.block_s)), "RIGHT", "LEFT")
             except REDIS_ERRORS as exc:
                 if redis_trouble(exc) == "configuration":
                     raise unavailable(exc) from exc
@@ -669,8 +672,12 @@ class ImageQueue:
                 log.warning("waiting for %s: Redis unavailable (%s); retrying in %.2f s", request_id, exc, delay)
                 time.sleep(delay)
                 continue
-            if reply is not None:
-                return reply[1]
+            if answer is not None:
+                try:
+                    self.redis.delete(key)
+                except REDIS_ERRORS as exc:  # it expires after RESULT_TTL_S anyway
+                    log.warning("could not delete the answer of %s (%s); it expires by itself", request_id, exc)
+                return answer
         return None
 
     # --- operators (admin.py) -----------------------------------------------------------------

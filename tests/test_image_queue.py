@@ -323,3 +323,20 @@ def test_a_stalled_redis_delays_a_503_or_504_by_at_most_one_block_plus_the_margi
     started = time.monotonic()
     assert queue.wait_for("anything", started + 1.2) is None
     assert time.monotonic() - started < 1.2 + block_s + WEB_SOCKET_MARGIN_S + 0.3
+
+
+def test_an_answer_whose_reply_is_lost_on_the_way_is_read_again_not_lost(redis_server, queue_name, redis_client):
+    """The web's read of its answer must not destroy it: if the connection drops after Redis sent the
+    answer, the retry finds it still there (a blocking read that leaves it, then a delete)."""
+    from support.proxy import ReplyDroppingProxy
+
+    proxy = ReplyDroppingProxy(redis_server["port"])
+    try:
+        queue = ImageQueue(connect(f"redis://127.0.0.1:{proxy.port}/0", 0.2), queue_name, block_s=0.2)
+        redis_client.rpush(queue.keys.result("r1"), b'{"answer": "the one"}')
+        proxy.drop_reply_containing(b"the one")
+        assert queue.wait_for("r1", time.monotonic() + 3) == b'{"answer": "the one"}'
+        assert proxy.dropped == 1
+        assert not redis_client.exists(queue.keys.result("r1"))  # read, then deleted
+    finally:
+        proxy.close()
