@@ -14,7 +14,7 @@ Keys (IMAGE_QUEUE = "image_queue"; each built by Keys, nowhere else):
                                         n images the model ran, "inference_s" their seconds, "requeued"
     Every key of a queue carries the hash tag {IMAGE_QUEUE}, so they would share one Redis Cluster slot;
     the scripts build processing-list keys from the workers set, so a queue needs one Redis (or one slot).
-    There is no Cluster or Sentinel client yet.
+    That Redis may be a Sentinel-managed master (connect(): REDIS_SENTINELS); there is no Cluster client yet.
 
 Message (web -> model worker), never pickle: a one-line JSON header, UTF-8, "id" first (the purge and
 the ack find a message by its first bytes), a newline, then the raw pixels (row-major height x width x RGB):
@@ -175,20 +175,44 @@ def unavailable(exc: redis.RedisError) -> QueueUnavailable:
     return QueueUnavailable(f"Redis is unavailable: {exc}")
 
 
-def connect(url: str, block_s: float, margin_s: float = WORKER_SOCKET_MARGIN_S) -> redis.Redis:
+def connect(
+    url: str,
+    block_s: float,
+    margin_s: float = WORKER_SOCKET_MARGIN_S,
+    sentinels: tuple[tuple[str, int], ...] = (),
+    sentinel_master: str = "mymaster",
+) -> redis.Redis:
     """A client whose socket timeout outlives the longest blocking call made through it by margin_s.
 
     No automatic retries: the scripts are not idempotent, and a retry after a lost reply could push a
     message twice or claim messages the worker never sees (redis-py's default retries 10 times, also on
     timeouts, which would hold a web request for seconds). Callers handle outages, with backoff.
+
+    With sentinels, the client is redis-py's Sentinel client for sentinel_master: each new connection asks
+    the sentinels where the master is, and a connection to a demoted master (READONLY) or a dead one
+    fails, so the callers' backoff reconnects to the promoted one. url then gives only the password,
+    the database and TLS; the sentinels themselves are reached with the same TLS and timeouts.
     """
-    return redis.Redis.from_url(
-        url,
-        socket_timeout=block_s + margin_s,
-        socket_connect_timeout=block_s + margin_s,
-        retry=Retry(NoBackoff(), 0),
-        health_check_interval=30,
+    options = {
+        "socket_timeout": block_s + margin_s,
+        "socket_connect_timeout": block_s + margin_s,
+        "retry": Retry(NoBackoff(), 0),
+        "health_check_interval": 30,
+    }
+    if not sentinels:
+        return redis.Redis.from_url(url, **options)
+    from redis.sentinel import Sentinel
+
+    from_url = redis.connection.parse_url(url)
+    tls = from_url.pop("connection_class", None) is redis.SSLConnection
+    for ignored in ("host", "port"):
+        from_url.pop(ignored, None)
+    ssl_options = {k: v for k, v in from_url.items() if k.startswith("ssl")}
+    sentinel_options = {k: v for k, v in options.items() if k != "health_check_interval"}
+    manager = Sentinel(
+        sentinels, sentinel_kwargs=sentinel_options | ({"ssl": True} | ssl_options if tls else {}), **options
     )
+    return manager.master_for(sentinel_master, ssl=tls, **from_url)
 
 
 class Backoff:
@@ -582,8 +606,10 @@ class ImageQueue:
         block_s: float = 1.0,
         result_ttl_s: int = 60,
         worker_ttl_s: float = 10.0,
+        wait_replicas: int = 0,
     ):
         self.redis = client
+        self.wait_replicas = wait_replicas
         self.keys = Keys(name)
         self.queue_max = queue_max
         self.block_s = block_s
@@ -651,11 +677,25 @@ class ImageQueue:
                 _, held = pipe.execute()
         except REDIS_ERRORS as exc:
             raise unavailable(exc) from exc
+        if self.wait_replicas and held >= 0:
+            self._wait_for_replicas()
         if held == -2:
             raise Draining("the service is draining for maintenance; retry shortly")
         if held < 0:
             raise QueueFull(f"the queue holds {self.queue_max} images")
         return held
+
+    def _wait_for_replicas(self) -> None:
+        """REDIS_WAIT_REPLICAS: hold the request until that many replicas have its message (Redis WAIT, at
+        most REDIS_BLOCK_S). Fewer in time is logged and the request goes on: the message is queued on the
+        master either way, and refusing it now would not take it back."""
+        try:
+            acked = self.redis.wait(self.wait_replicas, int(self.block_s * 1000))
+        except REDIS_ERRORS as exc:
+            log.warning("WAIT for %d replicas failed (%s); the message is queued", self.wait_replicas, exc)
+            return
+        if acked < self.wait_replicas:
+            log.warning("only %d of %d replicas had the message within %g s", acked, self.wait_replicas, self.block_s)
 
     def wait_for(self, request_id: str, deadline: float) -> bytes | None:
         """Block on the request's result key until an answer or the time.monotonic() deadline."""
@@ -787,11 +827,19 @@ class ImageQueue:
 
 def queue_from_config(config: Mapping, margin_s: float = WORKER_SOCKET_MARGIN_S) -> ImageQueue:
     """The queue that settings (or a Flask app's config, which copies them) describe."""
+    client = connect(
+        config["REDIS_URL"],
+        config["REDIS_BLOCK_S"],
+        margin_s,
+        sentinels=tuple(config.get("REDIS_SENTINELS", ())),
+        sentinel_master=config.get("REDIS_SENTINEL_MASTER", "mymaster"),
+    )
     return ImageQueue(
-        connect(config["REDIS_URL"], config["REDIS_BLOCK_S"], margin_s),
+        client,
         config["IMAGE_QUEUE"],
         queue_max=config["QUEUE_MAX"],
         block_s=config["REDIS_BLOCK_S"],
         result_ttl_s=config["RESULT_TTL_S"],
         worker_ttl_s=config["WORKER_TTL_S"],
+        wait_replicas=config.get("REDIS_WAIT_REPLICAS", 0),
     )

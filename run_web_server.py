@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 
 # The settings the app copies into app.config; create_app(config) overrides any of them.
 CONFIG_KEYS = (
-    "REDIS_URL", "REDIS_BLOCK_S", "IMAGE_QUEUE", "QUEUE_MAX", "REQUEST_TIMEOUT_S", "RESULT_TTL_S",
+    "REDIS_URL", "REDIS_SENTINELS", "REDIS_SENTINEL_MASTER", "REDIS_WAIT_REPLICAS", "REDIS_BLOCK_S",
+    "IMAGE_QUEUE", "QUEUE_MAX", "REQUEST_TIMEOUT_S", "RESULT_TTL_S",
     "WORKER_TTL_S", "MAX_UPLOAD_MB", "MAX_IMAGE_PIXELS", "TOP_K", "TOP_K_MAX",
     "API_KEYS", "RATE_LIMIT", "TRUSTED_PROXIES", "DECODE_SLOTS",
 )  # fmt: skip

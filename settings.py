@@ -64,6 +64,19 @@ class _Reader:
             raise SettingError(f"{name} must be 1/true/yes/on or 0/false/no/off, got {raw!r}")
         return default
 
+    def addresses(self, name: str) -> tuple[tuple[str, int], ...]:
+        """Comma-separated host:port pairs ("10.0.0.1:26379,[::1]:26379"); empty: none."""
+        pairs = []
+        for item in (part.strip() for part in self.text(name, "").split(",")):
+            host, _, port = item.rpartition(":")
+            host = host.removeprefix("[").removesuffix("]")
+            if not item:
+                continue
+            if not host or not port.isdecimal() or not 0 < int(port) < 65536:
+                raise SettingError(f"{name} must be host:port pairs separated by commas, got {item!r}")
+            pairs.append((host, int(port)))
+        return tuple(pairs)
+
     def choice(self, name: str, default: str, allowed: tuple[str, ...]) -> str:
         value = self.text(name, default).lower()
         if value not in allowed:
@@ -105,6 +118,9 @@ class Settings:
     REDIS_URL: str
     REDIS_CONFIGURED: bool
     REDIS_BLOCK_S: float
+    REDIS_SENTINELS: tuple[tuple[str, int], ...]
+    REDIS_SENTINEL_MASTER: str
+    REDIS_WAIT_REPLICAS: int
     IMAGE_QUEUE: str
     BATCH_SIZE: int
     MAX_BATCH_WAIT_MS: float
@@ -198,8 +214,18 @@ class Settings:
             # Full URL (redis://[:password@]host:port/db, rediss:// for TLS, unix:///path.sock); wins over the above.
             REDIS_URL=read.text("REDIS_URL", "") or f"redis://{redis_host}:{redis_port}/{redis_db}",
             # True when the operator named a Redis; the stack launcher starts its own redis-server otherwise.
-            REDIS_CONFIGURED=any(name in env for name in ("REDIS_URL", "REDIS_HOST", "REDIS_PORT")),
+            REDIS_CONFIGURED=any(name in env for name in ("REDIS_URL", "REDIS_HOST", "REDIS_PORT", "REDIS_SENTINELS")),
             REDIS_BLOCK_S=read.number("REDIS_BLOCK_S", 1.0, 0.1),  # seconds: the longest single blocking Redis call
+            # Redis Sentinel: the sentinels' host:port pairs, comma-separated. Set, the web, the workers, admin.py
+            # and /metrics ask them for the master of REDIS_SENTINEL_MASTER (redis-py's Sentinel client) and follow
+            # it through a failover; REDIS_URL then gives only the password, the database and TLS (rediss://), and
+            # its host is ignored. Empty: REDIS_URL names the one Redis.
+            REDIS_SENTINELS=read.addresses("REDIS_SENTINELS"),
+            REDIS_SENTINEL_MASTER=read.text("REDIS_SENTINEL_MASTER", "mymaster"),  # the name the sentinels monitor
+            # Replicas that must have each queued image before the web waits for its answer (Redis WAIT, up to
+            # REDIS_BLOCK_S; fewer in time is logged, and the request goes on). 0: none, Redis's asynchronous
+            # replication, where a failover can lose what the master had not yet sent. See the README's HA section.
+            REDIS_WAIT_REPLICAS=read.whole("REDIS_WAIT_REPLICAS", 0),
             # --- Queue ------------------------------------------------------------------------------------
             IMAGE_QUEUE=read.text("IMAGE_QUEUE", "image_queue"),  # queue name; every key is "{IMAGE_QUEUE}:..."
             BATCH_SIZE=read.whole("BATCH_SIZE", 32, 1),  # images: the most one forward pass takes

@@ -340,3 +340,12 @@ def test_an_answer_whose_reply_is_lost_on_the_way_is_read_again_not_lost(redis_s
         assert not redis_client.exists(queue.keys.result("r1"))  # read, then deleted
     finally:
         proxy.close()
+
+
+def test_wait_replicas_holds_the_enqueue_for_the_replicas_then_goes_on_saying_so(make_queue, caplog):
+    queue = make_queue(wait_replicas=1, block_s=0.3)  # the tests' Redis has no replica: WAIT times out
+    started = time.monotonic()
+    queue.enqueue(b"message")
+    assert 0.25 <= time.monotonic() - started < 2  # WAIT held it up to REDIS_BLOCK_S, no longer
+    assert queue.status().queue_depth == 1  # queued on the master either way
+    assert "only 0 of 1 replicas had the message" in caplog.text

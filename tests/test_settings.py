@@ -123,3 +123,12 @@ def test_a_worker_refuses_settings_under_which_a_dead_workers_requests_expire_be
     Settings.from_env({"REQUEST_TIMEOUT_S": "12"}).check_takeover(3.4)
     with pytest.raises(SettingError, match="lower WORKER_TTL_S or BATCH_SIZE, or raise REQUEST_TIMEOUT_S"):
         Settings.from_env({"WORKER_TTL_S": "10"}).check_takeover(0.1)  # the old default TTL: 504s, not takeover
+
+
+def test_sentinels_are_host_port_pairs_and_count_as_a_configured_redis():
+    s = Settings.from_env({"REDIS_SENTINELS": "10.0.0.1:26379, [::1]:26380,", "REDIS_SENTINEL_MASTER": "q"})
+    assert s.REDIS_SENTINELS == (("10.0.0.1", 26379), ("::1", 26380)) and s.REDIS_SENTINEL_MASTER == "q"
+    assert s.REDIS_CONFIGURED is True and Settings.from_env({}).REDIS_SENTINELS == ()
+    for bad in ("10.0.0.1", "host:port", ":26379", "h:70000"):
+        with pytest.raises(SettingError, match="REDIS_SENTINELS must be host:port"):
+            Settings.from_env({"REDIS_SENTINELS": bad})
