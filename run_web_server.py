@@ -6,9 +6,11 @@ Never imports TensorFlow or Keras. Serve it with `gunicorn -c gunicorn_conf.py r
 
 import ctypes
 import hashlib
+import heapq
 import hmac
 import logging
 import math
+import socket
 import threading
 import time
 import uuid
@@ -303,7 +305,14 @@ def predict():
     deadline = status.server_time + timeout - (read_at - arrived)
     if status.held >= current_app.config["QUEUE_MAX"]:
         raise image_queue.QueueFull(f"the queue holds {status.held} images")
-    image = helpers.open_image(read_upload(), current_app.config["MAX_IMAGE_PIXELS"])
+    with UPLOAD_DEADLINES.watch(request.environ.get("gunicorn.socket"), arrived + timeout) as watch:
+        try:
+            upload = read_upload()
+        except (BadRequest, OSError):
+            if watch.fired:  # the body stopped at the deadline: the client was too slow, not wrong
+                return error_response(504, f"the image took longer than {timeout:g} s to upload and prepare")
+            raise
+    image = helpers.open_image(upload, current_app.config["MAX_IMAGE_PIXELS"])
     try:
         with decode_slot(arrived + timeout):
             late = time.monotonic() >= arrived + timeout  # a slow upload, or a slot freed at the deadline
@@ -487,6 +496,68 @@ def add_request_id(response):
         response.headers["X-Request-ID"] = g.request_id
     return response
 
+
+class UploadDeadlines:
+    """Ends the upload of a request still being read at its deadline, so slow clients cannot hold every
+    thread of a box (one trickling a byte a second would otherwise keep its thread for as long as it likes).
+
+    Under gunicorn, one watcher thread per process keeps the deadlines of the uploads being read and, at
+    one's deadline, shuts the reading side of that request's socket: the blocked read returns at once, the
+    request gets its 504, and gunicorn closes the connection instead of reading the rest. A per-read socket
+    timeout would not do: a trickle of one byte per read never times out. Other servers bound a request's
+    reads themselves (mod_wsgi's socket-timeout, uWSGI's harakiri), and there watch() does nothing.
+    """
+
+    class Watch:
+        fired = False
+
+    def __init__(self):
+        self.heap: list[tuple[float, int, socket.socket, UploadDeadlines.Watch]] = []
+        self.wake = threading.Condition()
+        self.count = 0
+        self.thread: threading.Thread | None = None
+
+    @contextmanager
+    def watch(self, sock: socket.socket | None, deadline: float):
+        watch = self.Watch()
+        if sock is None:
+            yield watch
+            return
+        with self.wake:
+            self.count += 1
+            entry = (deadline, self.count, sock, watch)
+            if self.thread is None or not self.thread.is_alive():  # started lazily: a forked worker has none
+                self.thread = threading.Thread(target=self._run, name="upload-deadlines", daemon=True)
+                self.thread.start()
+            heapq.heappush(self.heap, entry)
+            self.wake.notify()
+        try:
+            yield watch
+        finally:
+            with self.wake:
+                if entry in self.heap:
+                    self.heap.remove(entry)
+                    heapq.heapify(self.heap)
+
+    def _run(self) -> None:
+        with self.wake:
+            while True:
+                if not self.heap:
+                    self.wake.wait()
+                    continue
+                deadline, _, sock, watch = self.heap[0]
+                if (left := deadline - time.monotonic()) > 0:
+                    self.wake.wait(left)
+                    continue
+                heapq.heappop(self.heap)
+                watch.fired = True
+                try:
+                    sock.shutdown(socket.SHUT_RD)
+                except OSError:
+                    pass  # already closed
+
+
+UPLOAD_DEADLINES = UploadDeadlines()
 
 DRAIN_S = 5.0  # the longest drain_unread_body reads a refused upload (gunicorn drains 64 KB for as long)
 
