@@ -87,6 +87,15 @@ def _unidentified(data: bytes) -> ImageError:
     return NotAnImage("the upload is not an image (send JPEG, PNG, GIF, BMP, WebP or TIFF)")
 
 
+def decoded_pixels(image: Image.Image, size: tuple[int, int]) -> int:
+    """Pixels that decoding this opened image for size (width, height) will produce: its header's size,
+    less for a JPEG that decodes at 1/2, 1/4 or 1/8 scale (draft) while still covering size. Nothing is
+    decoded yet; prepare_image decodes at the same scale."""
+    if image.format in ("JPEG", "MPO"):
+        image.draft(None, (max(size), max(size)))  # either orientation still covers the target
+    return image.size[0] * image.size[1]
+
+
 def prepare_image(image: Image.Image, size: tuple[int, int]) -> np.ndarray:
     """Decode, orient (EXIF), resize to (width, height) and convert to 8-bit RGB: uint8 (h, w, 3).
 

@@ -35,7 +35,7 @@ CONFIG_KEYS = (
     "REDIS_URL", "REDIS_SENTINELS", "REDIS_SENTINEL_MASTER", "REDIS_WAIT_REPLICAS", "REDIS_BLOCK_S",
     "IMAGE_QUEUE", "QUEUE_MAX", "REQUEST_TIMEOUT_S", "RESULT_TTL_S",
     "WORKER_TTL_S", "MAX_UPLOAD_MB", "MAX_IMAGE_PIXELS", "TOP_K", "TOP_K_MAX",
-    "API_KEYS", "RATE_LIMIT", "TRUSTED_PROXIES", "DECODE_SLOTS",
+    "API_KEYS", "RATE_LIMIT", "TRUSTED_PROXIES", "DECODE_SLOTS", "DECODE_MEGAPIXELS_S",
 )  # fmt: skip
 
 
@@ -102,6 +102,7 @@ def create_app(config: dict | None = None) -> Flask:
     return_large_blocks_to_the_os()
     app.extensions["image_queue"] = image_queue.queue_from_config(app.config, image_queue.WEB_SOCKET_MARGIN_S)
     app.extensions["decode_slots"] = threading.BoundedSemaphore(app.config["DECODE_SLOTS"])
+    app.extensions["decode_budget"] = DecodeBudget(app.config["DECODE_MEGAPIXELS_S"], app.config["MAX_IMAGE_PIXELS"])
     app.extensions["api_keys"] = [hashlib.sha256(key.encode()).digest() for key in app.config["API_KEYS"]]
     app.before_request(require_api_key)  # registered first: runs before the rate limit, before any body is read
     if app.config["RATE_LIMIT"]:
@@ -314,6 +315,9 @@ def predict():
             raise
     image = helpers.open_image(upload, current_app.config["MAX_IMAGE_PIXELS"])
     try:
+        current_app.extensions["decode_budget"].spend(
+            helpers.decoded_pixels(image, (status.model.width, status.model.height))
+        )
         with decode_slot(arrived + timeout):
             late = time.monotonic() >= arrived + timeout  # a slow upload, or a slot freed at the deadline
             pixels = None if late else helpers.prepare_image(image, (status.model.width, status.model.height))
@@ -338,6 +342,34 @@ def predict():
     now = time.monotonic()
     metrics.observe_prediction(now - arrived, now - queued, answer["inference_ms"] / 1000)
     return response
+
+
+class DecodeBudget:
+    """DECODE_MEGAPIXELS_S: a token bucket of decoded pixels for this process. Decode slots bound how many
+    images decode at once, not how much: a few KB of flat PNG can be 50 megapixels and ~1 s of CPU, so a
+    client sending them could keep every slot busy. An image that would overdraw the budget is refused
+    before it is decoded (503 + Retry-After), which costs nothing."""
+
+    def __init__(self, megapixels_s: float, burst_pixels: int):
+        self.rate = megapixels_s * 1e6
+        self.capacity = max(float(burst_pixels), self.rate)
+        self.tokens, self.updated = self.capacity, time.monotonic()
+        self.lock = threading.Lock()
+
+    def spend(self, pixels: int) -> None:
+        if not self.rate:
+            return
+        with self.lock:
+            now = time.monotonic()
+            self.tokens = min(self.capacity, self.tokens + (now - self.updated) * self.rate)
+            self.updated = now
+            if pixels > self.tokens:
+                wait_s = (pixels - self.tokens) / self.rate
+                raise Busy(
+                    f"this server is decoding its budget of {self.rate / 1e6:g} megapixels a second "
+                    f"(DECODE_MEGAPIXELS_S); this image ({pixels / 1e6:.1f} MP) can be decoded in {wait_s:.1f} s"
+                )
+            self.tokens -= pixels
 
 
 @contextmanager

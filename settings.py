@@ -145,6 +145,7 @@ class Settings:
     GUNICORN_TIMEOUT_S: int
     MAX_UPLOAD_MB: float
     DECODE_SLOTS: int
+    DECODE_MEGAPIXELS_S: float
     MAX_IMAGE_PIXELS: int
     TOP_K: int
     API_KEYS: tuple[str, ...]
@@ -282,6 +283,12 @@ class Settings:
             # Images one web process decodes at once; more wait their turn (503 at the deadline). A decode takes up
             # to ~12 bytes per pixel, so this x WEB_WORKERS x that is the web tier's worst case for image memory.
             DECODE_SLOTS=read.whole("DECODE_SLOTS", 2, 1),
+            # Megapixels one web process decodes per second at most, on average: decode work per process, bounded
+            # whatever the upload's size (a flat 50-megapixel PNG is a few KB and ~1 s of CPU to decode). An image
+            # over the budget gets 503 + Retry-After at once, undecoded. Bursts up to MAX_IMAGE_PIXELS (or one
+            # second's budget) pass. JPEGs count at the scale they decode at (a 12 MP photo for 224 x 224: ~0.2 MP).
+            # 50 is about one core of decoding; 0: no budget.
+            DECODE_MEGAPIXELS_S=read.number("DECODE_MEGAPIXELS_S", 50.0),
             MAX_IMAGE_PIXELS=read.whole("MAX_IMAGE_PIXELS", 50_000_000, 1),  # width x height: more gets 413 undecoded
             TOP_K=read.whole("TOP_K", 5, 1),  # predictions per answer unless the request asks ?top=K
             # --- Security (web) ---------------------------------------------------------------------------

@@ -258,3 +258,31 @@ def test_the_web_side_never_imports_tensorflow_or_keras():
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_decode_work_per_process_is_budgeted_a_flat_png_bomb_is_refused_undecoded(make_app, monkeypatch):
+    """A 4-megapixel flat PNG is a few KB: DECODE_SLOTS alone would decode one after another for anyone
+    who sends them. With a budget of 1 MP/s (burst 5 MP, MAX_IMAGE_PIXELS here), the first decodes, the
+    second gets 503 + Retry-After at once without being decoded, and a photo still fits."""
+    flat = encode(Image.new("RGB", (2000, 2000), (200, 100, 50)), "PNG")
+    assert len(flat) < 50_000
+    app = make_app(DECODE_MEGAPIXELS_S=1)
+    client = app.test_client()
+    decoded = []
+    prepare = helpers.prepare_image
+    monkeypatch.setattr(
+        helpers, "prepare_image", lambda image, size: decoded.append(image.size) or prepare(image, size)
+    )
+    with StandInWorker(app.extensions["image_queue"]):
+        assert post_image(client, flat).status_code == 200
+        refused = post_image(client, flat)
+        assert post_image(client, CAT).status_code == 200  # 451 x 300 at most: within what is left
+    assert_json_error(refused, 503, "DECODE_MEGAPIXELS_S")
+    assert refused.headers["Retry-After"]
+    assert len(decoded) == 2 and decoded[0] == (2000, 2000) and decoded[1] != (2000, 2000)  # the refused: never
+
+
+def test_a_jpeg_counts_at_the_scale_it_decodes_at():
+    big = Image.open(io.BytesIO(encode(photo().resize((2000, 1500)))))
+    assert helpers.decoded_pixels(big, (224, 224)) == 500 * 375  # 1/4 scale still covers 224
+    assert helpers.decoded_pixels(Image.open(io.BytesIO(encode(photo(), "PNG"))), (224, 224)) == 451 * 300
