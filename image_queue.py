@@ -14,7 +14,8 @@ Keys (IMAGE_QUEUE = "image_queue"; each built by Keys, nowhere else):
                                         n images the model ran, "inference_s" their seconds, "requeued"
     Every key of a queue carries the hash tag {IMAGE_QUEUE}, so they would share one Redis Cluster slot;
     the scripts build processing-list keys from the workers set, so a queue needs one Redis (or one slot).
-    That Redis may be a Sentinel-managed master (connect(): REDIS_SENTINELS); there is no Cluster client yet.
+    That Redis may be a Sentinel-managed master (connect(): REDIS_SENTINELS) or one slot's master of a Redis
+    Cluster (REDIS_CLUSTER); one queue is not yet spread over several slots.
 
 Message (web -> model worker), never pickle: a one-line JSON header, UTF-8, "id" first (the purge and
 the ack find a message by its first bytes), a newline, then the raw pixels (row-major height x width x RGB):
@@ -102,7 +103,7 @@ log = logging.getLogger(__name__)
 #   unexpected: any other reply. The worker logs it, backs off and hands its batch back; the web answers 503.
 # A Redis condition is never a 500 and never ends a worker.
 TRANSIENT_REPLIES = frozenset(
-    "BUSY LOADING MASTERDOWN MISCONF NOREPLICAS TRYAGAIN CLUSTERDOWN UNBLOCKED READONLY OOM".split()
+    "BUSY LOADING MASTERDOWN MISCONF NOREPLICAS TRYAGAIN CLUSTERDOWN UNBLOCKED READONLY OOM MOVED ASK".split()
 )
 CONFIGURATION_REPLIES = frozenset({"NOPERM", "NOAUTH", "WRONGPASS"})
 CONFIGURATION_ERRORS = (
@@ -181,6 +182,7 @@ def connect(
     margin_s: float = WORKER_SOCKET_MARGIN_S,
     sentinels: tuple[tuple[str, int], ...] = (),
     sentinel_master: str = "mymaster",
+    cluster: bool = False,
 ) -> redis.Redis:
     """A client whose socket timeout outlives the longest blocking call made through it by margin_s.
 
@@ -199,6 +201,10 @@ def connect(
         "retry": Retry(NoBackoff(), 0),
         "health_check_interval": 30,
     }
+    if cluster:  # url names any node; the client learns the slots and follows MOVED after a failover
+        from redis.cluster import RedisCluster
+
+        return RedisCluster.from_url(url, **options)
     if not sentinels:
         return redis.Redis.from_url(url, **options)
     from redis.sentinel import Sentinel
@@ -673,7 +679,7 @@ class ImageQueue:
         try:
             with self.redis.pipeline(transaction=True) as pipe:
                 pipe.lpush(self.keys.queue, message)
-                pipe.eval(_ADMIT, len(keys), *keys, *args)
+                pipe.execute_command("EVAL", _ADMIT, len(keys), *keys, *args)  # cluster pipelines have no eval()
                 _, held = pipe.execute()
         except REDIS_ERRORS as exc:
             raise unavailable(exc) from exc
@@ -771,7 +777,7 @@ class ImageQueue:
     def _take_now(self, worker_id: str, count: int) -> tuple[float, list[bytes]]:
         """Register, read the clock and move up to count messages, in one MULTI (one round trip)."""
         with self.redis.pipeline(transaction=True) as pipe:
-            pipe.eval(_REGISTER, 1, self.keys.workers, worker_id)
+            pipe.execute_command("EVAL", _REGISTER, 1, self.keys.workers, worker_id)
             for _ in range(count):
                 pipe.lmove(self.keys.queue, self.keys.processing(worker_id), "RIGHT", "LEFT")
             (sec, usec), *moved = pipe.execute()
@@ -833,6 +839,7 @@ def queue_from_config(config: Mapping, margin_s: float = WORKER_SOCKET_MARGIN_S)
         margin_s,
         sentinels=tuple(config.get("REDIS_SENTINELS", ())),
         sentinel_master=config.get("REDIS_SENTINEL_MASTER", "mymaster"),
+        cluster=config.get("REDIS_CLUSTER", False),
     )
     return ImageQueue(
         client,

@@ -16,6 +16,7 @@ import time
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from flask import Blueprint, Flask, Request, current_app, g, jsonify, request
 from flask_limiter import Limiter, RateLimitExceeded
@@ -32,7 +33,7 @@ log = logging.getLogger(__name__)
 
 # The settings the app copies into app.config; create_app(config) overrides any of them.
 CONFIG_KEYS = (
-    "REDIS_URL", "REDIS_SENTINELS", "REDIS_SENTINEL_MASTER", "REDIS_WAIT_REPLICAS", "REDIS_BLOCK_S",
+    "REDIS_URL", "REDIS_SENTINELS", "REDIS_SENTINEL_MASTER", "REDIS_WAIT_REPLICAS", "REDIS_CLUSTER", "REDIS_BLOCK_S",
     "IMAGE_QUEUE", "QUEUE_MAX", "REQUEST_TIMEOUT_S", "RESULT_TTL_S",
     "WORKER_TTL_S", "MAX_UPLOAD_MB", "MAX_IMAGE_PIXELS", "TOP_K", "TOP_K_MAX",
     "API_KEYS", "RATE_LIMIT", "TRUSTED_PROXIES", "DECODE_SLOTS", "DECODE_MEGAPIXELS_S",
@@ -203,16 +204,21 @@ def rate_limiter(app: Flask) -> Limiter:
     /predict answers 503 on its own then. swallow_errors would let everything through unlimited and
     log a traceback per request instead.
     """
+    prefix = f"{{{app.config['IMAGE_QUEUE']}}}:ratelimit"  # the queue's hash tag: its slot on a cluster too
+    if app.config.get("REDIS_CLUSTER"):  # a cluster client has no one pool: limits' cluster storage, same node
+        storage_uri = "redis+cluster://" + urlsplit(app.config["REDIS_URL"]).netloc
+        timeout = app.config["REDIS_BLOCK_S"] + image_queue.WEB_SOCKET_MARGIN_S
+        storage_options = {"key_prefix": prefix, "socket_timeout": timeout, "socket_connect_timeout": timeout}
+    else:  # limits' Redis storage, through the queue's own pool (also a Sentinel one)
+        storage_uri = "redis://"
+        storage_options = {"connection_pool": app.extensions["image_queue"].redis.connection_pool, "key_prefix": prefix}
     limiter = Limiter(
         client_id,
         app=app,
         default_limits=[app.config["RATE_LIMIT"]],
         strategy="fixed-window",
-        storage_uri="redis://",  # picks limits' Redis storage; the connection is the pool below
-        storage_options={
-            "connection_pool": app.extensions["image_queue"].redis.connection_pool,
-            "key_prefix": f"{{{app.config['IMAGE_QUEUE']}}}:ratelimit",
-        },
+        storage_uri=storage_uri,
+        storage_options=storage_options,
         in_memory_fallback_enabled=True,
     )
     limiter.request_filter(lambda: request.endpoint != "api.predict")  # health checks are never limited

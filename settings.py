@@ -121,6 +121,7 @@ class Settings:
     REDIS_SENTINELS: tuple[tuple[str, int], ...]
     REDIS_SENTINEL_MASTER: str
     REDIS_WAIT_REPLICAS: int
+    REDIS_CLUSTER: bool
     IMAGE_QUEUE: str
     BATCH_SIZE: int
     MAX_BATCH_WAIT_MS: float
@@ -157,6 +158,8 @@ class Settings:
 
     def __post_init__(self):
         """The checks between settings, all here: a combination that breaks the timeouts' order fails at start."""
+        if self.REDIS_CLUSTER and self.REDIS_SENTINELS:
+            raise SettingError("set REDIS_CLUSTER or REDIS_SENTINELS, not both: a cluster fails over by itself")
         if self.WORKER_NICE > 19:
             raise SettingError(f"WORKER_NICE must be 0 to 19, got {self.WORKER_NICE}")
         if self.REDIS_BLOCK_S >= self.REQUEST_TIMEOUT_S:
@@ -227,6 +230,9 @@ class Settings:
             # REDIS_BLOCK_S; fewer in time is logged, and the request goes on). 0: none, Redis's asynchronous
             # replication, where a failover can lose what the master had not yet sent. See the README's HA section.
             REDIS_WAIT_REPLICAS=read.whole("REDIS_WAIT_REPLICAS", 0),
+            # Redis Cluster: REDIS_URL names any node, and redis-py's cluster client finds the slot's master and
+            # follows MOVED after a failover. One queue's keys share one hash tag, so one slot on one master.
+            REDIS_CLUSTER=read.flag("REDIS_CLUSTER"),
             # --- Queue ------------------------------------------------------------------------------------
             IMAGE_QUEUE=read.text("IMAGE_QUEUE", "image_queue"),  # queue name; every key is "{IMAGE_QUEUE}:..."
             BATCH_SIZE=read.whole("BATCH_SIZE", 32, 1),  # images: the most one forward pass takes

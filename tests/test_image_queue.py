@@ -193,10 +193,14 @@ def test_a_batch_moves_and_is_released_without_redis_copying_its_pixels_into_lua
 
     def recording_pipeline(*args, **kwargs):  # what the scripts inside each MULTI are given
         pipe = pipeline(*args, **kwargs)
-        run = pipe.eval
-        pipe.eval = lambda script, numkeys, *keys_and_args: (
-            script_args.append(keys_and_args) or run(script, numkeys, *keys_and_args)
-        )
+        run = pipe.execute_command
+
+        def recording(*command, **options):
+            if command[0] == "EVAL":  # EVAL script numkeys keys... args...
+                script_args.append(command[3:])
+            return run(*command, **options)
+
+        pipe.execute_command = recording
         return pipe
 
     queue.redis.pipeline = recording_pipeline

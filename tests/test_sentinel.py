@@ -6,10 +6,13 @@ waits past its deadline, none gets a 500 or another image's answer.
 
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
 import redis
+import requests
+from support import ROOT
 from support.images import distinct_photos
 from support.stacks import StackFactory
 from support.traffic import Traffic, expected_top5, wait_for
@@ -56,20 +59,22 @@ class SentinelSet:
         return process
 
     def _replica_in_sync(self) -> bool:
-        info = redis.Redis(port=self.replica_port, socket_timeout=2).info("replication")
+        info = redis.Redis(host="127.0.0.1", port=self.replica_port, socket_timeout=2).info("replication")
         return info.get("master_link_status") == "up"
 
     def _sentinels_agree(self) -> bool:
         """Every sentinel knows the replica and its two peers, so a kill can be failed over."""
         for port in self.sentinel_ports:
-            sentinel = redis.Redis(port=port, socket_timeout=2)
+            sentinel = redis.Redis(host="127.0.0.1", port=port, socket_timeout=2)
             state = sentinel.sentinel_master(MASTER)
             if state["num-slaves"] < 1 or state["num-other-sentinels"] < 2:
                 return False
         return True
 
     def master_address(self) -> tuple[str, int]:
-        host, port = redis.Redis(port=self.sentinel_ports[0], socket_timeout=2).sentinel_get_master_addr_by_name(MASTER)
+        host, port = redis.Redis(
+            host="127.0.0.1", port=self.sentinel_ports[0], socket_timeout=2
+        ).sentinel_get_master_addr_by_name(MASTER)
         return host, int(port)
 
     @property
@@ -85,7 +90,7 @@ class SentinelSet:
 
 def _answers(port: int) -> bool:
     try:
-        return redis.Redis(port=port, socket_timeout=1).ping()
+        return redis.Redis(host="127.0.0.1", port=port, socket_timeout=1).ping()
     except redis.RedisError:
         return False
 
@@ -105,7 +110,7 @@ def test_the_client_finds_the_master_through_the_sentinels_with_the_urls_passwor
     assert client.connection_pool.connection_kwargs["db"] == 3  # the host and port of the URL are ignored
     plain = connect("redis://ignored-host:1/0", 0.5, sentinels=addresses, sentinel_master=MASTER)
     plain.set("k", "v")
-    assert redis.Redis(port=sentinels.master_port).get("k") == b"v"
+    assert redis.Redis(host="127.0.0.1", port=sentinels.master_port).get("k") == b"v"
 
 
 def test_master_killed_under_load_the_service_follows_the_promotion_without_a_restart(
@@ -128,6 +133,13 @@ def test_master_killed_under_load_the_service_follows_the_promotion_without_a_re
             wait_for(lambda: sentinels.master_address()[1] == sentinels.replica_port, 30)
             promoted_at = time.monotonic()
             traffic.wait_for_answers(30, 60)  # served again by the same processes, now on the new master
+            # the operators' tools follow the master too: /metrics reads the queue, admin.py shows it
+            assert requests.get(s.url + "metrics", timeout=10).status_code == 200
+            shown = subprocess.run(
+                [sys.executable, "admin.py", "status"], cwd=ROOT, env=s.env | {"PATH": "/usr/bin:/bin"},
+                capture_output=True, text=True, timeout=60,
+            )  # fmt: skip
+            assert shown.returncode == 0 and "workers alive: 1" in shown.stdout, shown
         books = traffic.books(s.worker_logs())
         after_kill = [r for r in traffic.replies if r.sent >= killed_at]
         first_ok_after = min(r.sent + r.latency for r in after_kill if r.status == 200 and r.sent >= promoted_at)
