@@ -218,7 +218,9 @@ class Settings:
             # Full URL (redis://[:password@]host:port/db, rediss:// for TLS, unix:///path.sock); wins over the above.
             REDIS_URL=read.text("REDIS_URL", "") or f"redis://{redis_host}:{redis_port}/{redis_db}",
             # True when the operator named a Redis; the stack launcher starts its own redis-server otherwise.
-            REDIS_CONFIGURED=any(name in env for name in ("REDIS_URL", "REDIS_HOST", "REDIS_PORT", "REDIS_SENTINELS")),
+            REDIS_CONFIGURED=any(
+                name in env for name in ("REDIS_URL", "REDIS_HOST", "REDIS_PORT", "REDIS_SENTINELS", "REDIS_CLUSTER")
+            ),
             REDIS_BLOCK_S=read.number("REDIS_BLOCK_S", 1.0, 0.1),  # seconds: the longest single blocking Redis call
             # Redis Sentinel: the sentinels' host:port pairs, comma-separated. Set, the web, the workers, admin.py
             # and /metrics ask them for the master of REDIS_SENTINEL_MASTER (redis-py's Sentinel client) and follow
