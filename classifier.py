@@ -92,15 +92,16 @@ class Classifier:
         compiled (XLA), each shape compiles, so every bucket runs. The full batch also sizes the memory
         pools. Returns seconds per batch size, second call each.
         """
+        return {n: self.time_batch(n) for n in self.buckets or sorted({1, 2, batch_size})}
+
+    def time_batch(self, n: int) -> float:
+        """Seconds one batch of n images takes, timed on its second run (the first may trace or compile)."""
         height, width = self.input_size
-        timings = {}
-        for n in self.buckets or sorted({1, 2, batch_size}):
-            zeros = np.zeros((n, height, width, 3), np.uint8)
-            self.predict(zeros)
-            start = time.perf_counter()
-            self.predict(zeros)
-            timings[n] = time.perf_counter() - start
-        return timings
+        zeros = np.zeros((n, height, width, 3), np.uint8)
+        self.predict(zeros)
+        start = time.perf_counter()
+        self.predict(zeros)
+        return time.perf_counter() - start
 
 
 def bucket_sizes(batch_size: int) -> tuple[int, ...]:

@@ -236,6 +236,46 @@ def credentials_accepted(queue: ImageQueue) -> bool:
     return True
 
 
+def batch_size_in_takeover(classifier, timings: dict[int, float]) -> int:
+    """BATCH_SIZE, or less where a batch that large is too slow on this machine for the takeover order.
+
+    A dead worker's requests must be answered by a survivor before their deadline (Settings.takeover_s).
+    On a CPU too slow for the configured batch the worker serves smaller batches, saying so once, rather
+    than refusing to start with the shipped defaults; it refuses (SettingError) only when even its
+    smallest batch is too slow.
+    """
+    config = settings.current
+    if config.fits_takeover(max(timings.values())):
+        return config.BATCH_SIZE
+    size = config.largest_batch_in_takeover(timings)
+    if classifier.buckets:  # padded batches: only a bucket's own size is known to fit
+        size = max((b for b in classifier.buckets if b <= size), default=0)
+    if not size:
+        config.check_takeover(min(timings.values()))
+    if size not in timings:  # interpolated: time it, and fall back to the largest timed size that fits
+        timings[size] = classifier.time_batch(size)
+        if not config.fits_takeover(timings[size]):
+            size = max(n for n, s in timings.items() if config.fits_takeover(s))
+    classifier.buckets = tuple(b for b in classifier.buckets if b <= size)
+    log.warning(
+        "BATCH_SIZE %d lowered to %d: a batch of %d takes %.2f s here (of %d: %.2f s), and WORKER_TTL_S (%g s) + "
+        "WORKER_HEARTBEAT_S (%g s) + 2 x the largest batch must stay under REQUEST_TIMEOUT_S (%g s) for a "
+        "dead worker's requests to be answered in time (set BATCH_SIZE=%d to start without this step, or raise "
+        "REQUEST_TIMEOUT_S for larger batches)",
+        config.BATCH_SIZE,
+        size,
+        config.BATCH_SIZE,
+        timings[config.BATCH_SIZE],
+        size,
+        timings[size],
+        config.WORKER_TTL_S,
+        config.WORKER_HEARTBEAT_S,
+        config.REQUEST_TIMEOUT_S,
+        size,
+    )
+    return size
+
+
 def main() -> int:
     import signal
 
@@ -269,14 +309,14 @@ def main() -> int:
         ", ".join(f"batch {n}: {s * 1000:.0f} ms" for n, s in timings.items()),
     )
     try:
-        settings.current.check_takeover(max(timings.values()))
+        batch_size = batch_size_in_takeover(classifier, timings)
     except settings.SettingError as exc:
         log.error("cannot serve with these settings: %s", exc)
         return 1
     worker = ModelWorker(
         queue,
         classifier,
-        batch_size=settings.BATCH_SIZE,
+        batch_size=batch_size,
         max_wait_s=settings.MAX_BATCH_WAIT_MS / 1000,
         heartbeat_s=settings.WORKER_HEARTBEAT_S,
     )

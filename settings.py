@@ -187,10 +187,34 @@ class Settings:
         """
         return self.WORKER_TTL_S + self.WORKER_HEARTBEAT_S + 2 * longest_batch_s
 
+    def fits_takeover(self, longest_batch_s: float) -> bool:
+        """Whether a killed worker's requests are answered by a survivor before their deadline, when its
+        longest batch takes this long: otherwise a worker dying means 504s."""
+        return self.takeover_s(longest_batch_s) < self.REQUEST_TIMEOUT_S
+
+    def largest_batch_in_takeover(self, timings: dict[int, float]) -> int:
+        """The largest batch size that keeps the takeover order, from timed batches (size -> seconds); 0 if
+        even the smallest timed one breaks it.
+
+        Between the largest timed size that fits and the next timed one, the size is interpolated linearly
+        (a batch's time grows about linearly with its size); the caller times the result to be sure.
+        """
+        sizes = sorted(timings)
+        fitting = [n for n in sizes if self.fits_takeover(timings[n])]
+        if not fitting:
+            return 0
+        below = fitting[-1]
+        above = next((n for n in sizes if n > below), None)
+        if above is None or timings[above] <= timings[below]:
+            return below
+        budget_s = (self.REQUEST_TIMEOUT_S - self.WORKER_TTL_S - self.WORKER_HEARTBEAT_S) / 2
+        per_image_s = (timings[above] - timings[below]) / (above - below)
+        return min(above - 1, below + int((budget_s - timings[below]) / per_image_s))
+
     def check_takeover(self, longest_batch_s: float) -> None:
         """The model worker's start-up check, once it has timed its largest batch: a killed worker's requests
         must be answered by a survivor before their deadline, or a worker dying means 504s."""
-        if self.takeover_s(longest_batch_s) >= self.REQUEST_TIMEOUT_S:
+        if not self.fits_takeover(longest_batch_s):
             raise SettingError(
                 f"a dead worker's requests would expire before a survivor answers them: WORKER_TTL_S "
                 f"({self.WORKER_TTL_S:g} s) + WORKER_HEARTBEAT_S ({self.WORKER_HEARTBEAT_S:g} s) + 2 x the largest "
@@ -246,10 +270,11 @@ class Settings:
             # delay them); each also requeues the batches of peers silent for WORKER_TTL_S.
             WORKER_HEARTBEAT_S=read.number("WORKER_HEARTBEAT_S", 0.5, 0.1),
             # Seconds without a heartbeat before a worker counts as dead: /predict then answers 503 and peers
-            # requeue its claimed messages. A worker refuses to start unless WORKER_TTL_S + WORKER_HEARTBEAT_S +
-            # 2 x its largest batch < REQUEST_TIMEOUT_S (check_takeover), so a dead worker's requests are answered
-            # in time. Too short, and a worker starved of CPU for that long (a niced one under a decode flood)
-            # counts as dead; its late answers are then dropped, never doubled.
+            # requeue its claimed messages. A worker keeps WORKER_TTL_S + WORKER_HEARTBEAT_S + 2 x its largest
+            # batch < REQUEST_TIMEOUT_S (lowering its batch size where needed; refusing to start if one image
+            # breaks it), so a dead worker's requests are answered in time. Too short, and a worker starved of
+            # CPU for that long (a niced one under a decode flood) counts as dead; its late answers are then
+            # dropped, never doubled.
             WORKER_TTL_S=read.number("WORKER_TTL_S", 3.0, 1.0),
             # --- Model (the model worker only) -------------------------------------------------------------
             # Niceness the model worker runs at (0-19); 0: unchanged. On a CPU-only box whose cores the model shares

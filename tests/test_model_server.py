@@ -12,7 +12,8 @@ from support.stand_in import StandInClassifier
 
 import helpers
 import image_queue
-from run_model_server import ModelWorker, answer_batch
+import settings
+from run_model_server import ModelWorker, answer_batch, batch_size_in_takeover
 
 NOW = 1_800_000_000.0
 
@@ -107,6 +108,49 @@ def keras():
     import keras
 
     return keras
+
+
+class TimedClassifier:
+    """A model whose batches take a known time: a per-image cost (seconds) measured by time_batch."""
+
+    def __init__(self, per_image_s: float, buckets=(), noise_s: float = 0.0):
+        self.per_image_s, self.buckets, self.noise_s, self.timed = per_image_s, buckets, noise_s, []
+
+    def time_batch(self, n: int) -> float:
+        self.timed.append(n)
+        return 0.06 + n * self.per_image_s + self.noise_s
+
+
+@pytest.mark.parametrize(
+    "per_image_s, buckets, noise_s, expected",
+    [
+        (0.03, (), 0.0, 32),  # 1.0 s at 32: the configured batch fits
+        (0.105, (), 0.0, 30),  # the slow CI machine (3.4 s at 32): interpolated, timed, kept
+        (0.105, (), 0.5, 2),  # the interpolated batch timed slower than the line said: the largest timed fit
+        (0.105, (1, 2, 4, 8, 16, 32), 0.0, 16),  # padded batches: the largest bucket that fits
+    ],
+)
+def test_a_batch_too_slow_for_the_takeover_order_is_lowered_to_the_largest_that_fits(
+    monkeypatch, caplog, per_image_s, buckets, noise_s, expected
+):
+    monkeypatch.setattr(settings, "current", settings.Settings.from_env({"BATCH_SIZE": "32"}))
+    model = TimedClassifier(per_image_s, buckets)
+    timings = {n: model.time_batch(n) for n in buckets or (1, 2, 32)}
+    model.noise_s = noise_s
+    with caplog.at_level(logging.WARNING, "model_server"):
+        size = batch_size_in_takeover(model, timings)
+    assert size == expected and settings.current.fits_takeover(timings[size])
+    assert model.buckets == tuple(b for b in buckets if b <= size)  # no batch padded past it either
+    if expected == 32:
+        assert not caplog.records
+    else:
+        assert f"BATCH_SIZE 32 lowered to {size}" in caplog.text and "REQUEST_TIMEOUT_S (10 s)" in caplog.text
+
+
+def test_a_worker_whose_single_image_breaks_the_takeover_order_refuses_to_start(monkeypatch):
+    monkeypatch.setattr(settings, "current", settings.Settings.from_env({}))
+    with pytest.raises(settings.SettingError, match="raise REQUEST_TIMEOUT_S"):
+        batch_size_in_takeover(TimedClassifier(3.3), {1: 3.36, 2: 6.66, 32: 105.66})
 
 
 def test_labels_files_in_each_supported_format(tmp_path):

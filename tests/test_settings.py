@@ -125,6 +125,23 @@ def test_a_worker_refuses_settings_under_which_a_dead_workers_requests_expire_be
         Settings.from_env({"WORKER_TTL_S": "10"}).check_takeover(0.1)  # the old default TTL: 504s, not takeover
 
 
+def test_the_largest_batch_in_the_takeover_order_is_interpolated_between_timed_sizes():
+    defaults = Settings.from_env({})  # a batch may take up to (10 - 3 - 0.5) / 2 = 3.25 s
+    assert defaults.largest_batch_in_takeover({1: 0.1, 2: 0.2, 32: 1.1}) == 32  # all fit
+    # the slow CI machine's warm-up with two workers warming at once: 0.105 s more per image after batch 2
+    assert defaults.largest_batch_in_takeover({1: 0.167, 2: 0.282, 32: 3.436}) == 30
+    assert defaults.largest_batch_in_takeover({1: 0.5, 2: 3.3, 32: 9.0}) == 1  # nothing between 1 and 2
+    assert defaults.largest_batch_in_takeover({1: 3.3, 2: 6.0}) == 0  # even one image is too slow
+    assert defaults.largest_batch_in_takeover({1: 1.0, 2: 4.0, 4: 3.0}) == 4  # noise: a larger batch timed faster
+    for timings in ({1: 0.167, 2: 0.282, 32: 3.436}, {1: 0.5, 2: 3.3}, {1: 0.2, 8: 1.0, 32: 5.0}):
+        n = defaults.largest_batch_in_takeover(timings)
+        below, above = max(k for k in timings if k <= n), min((k for k in timings if k > n), default=None)
+        if above is not None:  # the interpolated batch fits, one more image would not
+            slope = (timings[above] - timings[below]) / (above - below)
+            assert defaults.fits_takeover(timings[below] + (n - below) * slope)
+            assert not defaults.fits_takeover(timings[below] + (n + 1 - below) * slope) or n + 1 == above
+
+
 def test_sentinels_are_host_port_pairs_and_count_as_a_configured_redis():
     s = Settings.from_env({"REDIS_SENTINELS": "10.0.0.1:26379, [::1]:26380,", "REDIS_SENTINEL_MASTER": "q"})
     assert s.REDIS_SENTINELS == (("10.0.0.1", 26379), ("::1", 26380)) and s.REDIS_SENTINEL_MASTER == "q"
