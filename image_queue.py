@@ -79,6 +79,7 @@ list holds.
 """
 
 import binascii
+import itertools
 import json
 import logging
 import random
@@ -631,6 +632,10 @@ class ImageQueue:
 
     # --- web side -----------------------------------------------------------------------------
 
+    def pick(self) -> "ImageQueue":
+        """The queue one request goes to: this one (a ShardedQueue picks one of its shards)."""
+        return self
+
     def status(self) -> Status:
         """Server time, live workers, the served model's input size and queue depth, in one round trip."""
         keys = [self.keys.queue, self.keys.workers, self.keys.model, self.keys.paused]
@@ -831,7 +836,195 @@ class ImageQueue:
         return int(self._requeue(keys=keys, args=[worker_id, min_silence_s, int(forget)]))
 
 
-def queue_from_config(config: Mapping, margin_s: float = WORKER_SOCKET_MARGIN_S) -> ImageQueue:
+def shard_names(name: str, shards: int) -> list[str]:
+    """The queue names (so hash tags) of a queue's shards: the queue itself, then names "name-k".
+
+    Each name falls in its own one of `shards` equal ranges of the 16384 Cluster slots: the first shard's
+    range is wherever the queue's own name falls, and each other range takes the first "name-k" (k = 1, 2,
+    ...) whose slot lies in it. A cluster made by `redis-cli --cluster create` gives its masters equal
+    ranges in order, so N shards on N masters put one shard on each master (plain "name-1", "name-2" would
+    put two of three on one master). Web and workers compute the same names from IMAGE_QUEUE alone.
+    """
+    from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
+
+    def span(tag: str) -> int:
+        return key_slot(tag.encode()) * shards // REDIS_CLUSTER_HASH_SLOTS
+
+    names, free = [name], [r for r in range(shards) if r != span(name)]
+    for k in itertools.count(1):
+        if not free:
+            return names
+        if (r := span(f"{name}-{k}")) in free:
+            free.remove(r)
+            names.append(f"{name}-{k}")
+
+
+class ShardedQueue:
+    """One queue spread over QUEUE_SHARDS hash tags, so over as many Redis Cluster slots (and masters).
+
+    Shard 0 is the queue IMAGE_QUEUE itself ({image_queue}:...), shard s the queue IMAGE_QUEUE-s
+    ({image_queue-1}:...): each a whole ImageQueue with every key of its own, so each script and MULTI
+    still touches one slot, and each shard bounds its own held messages at QUEUE_MAX / shards.
+    The web sends each request to one shard, round-robin per process (pick): choosing costs no round trip
+    (the shortest shard would cost one per shard, and be stale by the push), and it spreads requests evenly,
+    since every worker serves every shard. Workers register, heartbeat and requeue dead peers on every
+    shard. A claim takes what waits on each shard, starting from the next shard each time, so no shard
+    waits behind another's backlog; when every shard is empty it blocks on all of them at once (one BLMOVE
+    per shard, each from its own thread), so an idle worker polls nothing and a lone request on any shard
+    starts at once. A blocked move still running when the claim returns keeps its message on this worker's
+    processing list of that shard, and the next claim takes it; unregister waits for it, so nothing is
+    stranded. Status, stats, drain, purge and requeues act on every shard and add up.
+    """
+
+    def __init__(self, shards: list[ImageQueue]):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.shards = shards
+        self.redis, self.keys = shards[0].redis, shards[0].keys
+        self.block_s, self.worker_ttl_s = shards[0].block_s, shards[0].worker_ttl_s
+        self.queue_max = sum(shard.queue_max for shard in shards)
+        self._turn = itertools.count()  # the web's round-robin
+        self._first = itertools.count()  # the shard a worker's next take starts from
+        self._pool = ThreadPoolExecutor(len(shards), thread_name_prefix="blocking-take")
+        self._blocked: dict[int, object] = {}  # shard -> its blocking take (a Future) still running
+        self._origin: dict[int, int] = {}  # id() of each message of the current claim -> its shard
+
+    def pick(self) -> ImageQueue:
+        return self.shards[next(self._turn) % len(self.shards)]
+
+    def status(self) -> Status:
+        each = [shard.status() for shard in self.shards]
+        return Status(
+            server_time=each[0].server_time,
+            live_workers=max(s.live_workers for s in each),  # every worker registers on every shard
+            model=next((s.model for s in each if s.model), None),
+            queue_depth=sum(s.queue_depth for s in each),
+            held=sum(s.held for s in each),
+            paused=any(s.paused for s in each),
+        )
+
+    def stats(self) -> Stats:
+        each = [shard.stats() for shard in self.shards]
+        heartbeats: dict[str, float] = {}
+        for s in each:
+            for worker, beat in s.heartbeats.items():
+                heartbeats[worker] = max(beat, heartbeats.get(worker, beat))
+        sizes: dict[int, int] = {}
+        for s in each:
+            for size, n in s.batch_sizes.items():
+                sizes[size] = sizes.get(size, 0) + n
+        now = each[0].server_time
+        return Stats(
+            server_time=now,
+            queue_depth=sum(s.queue_depth for s in each),
+            in_progress=sum(s.in_progress for s in each),
+            heartbeats=heartbeats,
+            live_workers=sum(now - beat <= self.worker_ttl_s for beat in heartbeats.values()),
+            batch_sizes=sizes,
+            inference_s=sum(s.inference_s for s in each),
+            requeued=sum(s.requeued for s in each),
+            paused=any(s.paused for s in each),
+        )
+
+    def pause(self) -> None:
+        for shard in self.shards:
+            shard.pause()
+
+    def resume(self) -> None:
+        for shard in self.shards:
+            shard.resume()
+
+    def purge(self, reason: str) -> int:
+        return sum(shard.purge(reason) for shard in self.shards)
+
+    def heartbeat(self, worker_id: str, model: ModelInfo) -> None:
+        for shard in self.shards:
+            shard.heartbeat(worker_id, model)
+
+    def requeue_dead_workers(self) -> int:
+        return sum(shard.requeue_dead_workers() for shard in self.shards)
+
+    def requeue_own(self, worker_id: str) -> int:
+        return sum(shard.requeue_own(worker_id) for shard in self.shards)
+
+    def unregister(self, worker_id: str) -> int:
+        """Requeue what this worker holds on every shard, once its blocking takes have ended (they end
+        within REDIS_BLOCK_S), so a message one of them moves cannot be left on an unwatched list."""
+        for future in self._blocked.values():
+            try:
+                future.result()
+            except REDIS_ERRORS:
+                pass
+        self._blocked.clear()
+        return sum(shard.unregister(worker_id) for shard in self.shards)
+
+    def claim(self, worker_id: str, max_n: int, wait_s: float = 0.0) -> Claim:
+        """Up to max_n messages from the shards, each shard first in turn; see the class docstring."""
+        self._origin = {}
+        taken = self._finished_blocking_takes()
+        now, more = self._take_round(worker_id, max_n - len(taken))
+        taken += more
+        if not taken:
+            self._block_on_every_shard(worker_id)
+            taken = self._finished_blocking_takes()
+            if not taken:
+                return Claim(now, [])
+            now, more = self._take_round(worker_id, max_n - len(taken))  # re-registers, reads the clock
+            taken += more
+        elif wait_s > 0 and len(taken) < max_n:
+            time.sleep(wait_s)  # one bounded hold, not a poll: filling a partial batch
+            now, more = self._take_round(worker_id, max_n - len(taken))
+            taken += more
+        self._origin = {id(raw): s for s, raw in taken}
+        return Claim(now, [raw for _, raw in taken])
+
+    def ack(
+        self, worker_id: str, done: list[Done], batch_size: int = 0, inference_s: float = 0.0
+    ) -> tuple[list[str], list[str]]:
+        """Each shard's part of the batch acked on that shard (Done.raw is the claimed message itself); the
+        batch is counted once, in the stats of the shard that held most of it."""
+        parts: dict[int, list[Done]] = {}
+        for d in done:
+            parts.setdefault(self._origin.get(id(d.raw), 0), []).append(d)
+        counted = max(parts, key=lambda s: len(parts[s]), default=0)
+        answered, late = [], []
+        for s, part in parts.items():
+            a, lt = self.shards[s].ack(worker_id, part, *((batch_size, inference_s) if s == counted else (0, 0.0)))
+            answered += a
+            late += lt
+        return answered, late
+
+    def _take_round(self, worker_id: str, count: int) -> tuple[float, list[tuple[int, bytes]]]:
+        """One take on every shard (each registers this worker there), the next shard first each time."""
+        first, taken, now = next(self._first), [], 0.0
+        for i in range(len(self.shards)):
+            s = (first + i) % len(self.shards)
+            now, messages = self.shards[s]._take_now(worker_id, max(0, count - len(taken)))
+            taken += [(s, m) for m in messages]
+        return now, taken
+
+    def _block_on_every_shard(self, worker_id: str) -> None:
+        """Wait until a blocking take on some shard has moved a message, or REDIS_BLOCK_S has passed."""
+        from concurrent.futures import FIRST_COMPLETED, wait
+
+        for s, shard in enumerate(self.shards):
+            if s not in self._blocked:
+                move = shard.redis.blmove
+                args = (shard.keys.queue, shard.keys.processing(worker_id), shard.block_s, "RIGHT", "LEFT")
+                self._blocked[s] = self._pool.submit(move, *args)
+        wait(list(self._blocked.values()), return_when=FIRST_COMPLETED)  # each ends within its block_s
+
+    def _finished_blocking_takes(self) -> list[tuple[int, bytes]]:
+        taken = []
+        for s, future in list(self._blocked.items()):
+            if future.done():
+                del self._blocked[s]
+                if (message := future.result()) is not None:  # a Redis error passes on to the worker loop
+                    taken.append((s, message))
+        return taken
+
+
+def queue_from_config(config: Mapping, margin_s: float = WORKER_SOCKET_MARGIN_S) -> ImageQueue | ShardedQueue:
     """The queue that settings (or a Flask app's config, which copies them) describe."""
     client = connect(
         config["REDIS_URL"],
@@ -841,12 +1034,17 @@ def queue_from_config(config: Mapping, margin_s: float = WORKER_SOCKET_MARGIN_S)
         sentinel_master=config.get("REDIS_SENTINEL_MASTER", "mymaster"),
         cluster=config.get("REDIS_CLUSTER", False),
     )
-    return ImageQueue(
-        client,
-        config["IMAGE_QUEUE"],
-        queue_max=config["QUEUE_MAX"],
-        block_s=config["REDIS_BLOCK_S"],
-        result_ttl_s=config["RESULT_TTL_S"],
-        worker_ttl_s=config["WORKER_TTL_S"],
-        wait_replicas=config.get("REDIS_WAIT_REPLICAS", 0),
-    )
+    n = config.get("QUEUE_SHARDS", 1)
+    shards = [
+        ImageQueue(
+            client,
+            name,
+            queue_max=-(-config["QUEUE_MAX"] // n),  # the whole queue holds QUEUE_MAX at most (rounded up)
+            block_s=config["REDIS_BLOCK_S"],
+            result_ttl_s=config["RESULT_TTL_S"],
+            worker_ttl_s=config["WORKER_TTL_S"],
+            wait_replicas=config.get("REDIS_WAIT_REPLICAS", 0),
+        )
+        for name in shard_names(config["IMAGE_QUEUE"], n)
+    ]
+    return shards[0] if n == 1 else ShardedQueue(shards)

@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 # The settings the app copies into app.config; create_app(config) overrides any of them.
 CONFIG_KEYS = (
     "REDIS_URL", "REDIS_SENTINELS", "REDIS_SENTINEL_MASTER", "REDIS_WAIT_REPLICAS", "REDIS_CLUSTER", "REDIS_BLOCK_S",
-    "IMAGE_QUEUE", "QUEUE_MAX", "REQUEST_TIMEOUT_S", "RESULT_TTL_S",
+    "IMAGE_QUEUE", "QUEUE_SHARDS", "QUEUE_MAX", "REQUEST_TIMEOUT_S", "RESULT_TTL_S",
     "WORKER_TTL_S", "MAX_UPLOAD_MB", "MAX_IMAGE_PIXELS", "TOP_K", "TOP_K_MAX",
     "API_KEYS", "RATE_LIMIT", "TRUSTED_PROXIES", "DECODE_SLOTS", "DECODE_MEGAPIXELS_S",
 )  # fmt: skip
@@ -141,7 +141,7 @@ def return_large_blocks_to_the_os() -> None:
         pass
 
 
-def queue() -> image_queue.ImageQueue:
+def queue() -> image_queue.ImageQueue | image_queue.ShardedQueue:
     return current_app.extensions["image_queue"]
 
 
@@ -306,11 +306,12 @@ def predict():
     top = requested_top()
     # No worker, no Redis or a full queue: 503 before the upload is even read, so that refusing is cheap
     # when it matters most, under overload. enqueue() re-checks the queue atomically.
-    status = live_status()
+    shard = queue().pick()  # QUEUE_SHARDS: this request's shard (round-robin); else the one queue
+    status = live_status(shard)
     read_at = time.monotonic()  # when status.server_time was read: maps our clock onto Redis's
     # The message's deadline on the Redis clock: the server time just read, plus what is left of ours.
     deadline = status.server_time + timeout - (read_at - arrived)
-    if status.held >= current_app.config["QUEUE_MAX"]:
+    if status.held >= shard.queue_max:
         raise image_queue.QueueFull(f"the queue holds {status.held} images")
     with UPLOAD_DEADLINES.watch(request.environ.get("gunicorn.socket"), arrived + timeout) as watch:
         try:
@@ -331,9 +332,9 @@ def predict():
         image.close()  # frees the decoded upload (~200 MB for a 50-megapixel RGBA image) before the wait
     if pixels is None or time.monotonic() >= arrived + timeout:
         return error_response(504, f"the image took longer than {timeout:g} s to upload and prepare")
-    queue().enqueue(image_queue.encode_message(request_id, deadline, top, pixels))
+    shard.enqueue(image_queue.encode_message(request_id, deadline, top, pixels))
     queued = time.monotonic()
-    raw = queue().wait_for(request_id, arrived + timeout)
+    raw = shard.wait_for(request_id, arrived + timeout)
     if raw is None:
         return error_response(504, f"no answer within {timeout:g} s; the model workers are overloaded or stalled")
     answer = image_queue.decode_answer(raw)
@@ -410,9 +411,9 @@ def server_timing(arrived: float, queued: float, queued_on_redis_clock: float, a
     return ", ".join(parts)
 
 
-def live_status() -> image_queue.Status:
-    """The queue's status, or NoWorker (503) when no model worker's heartbeat is fresh."""
-    status = queue().status()
+def live_status(shard: image_queue.ImageQueue | None = None) -> image_queue.Status:
+    """The queue's status (or one shard's), or NoWorker (503) when no model worker's heartbeat is fresh."""
+    status = (shard or queue()).status()
     if status.paused:
         raise image_queue.Draining("the service is draining for maintenance; retry shortly")
     if not status.live_workers or status.model is None:

@@ -123,6 +123,7 @@ class Settings:
     REDIS_WAIT_REPLICAS: int
     REDIS_CLUSTER: bool
     IMAGE_QUEUE: str
+    QUEUE_SHARDS: int
     BATCH_SIZE: int
     MAX_BATCH_WAIT_MS: float
     QUEUE_MAX: int
@@ -257,10 +258,15 @@ class Settings:
             # replication, where a failover can lose what the master had not yet sent. See the README's HA section.
             REDIS_WAIT_REPLICAS=read.whole("REDIS_WAIT_REPLICAS", 0),
             # Redis Cluster: REDIS_URL names any node, and redis-py's cluster client finds the slot's master and
-            # follows MOVED after a failover. One queue's keys share one hash tag, so one slot on one master.
+            # follows MOVED after a failover. One queue's keys share one hash tag, so one slot on one master;
+            # QUEUE_SHARDS spreads it over several.
             REDIS_CLUSTER=read.flag("REDIS_CLUSTER"),
             # --- Queue ------------------------------------------------------------------------------------
             IMAGE_QUEUE=read.text("IMAGE_QUEUE", "image_queue"),  # queue name; every key is "{IMAGE_QUEUE}:..."
+            # Hash tags the queue is spread over: shard 0 is IMAGE_QUEUE, shard s IMAGE_QUEUE-s, each its own slot,
+            # so on a Redis Cluster its own master. The web sends each request to one (round-robin), every worker
+            # serves all; QUEUE_MAX is shared out among them. Web and model workers must agree on it.
+            QUEUE_SHARDS=read.whole("QUEUE_SHARDS", 1, 1),
             BATCH_SIZE=read.whole("BATCH_SIZE", 32, 1),  # images: the most one forward pass takes
             MAX_BATCH_WAIT_MS=read.number("MAX_BATCH_WAIT_MS", 0.0),  # ms a worker holds a partial batch to fill it
             QUEUE_MAX=read.whole("QUEUE_MAX", 128, 1),  # messages: /predict answers 503 once the queue holds this many

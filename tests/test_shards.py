@@ -1,0 +1,180 @@
+"""QUEUE_SHARDS: one queue spread over several hash tags (ShardedQueue), on one real redis-server.
+
+The cluster side (each shard on its own master, a master failing over) is in test_cluster.py; here the
+shards share one Redis, which is enough to show how requests are spread, claimed, answered, requeued,
+drained and counted.
+"""
+
+import threading
+import time
+
+import numpy as np
+import pytest
+from redis.crc import key_slot
+from support.stand_in import StandInClassifier, post_image
+from support.traffic import wait_for
+
+from image_queue import Done, ImageQueue, ModelInfo, ShardedQueue, encode_message, queue_from_config, shard_names
+from run_model_server import ModelWorker
+
+MODEL = ModelInfo("StandIn", 4, 4)
+
+
+@pytest.fixture
+def sharded(redis_url, redis_client, queue_name):
+    """make(shards, **config): a ShardedQueue as queue_from_config builds it; every shard's keys deleted after."""
+    made = []
+
+    def make(shards: int = 3, **config) -> ShardedQueue:
+        config = {"REDIS_URL": redis_url, "IMAGE_QUEUE": queue_name, "QUEUE_SHARDS": shards, "QUEUE_MAX": 90,
+                  "REDIS_BLOCK_S": 0.5, "RESULT_TTL_S": 30, "WORKER_TTL_S": 2.0} | config  # fmt: skip
+        queue = queue_from_config(config, 0.5)
+        made.append(queue)
+        return queue
+
+    yield make
+    for key in redis_client.scan_iter(match=f"{{{queue_name}*"):
+        redis_client.delete(key)
+
+
+def message(request_id: str, deadline: float = 1e10) -> bytes:
+    return encode_message(request_id, deadline, 1, np.zeros((4, 4, 3), np.uint8))
+
+
+def answer_all(queue, worker_id: str, messages: list[bytes]) -> tuple[list[str], list[str]]:
+    done = [Done(raw, raw[7:39].decode(), b'{"predictions": []}') for raw in messages]
+    return queue.ack(worker_id, done, len(done), 0.01)
+
+
+def test_shard_names_fall_in_equal_slot_ranges_so_a_fresh_cluster_puts_one_shard_on_each_master():
+    assert shard_names("image_queue", 1) == ["image_queue"]  # one shard: the queue's keys are unchanged
+    for n in (2, 3, 4, 8, 16):
+        names = shard_names("image_queue", n)
+        assert names[0] == "image_queue" and len(set(names)) == n
+        assert sorted(key_slot(name.encode()) * n // 16384 for name in names) == list(range(n))
+    assert shard_names("image_queue", 3) != ["image_queue", "image_queue-1", "image_queue-2"]  # 2 of 3 in one range
+
+
+def test_requests_go_round_robin_and_one_claim_takes_from_every_shard(sharded):
+    web, worker = sharded(3), sharded(3)
+    worker.heartbeat("w", MODEL)
+    picked = [web.pick() for _ in range(6)]
+    assert [q.keys.name for q in picked[:3]] == [q.keys.name for q in web.shards]  # each in turn
+    for i, shard in enumerate(picked):
+        shard.enqueue(message(f"{i:032x}"))
+    assert [shard.status().queue_depth for shard in web.shards] == [2, 2, 2]
+    status = web.status()
+    assert (status.queue_depth, status.held, status.live_workers, status.model) == (6, 6, 1, MODEL)
+    claim = worker.claim("w", 32)
+    assert len(claim.messages) == 6
+    answered, late = answer_all(worker, "w", claim.messages)
+    assert sorted(answered) == [f"{i:032x}" for i in range(6)] and late == []
+    for i, shard in enumerate(picked):  # each answer waits under its own shard's key
+        assert shard.wait_for(f"{i:032x}", time.monotonic() + 1) == b'{"predictions": []}'
+    stats = web.stats()
+    assert stats.batch_sizes == {6: 1} and stats.queue_depth == stats.in_progress == 0  # the batch counted once
+    assert set(stats.heartbeats) == {"w"} and stats.live_workers == 1
+
+
+def test_claims_start_from_the_next_shard_each_time_so_a_backlog_on_one_does_not_starve_another(sharded):
+    queue = sharded(3)
+    queue.heartbeat("w", MODEL)
+    for i in range(20):
+        queue.shards[0].enqueue(message(f"a{i:031x}"))
+    queue.shards[2].enqueue(message(f"b{0:031x}"))
+    first, second = queue.claim("w", 8), queue.claim("w", 8)
+    taken = [raw[7:8] for raw in first.messages + second.messages]
+    assert b"b" in taken  # shard 2's lone request went out in the first two batches, not after shard 0's 20
+
+
+def test_an_idle_worker_blocks_on_every_shard_at_once_and_takes_a_lone_request_on_any_at_once(sharded):
+    queue, web = sharded(3, REDIS_BLOCK_S=1.0), sharded(3, REDIS_BLOCK_S=1.0)
+    queue.heartbeat("w", MODEL)
+    got = {}
+
+    def claim():
+        started = time.monotonic()
+        got["claim"], got["took"] = queue.claim("w", 8), time.monotonic() - started
+
+    for s in (2, 1, 0):
+        thread = threading.Thread(target=claim)
+        thread.start()
+        time.sleep(0.3)  # the claim is blocked by now
+        sent = time.monotonic()
+        web.shards[s].enqueue(message(f"{s:032x}"))
+        thread.join(3)
+        assert len(got["claim"].messages) == 1 and got["took"] < 1.0
+        assert time.monotonic() - sent < 0.5  # woken by the push, not by the 1 s block ending
+        assert answer_all(queue, "w", got["claim"].messages)[0] == [f"{s:032x}"]
+        # the other shards' blocking takes run on into the next claim, which waits on them again
+
+
+def test_a_message_a_blocking_take_moves_after_the_claim_returned_is_in_the_next_claim_or_handed_back(sharded):
+    queue, web = sharded(2, REDIS_BLOCK_S=1.0), sharded(2, REDIS_BLOCK_S=1.0)
+    queue.heartbeat("w", MODEL)
+    threading.Timer(0.2, web.shards[0].enqueue, [message(f"{1:032x}")]).start()
+    first = queue.claim("w", 8)  # returns with shard 0's message; shard 1's take still blocks
+    web.shards[1].enqueue(message(f"{2:032x}"))  # ... and moves this one onto the worker's list there
+    wait_for(lambda: queue.shards[1].status().held == 1 and queue.shards[1].status().queue_depth == 0, 2)
+    second = queue.claim("w", 8)
+    assert [len(first.messages), len(second.messages)] == [1, 1]
+    assert answer_all(queue, "w", first.messages + second.messages)[0] == [f"{1:032x}", f"{2:032x}"]
+    # a worker that stops while a blocking take runs: unregister waits for it, then hands back what it took
+    threading.Timer(0.2, web.shards[0].enqueue, [message(f"{3:032x}")]).start()
+    third = queue.claim("w", 8)
+    web.shards[1].enqueue(message(f"{4:032x}"))
+    assert answer_all(queue, "w", third.messages)[0] == [f"{3:032x}"]
+    queue.unregister("w")
+    assert (queue.shards[1].status().queue_depth, queue.status().held) == (1, 1)  # back on its shard's queue
+
+
+def test_a_dead_workers_batch_is_requeued_on_every_shard_and_admin_steps_add_up(sharded):
+    queue, peer = sharded(3), sharded(3)
+    queue.heartbeat("dead", MODEL)
+    for shard in queue.shards:
+        for i in range(2):
+            shard.enqueue(message(f"{shard.keys.name[-1]}{i:031x}"))
+    assert len(queue.claim("dead", 32).messages) == 6  # ... and the worker dies holding them
+    peer.heartbeat("peer", MODEL)
+    time.sleep(2.2)  # WORKER_TTL_S 2
+    assert peer.requeue_dead_workers() == 6
+    assert [shard.status().queue_depth for shard in peer.shards] == [2, 2, 2]  # each back on its own shard
+    assert peer.stats().requeued == 6 and "dead" not in peer.stats().heartbeats
+    peer.pause()
+    assert peer.status().paused and all(shard.status().paused for shard in peer.shards)
+    assert peer.purge("test") == 6 and peer.status().held == 0
+    peer.resume()
+    assert not peer.status().paused
+
+
+def test_queue_max_is_shared_out_among_the_shards(sharded):
+    queue = sharded(3, QUEUE_MAX=7)
+    assert [shard.queue_max for shard in queue.shards] == [3, 3, 3] and queue.queue_max == 9  # rounded up
+    assert isinstance(sharded(1), ImageQueue)  # one shard: the plain queue, keys unchanged
+
+
+def test_the_app_and_the_worker_loop_serve_through_three_shards(sharded, make_app, redis_url, queue_name):
+    config = {"QUEUE_SHARDS": 3, "REDIS_BLOCK_S": 0.5}
+    worker = ModelWorker(sharded(3), StandInClassifier(), batch_size=8, max_wait_s=0, heartbeat_s=0.2)
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
+    try:
+        app = make_app(**config)
+        client = app.test_client()
+        wait_for(lambda: post_image(client).status_code == 200, 10)
+        replies = []
+        threads = [threading.Thread(target=lambda: replies.append(post_image(client))) for _ in range(12)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10)
+        assert [r.status_code for r in replies] == [200] * 12
+        stats = worker.queue.stats()
+        assert sum(n * count for n, count in stats.batch_sizes.items()) >= 13 and stats.in_progress == 0
+        assert client.get("/readyz").get_json()["ready"] is True
+        web_queue = app.extensions["image_queue"]
+        assert isinstance(web_queue, ShardedQueue) and next(web_queue._turn) >= 13  # each request picked a shard
+    finally:
+        worker.request_stop()
+        thread.join(10)
+    assert not thread.is_alive()
