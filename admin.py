@@ -16,15 +16,17 @@ import sys
 import time
 
 import settings
-from image_queue import ImageQueue, queue_from_config
+from image_queue import ImageQueue, ShardedQueue, queue_from_config
 
 
-def show(queue: ImageQueue) -> None:
+def show(queue: ImageQueue | ShardedQueue) -> None:
     status, stats = queue.status(), queue.stats()
     model = f"{status.model.name} {status.model.width}x{status.model.height}" if status.model else "none yet"
     print(
         f"queue {queue.keys.name!r}: {status.queue_depth} waiting, {status.held - status.queue_depth} being processed"
     )
+    for shard, (waiting, in_progress) in stats.shards.items():  # QUEUE_SHARDS > 1
+        print(f"  shard {shard!r}: {waiting} waiting, {in_progress} being processed")
     print(f"{'draining: new requests are refused' if status.paused else 'accepting requests'}; model {model}")
     print(f"workers alive: {status.live_workers}")
     for worker, beat in sorted(stats.heartbeats.items()):
@@ -33,7 +35,7 @@ def show(queue: ImageQueue) -> None:
         print(f"  {worker}: last heartbeat {age:.1f} s ago, {state}")
 
 
-def drain(queue: ImageQueue, wait_s: float) -> int:
+def drain(queue: ImageQueue | ShardedQueue, wait_s: float) -> int:
     queue.pause()
     print("draining: new requests get 503 with Retry-After; waiting for held messages to be answered")
     deadline = time.monotonic() + wait_s

@@ -86,7 +86,7 @@ import random
 import re
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import redis
@@ -410,6 +410,7 @@ class Stats:
     inference_s: float  # seconds the model spent on those batches
     requeued: int  # messages ever put back on the queue (a dead worker's batch, a worker handing back)
     paused: bool  # an operator is draining the queue (admin.py drain)
+    shards: dict[str, tuple[int, int]] = field(default_factory=dict)  # QUEUE_SHARDS: name -> (waiting, in progress)
 
 
 @dataclass(frozen=True)
@@ -924,6 +925,7 @@ class ShardedQueue:
             inference_s=sum(s.inference_s for s in each),
             requeued=sum(s.requeued for s in each),
             paused=any(s.paused for s in each),
+            shards={q.keys.name: (s.queue_depth, s.in_progress) for q, s in zip(self.shards, each, strict=True)},
         )
 
     def pause(self) -> None:

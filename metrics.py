@@ -27,7 +27,7 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.utils import floatToGoString
 
-from image_queue import ImageQueue
+from image_queue import ImageQueue, ShardedQueue
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ def observe_prediction(total_s: float, wait_s: float, inference_s: float) -> Non
 class QueueCollector:
     """The queue's state and the model workers' service-wide counters, read from Redis at each scrape."""
 
-    def __init__(self, queue: ImageQueue):
+    def __init__(self, queue: ImageQueue | ShardedQueue):
         self.queue = queue
 
     def collect(self):
@@ -118,6 +118,14 @@ class QueueCollector:
         yield GaugeMetricFamily(
             "queue_in_progress", "Images claimed by model workers, not yet answered", value=stats.in_progress
         )
+        if stats.shards:  # QUEUE_SHARDS > 1: the same two figures per shard (they add up to the two above)
+            depth = GaugeMetricFamily("queue_shard_depth", "Images waiting, per queue shard", labels=["shard"])
+            held = GaugeMetricFamily("queue_shard_in_progress", "Images claimed, per queue shard", labels=["shard"])
+            for shard, (waiting, in_progress) in stats.shards.items():
+                depth.add_metric([shard], waiting)
+                held.add_metric([shard], in_progress)
+            yield depth
+            yield held
         yield GaugeMetricFamily(
             "queue_max", "QUEUE_MAX: waiting plus in progress at which /predict answers 503", value=self.queue.queue_max
         )
@@ -156,7 +164,7 @@ class QueueCollector:
         )
 
 
-def exposition(queue: ImageQueue, accept: str | None) -> tuple[bytes, str]:
+def exposition(queue: ImageQueue | ShardedQueue, accept: str | None) -> tuple[bytes, str]:
     """The body and content type of a scrape (OpenMetrics when the scraper asks for it, else text 0.0.4)."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(MultiProcessCollector(None) if MULTIPROCESS else REGISTRY)

@@ -14,6 +14,8 @@ from redis.crc import key_slot
 from support.stand_in import StandInClassifier, post_image
 from support.traffic import wait_for
 
+import admin
+import metrics
 from image_queue import Done, ImageQueue, ModelInfo, ShardedQueue, encode_message, queue_from_config, shard_names
 from run_model_server import ModelWorker
 
@@ -128,7 +130,7 @@ def test_a_message_a_blocking_take_moves_after_the_claim_returned_is_in_the_next
     assert (queue.shards[1].status().queue_depth, queue.status().held) == (1, 1)  # back on its shard's queue
 
 
-def test_a_dead_workers_batch_is_requeued_on_every_shard_and_admin_steps_add_up(sharded):
+def test_a_dead_workers_batch_is_requeued_on_every_shard_and_admin_steps_add_up(sharded, capsys):
     queue, peer = sharded(3), sharded(3)
     queue.heartbeat("dead", MODEL)
     for shard in queue.shards:
@@ -140,9 +142,20 @@ def test_a_dead_workers_batch_is_requeued_on_every_shard_and_admin_steps_add_up(
     assert peer.requeue_dead_workers() == 6
     assert [shard.status().queue_depth for shard in peer.shards] == [2, 2, 2]  # each back on its own shard
     assert peer.stats().requeued == 6 and "dead" not in peer.stats().heartbeats
+    for shard in peer.shards:
+        shard.enqueue(message(f"c{shard.keys.name[-1]:031}"))  # a third on each
+    body, _ = metrics.exposition(peer, None)
+    for shard in peer.shards:
+        assert f'queue_shard_depth{{shard="{shard.keys.name}"}} 3.0' in body.decode()
+    assert "queue_depth 9.0" in body.decode()
+    admin.show(peer)
+    shown = capsys.readouterr().out
+    assert "9 waiting, 0 being processed" in shown and all(
+        f"shard '{q.keys.name}': 3 waiting" in shown for q in peer.shards
+    )
     peer.pause()
     assert peer.status().paused and all(shard.status().paused for shard in peer.shards)
-    assert peer.purge("test") == 6 and peer.status().held == 0
+    assert peer.purge("test") == 9 and peer.status().held == 0
     peer.resume()
     assert not peer.status().paused
 
