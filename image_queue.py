@@ -889,6 +889,7 @@ class ShardedQueue:
         self._pool = ThreadPoolExecutor(len(shards), thread_name_prefix="blocking-take")
         self._blocked: dict[int, object] = {}  # shard -> its blocking take (a Future) still running
         self._origin: dict[int, int] = {}  # id() of each message of the current claim -> its shard
+        self._down: dict[int, tuple[Backoff, float]] = {}  # shards whose Redis failed -> backoff, next try
 
     def pick(self) -> ImageQueue:
         return self.shards[next(self._turn) % len(self.shards)]
@@ -940,14 +941,13 @@ class ShardedQueue:
         return sum(shard.purge(reason) for shard in self.shards)
 
     def heartbeat(self, worker_id: str, model: ModelInfo) -> None:
-        for shard in self.shards:
-            shard.heartbeat(worker_id, model)
+        self._on_each(lambda shard: shard.heartbeat(worker_id, model))
 
     def requeue_dead_workers(self) -> int:
-        return sum(shard.requeue_dead_workers() for shard in self.shards)
+        return sum(n or 0 for n in self._on_each(lambda shard: shard.requeue_dead_workers()))
 
     def requeue_own(self, worker_id: str) -> int:
-        return sum(shard.requeue_own(worker_id) for shard in self.shards)
+        return sum(n or 0 for n in self._on_each(lambda shard: shard.requeue_own(worker_id)))
 
     def unregister(self, worker_id: str) -> int:
         """Requeue what this worker holds on every shard, once its blocking takes have ended (they end
@@ -958,7 +958,7 @@ class ShardedQueue:
             except REDIS_ERRORS:
                 pass
         self._blocked.clear()
-        return sum(shard.unregister(worker_id) for shard in self.shards)
+        return sum(n or 0 for n in self._on_each(lambda shard: shard.unregister(worker_id)))
 
     def claim(self, worker_id: str, max_n: int, wait_s: float = 0.0) -> Claim:
         """Up to max_n messages from the shards, each shard first in turn; see the class docstring."""
@@ -984,44 +984,103 @@ class ShardedQueue:
         self, worker_id: str, done: list[Done], batch_size: int = 0, inference_s: float = 0.0
     ) -> tuple[list[str], list[str]]:
         """Each shard's part of the batch acked on that shard (Done.raw is the claimed message itself); the
-        batch is counted once, in the stats of the shard that held most of it."""
+        batch is counted once, in the stats of the shard that held most of it. A shard that fails does not
+        keep the others' answers back; the worker's retry then acks every part again, and a part already
+        acked finds its messages gone and writes nothing twice."""
         parts: dict[int, list[Done]] = {}
         for d in done:
             parts.setdefault(self._origin.get(id(d.raw), 0), []).append(d)
         counted = max(parts, key=lambda s: len(parts[s]), default=0)
+
+        def ack_part(shard: ImageQueue):
+            s = self.shards.index(shard)
+            if s in parts:
+                return shard.ack(worker_id, parts[s], *((batch_size, inference_s) if s == counted else (0, 0.0)))
+
         answered, late = [], []
-        for s, part in parts.items():
-            a, lt = self.shards[s].ack(worker_id, part, *((batch_size, inference_s) if s == counted else (0, 0.0)))
-            answered += a
-            late += lt
+        for result in self._on_each(ack_part):
+            if result:
+                answered += result[0]
+                late += result[1]
         return answered, late
 
+    def _on_each(self, call) -> list:
+        """call(shard) for every shard, also when some fail: one master failing over must not hold back the
+        others' heartbeats, answers or requeues. Then the first Redis error, if any, is raised."""
+        results, error = [], None
+        for shard in self.shards:
+            try:
+                results.append(call(shard))
+            except REDIS_ERRORS as exc:
+                error = error or exc
+                results.append(None)
+        if error is not None:
+            raise error
+        return results
+
     def _take_round(self, worker_id: str, count: int) -> tuple[float, list[tuple[int, bytes]]]:
-        """One take on every shard (each registers this worker there), the next shard first each time."""
-        first, taken, now = next(self._first), [], 0.0
+        """One take on every shard (each registers this worker there), the next shard first each time.
+
+        A shard whose Redis fails is skipped for a backoff while the others go on serving (a Cluster master
+        failing over takes seconds); when it answers again, what a failed call may have left on this
+        worker's list there is handed back first. Only when every shard fails does the error go to the
+        worker loop.
+        """
+        first, taken, now, error = next(self._first), [], 0.0, None
         for i in range(len(self.shards)):
             s = (first + i) % len(self.shards)
-            now, messages = self.shards[s]._take_now(worker_id, max(0, count - len(taken)))
+            if s in self._down and time.monotonic() < self._down[s][1]:
+                continue
+            try:
+                if s in self._down:
+                    self.shards[s].requeue_own(worker_id)
+                now, messages = self.shards[s]._take_now(worker_id, max(0, count - len(taken)))
+            except REDIS_ERRORS as exc:
+                self._shard_failed(s, exc)
+                error = exc
+                continue
+            if s in self._down:
+                log.info("queue shard %s answers again", self.shards[s].keys.name)
+                del self._down[s]
             taken += [(s, m) for m in messages]
+        if not now and error is not None:  # no shard answered
+            raise error
         return now, taken
+
+    def _shard_failed(self, s: int, exc: redis.RedisError) -> None:
+        if redis_trouble(exc) == "configuration":  # the same for every shard: the worker loop exits
+            raise exc
+        backoff = self._down[s][0] if s in self._down else Backoff()
+        delay = backoff.next_delay()
+        if backoff.failures == 1:
+            log.warning("queue shard %s: Redis unavailable (%s); serving the others", self.shards[s].keys.name, exc)
+        self._down[s] = (backoff, time.monotonic() + delay)
 
     def _block_on_every_shard(self, worker_id: str) -> None:
         """Wait until a blocking take on some shard has moved a message, or REDIS_BLOCK_S has passed."""
         from concurrent.futures import FIRST_COMPLETED, wait
 
         for s, shard in enumerate(self.shards):
-            if s not in self._blocked:
+            if s not in self._blocked and s not in self._down:
                 move = shard.redis.blmove
                 args = (shard.keys.queue, shard.keys.processing(worker_id), shard.block_s, "RIGHT", "LEFT")
                 self._blocked[s] = self._pool.submit(move, *args)
-        wait(list(self._blocked.values()), return_when=FIRST_COMPLETED)  # each ends within its block_s
+        if self._blocked:
+            wait(list(self._blocked.values()), return_when=FIRST_COMPLETED)  # each ends within its block_s
+        else:  # every shard that answered the take is backing off: wait for the first to be due
+            time.sleep(max(0.0, min(due for _, due in self._down.values()) - time.monotonic()))
 
     def _finished_blocking_takes(self) -> list[tuple[int, bytes]]:
         taken = []
         for s, future in list(self._blocked.items()):
             if future.done():
                 del self._blocked[s]
-                if (message := future.result()) is not None:  # a Redis error passes on to the worker loop
+                try:
+                    message = future.result()
+                except REDIS_ERRORS as exc:
+                    self._shard_failed(s, exc)
+                    continue
+                if message is not None:
                     taken.append((s, message))
         return taken
 

@@ -306,8 +306,7 @@ def predict():
     top = requested_top()
     # No worker, no Redis or a full queue: 503 before the upload is even read, so that refusing is cheap
     # when it matters most, under overload. enqueue() re-checks the queue atomically.
-    shard = queue().pick()  # QUEUE_SHARDS: this request's shard (round-robin); else the one queue
-    status = live_status(shard)
+    shard, status = live_shard()
     read_at = time.monotonic()  # when status.server_time was read: maps our clock onto Redis's
     # The message's deadline on the Redis clock: the server time just read, plus what is left of ours.
     deadline = status.server_time + timeout - (read_at - arrived)
@@ -409,6 +408,19 @@ def server_timing(arrived: float, queued: float, queued_on_redis_clock: float, a
         parts[2:] = [f"queue;dur={queue_ms:.1f}", inference, f"return;dur={return_ms:.1f}"]
     parts.append(f"total;dur={(now - arrived) * 1000:.1f}")
     return ", ".join(parts)
+
+
+def live_shard() -> tuple[image_queue.ImageQueue, image_queue.Status]:
+    """The queue this request goes to, and its status. With QUEUE_SHARDS, the next shard in turn
+    (round-robin), passing over shards whose Redis fails (a Cluster master failing over) to the others."""
+    tries = len(getattr(queue(), "shards", ())) or 1
+    for attempt in range(tries):
+        shard = queue().pick()
+        try:
+            return shard, live_status(shard)
+        except image_queue.QueueUnavailable:
+            if attempt == tries - 1:
+                raise
 
 
 def live_status(shard: image_queue.ImageQueue | None = None) -> image_queue.Status:

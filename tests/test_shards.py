@@ -10,13 +10,24 @@ import time
 
 import numpy as np
 import pytest
+import redis
 from redis.crc import key_slot
 from support.stand_in import StandInClassifier, post_image
 from support.traffic import wait_for
 
 import admin
 import metrics
-from image_queue import Done, ImageQueue, ModelInfo, ShardedQueue, encode_message, queue_from_config, shard_names
+import stack
+from image_queue import (
+    Done,
+    ImageQueue,
+    ModelInfo,
+    ShardedQueue,
+    connect,
+    encode_message,
+    queue_from_config,
+    shard_names,
+)  # fmt: skip
 from run_model_server import ModelWorker
 
 MODEL = ModelInfo("StandIn", 4, 4)
@@ -187,6 +198,59 @@ def test_the_app_and_the_worker_loop_serve_through_three_shards(sharded, make_ap
         assert client.get("/readyz").get_json()["ready"] is True
         web_queue = app.extensions["image_queue"]
         assert isinstance(web_queue, ShardedQueue) and next(web_queue._turn) >= 13  # each request picked a shard
+    finally:
+        worker.request_stop()
+        thread.join(10)
+    assert not thread.is_alive()
+
+
+@pytest.fixture
+def one_shard_down(redis_url, queue_name, redis_client):
+    """make(): a ShardedQueue of three shards whose second has no Redis (nothing listens on its port)."""
+    good, names = connect(redis_url, 0.3), shard_names(queue_name, 3)
+    dead = connect(f"redis://127.0.0.1:{stack.free_port()}/0", 0.3)
+    options = {"block_s": 0.3, "worker_ttl_s": 2.0}
+
+    def make() -> ShardedQueue:
+        return ShardedQueue([ImageQueue(good, names[0], **options), ImageQueue(dead, names[1], **options),
+                             ImageQueue(good, names[2], **options)])  # fmt: skip
+
+    yield make
+    for key in redis_client.scan_iter(match=f"{{{queue_name}*"):
+        redis_client.delete(key)
+
+
+def test_a_shard_whose_redis_is_down_is_skipped_while_the_others_are_served(one_shard_down, redis_client):
+    queue = one_shard_down()
+    names = [q.keys.name for q in queue.shards]
+    good, options = queue.shards[0].redis, {"block_s": 0.3, "worker_ttl_s": 2.0}
+    with pytest.raises(redis.ConnectionError):
+        queue.heartbeat("w", MODEL)  # the outage is reported ...
+    assert [redis_client.zscore(q.keys.workers, "w") is not None for q in queue.shards] == [True, False, True]
+    for s in (0, 2):  # ... after the shards that answer got their heartbeat
+        queue.shards[s].enqueue(message(f"{s:032x}"))
+    claim = queue.claim("w", 8)
+    assert sorted(raw[7:39].decode() for raw in claim.messages) == [f"{0:032x}", f"{2:032x}"]
+    assert answer_all(queue, "w", claim.messages)[0] == [f"{0:032x}", f"{2:032x}"]
+    started = time.monotonic()
+    assert queue.claim("w", 8).messages == []  # an idle claim blocks on the live shards, not a spin
+    assert time.monotonic() - started >= 0.25
+    queue.shards[1] = ImageQueue(good, names[1], **options)  # its Redis is back
+    queue._down[1] = (queue._down[1][0], 0.0)  # its backoff is due
+    queue.shards[1].enqueue(message(f"{1:032x}"))
+    assert [raw[7:39].decode() for raw in queue.claim("w", 8).messages] == [f"{1:032x}"]
+
+
+def test_the_web_passes_over_a_shard_whose_redis_is_down_and_every_request_is_served(one_shard_down, make_app):
+    worker = ModelWorker(one_shard_down(), StandInClassifier(), batch_size=8, max_wait_s=0, heartbeat_s=0.2)
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
+    try:
+        app = make_app(QUEUE_SHARDS=3)
+        app.extensions["image_queue"] = one_shard_down()
+        client = app.test_client()
+        wait_for(lambda: post_image(client).status_code == 200, 10)
+        assert [post_image(client).status_code for _ in range(9)] == [200] * 9  # 3 of them picked the dead shard
     finally:
         worker.request_stop()
         thread.join(10)
