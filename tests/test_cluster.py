@@ -7,52 +7,81 @@ cluster) and the real worker loop in a thread, with the stand-in model.
 """
 
 import random
+import signal
 import socket
 import subprocess
 import threading
+import time
 
 import pytest
 import redis
+import requests
 from redis.cluster import RedisCluster
+from support.images import distinct_photos
+from support.stacks import StackFactory
 from support.stand_in import StandInClassifier, post_image
-from support.traffic import wait_for
+from support.traffic import Traffic, expected_top5, wait_for
 
-from image_queue import Keys, queue_from_config
+from image_queue import Keys, queue_from_config, shard_names
 from run_model_server import ModelWorker
 
 pytestmark = pytest.mark.timeout(120)
 
+RATE = 5.0  # requests/s, under this CPU's capacity (as in test_sentinel)
+DEADLINE_SLACK_S = 1.5  # as in test_faults: a 2-core machine answers a little late
+
+
+class Cluster:
+    """A Redis Cluster of the test's own on loopback: masters (and replicas) joined by redis-cli --cluster
+    create, each node stopped by its pid. A node is written off after 1 s of silence, so a dead master's
+    replica is promoted within a few seconds."""
+
+    def __init__(self, workdir, masters: int = 3, replicas: int = 0, full_coverage: bool = True):
+        self.ports = [cluster_port() for _ in range(masters * (1 + replicas))]
+        self.processes: dict[int, subprocess.Popen] = {}
+        for port in self.ports:
+            node_dir = workdir / str(port)
+            node_dir.mkdir()
+            argv = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+            argv += ["--dir", str(node_dir), "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]
+            argv += ["--cluster-node-timeout", "1000"]
+            # no: the masters that are up serve their slots while one fails over (what a sharded queue wants)
+            argv += ["--cluster-require-full-coverage", "yes" if full_coverage else "no"]
+            self.processes[port] = subprocess.Popen(argv, stdout=subprocess.DEVNULL)
+        for port in self.ports:
+            wait_for(lambda port=port: _answers(port), 10)
+        nodes = [f"127.0.0.1:{port}" for port in self.ports]
+        subprocess.run(
+            ["redis-cli", "--cluster", "create", *nodes, "--cluster-replicas", str(replicas), "--cluster-yes"],
+            check=True, capture_output=True, timeout=30,
+        )  # fmt: skip
+        wait_for(lambda: self.ok(self.ports[0]) and self._replicas_in_sync(replicas), 30)
+
+    def ok(self, port: int) -> bool:
+        return b"cluster_state:ok" in redis.Redis(host="127.0.0.1", port=port).execute_command("CLUSTER", "INFO")
+
+    def _replicas_in_sync(self, replicas: int) -> bool:
+        up = sum(redis.Redis(host="127.0.0.1", port=p).info("replication").get("master_link_status") == "up"
+                 for p in self.ports)  # fmt: skip
+        return up == len(self.ports) - len(self.ports) // (1 + replicas)
+
+    def master_of(self, key: str, via: int | None = None) -> int:
+        """The port of the master that holds key's slot now, as a node asked afresh sees it."""
+        return RedisCluster(host="127.0.0.1", port=via or self.ports[0]).get_node_from_key(key).port
+
+    def stop(self) -> None:
+        for process in self.processes.values():
+            if process.poll() is None:
+                process.terminate()
+                process.wait(10)
+
 
 @pytest.fixture
 def cluster(tmp_path):
-    """Three masters (no replicas) of the test's own, joined by redis-cli --cluster create; stopped by pid."""
-    ports = [cluster_port() for _ in range(3)]
-    processes = []
-    for port in ports:
-        workdir = tmp_path / str(port)
-        workdir.mkdir()
-        argv = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-        argv += ["--dir", str(workdir), "--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{port}.conf"]
-        processes.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL))
-    try:
-        for port in ports:
-            wait_for(lambda port=port: _answers(port), 10)
-        nodes = [f"127.0.0.1:{port}" for port in ports]
-        subprocess.run(
-            ["redis-cli", "--cluster", "create", *nodes, "--cluster-replicas", "0", "--cluster-yes"],
-            check=True, capture_output=True, timeout=30,
-        )  # fmt: skip
-        wait_for(
-            lambda: (
-                b"cluster_state:ok" in redis.Redis(host="127.0.0.1", port=ports[0]).execute_command("CLUSTER", "INFO")
-            ),
-            20,
-        )
-        yield ports
-    finally:
-        for process in processes:
-            process.terminate()
-            process.wait(10)
+    """Three masters, no replicas."""
+    c = Cluster(tmp_path)
+    yield c
+    c.stop()
 
 
 def cluster_port() -> int:
@@ -78,9 +107,9 @@ def test_the_service_runs_on_a_cluster_through_any_node_with_the_rate_limit_coun
     from run_web_server import create_app
 
     # REDIS_URL names the node that does NOT hold the queue's slot: the client must find the right master
-    probe = RedisCluster(host="127.0.0.1", port=cluster[0])
+    probe = RedisCluster(host="127.0.0.1", port=cluster.ports[0])
     slot_owner = probe.get_node_from_key(Keys("cq").queue).port
-    entry = next(port for port in cluster if port != slot_owner)
+    entry = next(port for port in cluster.ports if port != slot_owner)
     url = f"redis://127.0.0.1:{entry}/0"
     config = {"REDIS_URL": url, "REDIS_CLUSTER": True, "IMAGE_QUEUE": "cq", "REDIS_BLOCK_S": 0.2}
     config |= {"REQUEST_TIMEOUT_S": 3, "WORKER_TTL_S": 2.0, "QUEUE_MAX": 64, "RESULT_TTL_S": 30}
@@ -97,10 +126,112 @@ def test_the_service_runs_on_a_cluster_through_any_node_with_the_rate_limit_coun
         owner = redis.Redis(host="127.0.0.1", port=slot_owner)
         assert owner.exists(Keys("cq").workers) and owner.exists(Keys("cq").stats)
         assert any(b"ratelimit" in key for key in owner.scan_iter(match="{cq}:*"))
-        for port in cluster:
+        for port in cluster.ports:
             if port != slot_owner:
                 assert list(redis.Redis(host="127.0.0.1", port=port).scan_iter(match="{cq}:*")) == []
     finally:
         worker.request_stop()
         thread.join(10)
     assert not thread.is_alive()
+
+
+def test_three_shards_spread_one_queue_over_the_three_masters_and_every_request_is_served(cluster):
+    from run_web_server import create_app
+
+    names = shard_names("sq", 3)
+    owners = [cluster.master_of(Keys(name).queue) for name in names]
+    assert sorted(owners) == sorted(cluster.ports)  # one shard on each master
+    config = {"REDIS_URL": f"redis://127.0.0.1:{cluster.ports[0]}/0", "REDIS_CLUSTER": True, "IMAGE_QUEUE": "sq"}
+    config |= {"QUEUE_SHARDS": 3, "REDIS_BLOCK_S": 0.2, "REQUEST_TIMEOUT_S": 3, "WORKER_TTL_S": 2.0}
+    config |= {"QUEUE_MAX": 64, "RESULT_TTL_S": 30}
+    worker = ModelWorker(queue_from_config(config, 0.5), StandInClassifier(), batch_size=8, max_wait_s=0,
+                         heartbeat_s=0.2)  # fmt: skip
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
+    try:
+        client = create_app(config).test_client()
+        wait_for(lambda: post_image(client).status_code == 200, 10)
+        replies = []
+        threads = [threading.Thread(target=lambda: replies.append(post_image(client))) for _ in range(12)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10)
+        assert [r.status_code for r in replies] == [200] * 12
+        for name, owner in zip(names, owners, strict=True):  # each shard's keys on its master, and only there
+            node = redis.Redis(host="127.0.0.1", port=owner)
+            assert node.exists(Keys(name).workers)
+            for other in set(cluster.ports) - {owner}:
+                assert list(redis.Redis(host="127.0.0.1", port=other).scan_iter(match=f"{{{name}}}:*")) == []
+        stats = worker.queue.stats()
+        assert sum(n * count for n, count in stats.batch_sizes.items()) == 13 and stats.in_progress == 0
+        assert set(stats.shards) == set(names) and stats.live_workers == 1
+    finally:
+        worker.request_stop()
+        thread.join(10)
+    assert not thread.is_alive()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_master_killed_under_load_its_replica_takes_over_and_the_other_shards_serve_on(
+    tmp_path, resnet, resnet_weights
+):
+    """Three masters with a replica each, QUEUE_SHARDS=3, the web in gunicorn and the ResNet50 worker:
+    kill -9 the master of one shard under steady load. The other two shards serve throughout, the web
+    passes over the dead one, the replica is promoted, and the same processes serve all three again;
+    no request waits past its deadline, none gets a 500 or another image's answer."""
+    workdir = tmp_path / "cluster"
+    workdir.mkdir()
+    c = Cluster(workdir, masters=3, replicas=1, full_coverage=False)
+    images = distinct_photos(8)
+    expected = expected_top5(resnet, images)
+    factory = StackFactory(f"redis://127.0.0.1:{c.ports[0]}/0", resnet_weights, tmp_path)
+    try:
+        s = factory(REDIS_CLUSTER=1, QUEUE_SHARDS=3, BATCH_SIZE=8)
+        names = shard_names(s.env["IMAGE_QUEUE"], 3)
+        victim = c.master_of(Keys(names[1]).queue)
+        survivor = next(p for p in c.ports if p != victim and c.master_of(Keys(names[0]).queue) == p)
+        s.start_worker()
+        s.start_web()
+        s.wait_ready()
+        timeout = float(s.env.get("REQUEST_TIMEOUT_S", 10))  # the shipped default
+        with Traffic(s.url, images, expected, rate=RATE) as traffic:
+            traffic.wait_for_answers(30, 60)
+            killed_at = time.monotonic()
+            c.processes[victim].send_signal(signal.SIGKILL)
+            c.processes[victim].wait()
+            wait_for(lambda: _promoted(c, Keys(names[1]).queue, victim, survivor), 30)
+            promoted_at = time.monotonic()
+            traffic.wait_for_answers(30, 60)  # served again by the same processes, all three shards
+            assert requests.get(s.url + "metrics", timeout=10).status_code == 200
+        books = traffic.books(s.worker_logs())
+        during = [r for r in traffic.replies if killed_at <= r.sent < promoted_at]
+        after = [r for r in traffic.replies if r.sent >= promoted_at]
+        failed = [r for r in traffic.replies if r.status != 200]
+        print(
+            f"\n{books.line('cluster failover, 3 shards')}; replica promoted {promoted_at - killed_at:.1f} s after "
+            f"the kill; sent in between: {len(during)}, {sum(r.status == 200 for r in during)} x 200; "
+            f"after: {len(after)}, {sum(r.status == 200 for r in after)} x 200; {len(failed)} not 200 in all"
+        )
+        for r in failed:
+            print(f"  {r.status} at {r.sent - killed_at:+.2f} s: {r.body.get('error')}")
+        assert all(service.alive() for service in [s.web, *s.workers])  # nothing restarted
+        assert books.lost == 0 and books.wrong == [], books
+        assert set(books.by_status) <= {200, 503, 504}, books.by_status  # never a 500
+        assert books.slowest_s <= timeout + DEADLINE_SLACK_S, books.slowest_s
+        assert during and sum(r.status == 200 for r in during) >= len(during) / 2  # the other shards served on
+        assert after[-10:] and all(r.status == 200 for r in after[-10:])
+        for reply in failed:
+            if reply.status == 503:
+                assert reply.retry_after, reply
+    finally:
+        factory.stop_all()
+        c.stop()
+
+
+def _promoted(c: Cluster, key: str, dead: int, via: int) -> bool:
+    try:
+        return c.ok(via) and c.master_of(key, via) != dead
+    except redis.RedisError:
+        return False
