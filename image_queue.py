@@ -12,10 +12,11 @@ Keys (IMAGE_QUEUE = "image_queue"; each built by Keys, nowhere else):
     {image_queue}:result:<request id>   list holding the one answer; expires after RESULT_TTL_S
     {image_queue}:stats                 hash of service-wide counters for /metrics: "size:<n>" batches of
                                         n images the model ran, "inference_s" their seconds, "requeued"
-    Every key of a queue carries the hash tag {IMAGE_QUEUE}, so they would share one Redis Cluster slot;
-    the scripts build processing-list keys from the workers set, so a queue needs one Redis (or one slot).
+    Every key of a queue carries the hash tag {IMAGE_QUEUE}, so they share one Redis Cluster slot; the
+    scripts build processing-list keys from the workers set, so a queue needs one Redis (or one slot).
     That Redis may be a Sentinel-managed master (connect(): REDIS_SENTINELS) or one slot's master of a Redis
-    Cluster (REDIS_CLUSTER); one queue is not yet spread over several slots.
+    Cluster (REDIS_CLUSTER). QUEUE_SHARDS > 1 spreads one queue over that many such queues, each under its
+    own hash tag (ShardedQueue, shard_names): every step below then runs on one shard, as described.
 
 Message (web -> model worker), never pickle: a one-line JSON header, UTF-8, "id" first (the purge and
 the ack find a message by its first bytes), a newline, then the raw pixels (row-major height x width x RGB):

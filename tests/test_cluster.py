@@ -1,9 +1,10 @@
 """Redis Cluster (REDIS_CLUSTER=1): the service on a real 3-master cluster on loopback, through redis-py's
 cluster client, with REDIS_URL naming any one node. One queue's keys share one hash tag, so they live in
-one slot on one master; spreading a queue over several masters (QUEUE_SHARDS) is not built yet.
+one slot on one master; QUEUE_SHARDS spreads one queue over several masters.
 
-The web app runs in the test's process (Flask's test client, with the rate limit on, counted in the
-cluster) and the real worker loop in a thread, with the stand-in model.
+The fast tests run the web app in the test's process (Flask's test client, with the rate limit on, counted
+in the cluster) and the real worker loop in a thread, with the stand-in model; the slow one kills a master
+that has a replica under load, with gunicorn and the ResNet50 worker as processes.
 """
 
 import random
