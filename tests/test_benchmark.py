@@ -150,3 +150,20 @@ def test_the_suite_runs_end_to_end_and_both_systems_give_the_models_own_answers(
     assert set(report["targets"]) >= {"served_over_ceiling_8", "served_over_baseline_8", "one_client_p50_ms"}
     assert "targets (medians over the rounds)" in run.stdout
     is_drawn_png(tmp_path / "benchmark.png")
+
+
+def test_the_shards_benchmark_runs_both_layouts_and_the_busiest_master_carries_less_with_three():
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.shards", "--seconds", "2", "--rounds", "1", "--clients", "8"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    rounds = {}
+    for line in result.stdout.splitlines():
+        if line.startswith("round 1"):
+            shards = int(line.split(", ")[1].split()[0])
+            images_s = float(line.split(": ")[1].split()[0])
+            busiest = max(float(ms) for ms in line.rsplit(": ", 1)[1].split(", "))
+            rounds[shards] = (images_s, busiest, "0 failed" in line)
+    assert set(rounds) == {1, 3} and all(images > 0 and ok for images, _, ok in rounds.values()), result.stdout
+    assert rounds[3][1] < rounds[1][1], result.stdout  # the queue's Redis work spread over the masters
