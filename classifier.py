@@ -4,9 +4,14 @@ A keras.applications model (ResNet50 by default) or your own saved Keras model p
 the worker sees a Classifier, hands it uint8 pixels and gets the top-k labels back.
 """
 
+import glob
+import hashlib
+import importlib.util
 import json
 import logging
 import os
+import shutil
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,7 +48,11 @@ APPLICATIONS = {
     "NASNetMobile": "nasnet",
 }
 PREPROCESS_MODES = ("caffe", "tf", "torch", "none")
-PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")  # Keras dtype policies (MODEL_PRECISION)
+# MODEL_PRECISION: auto, or a Keras dtype policy. On OpenVINO each maps to an inference precision hint; auto is
+# bf16 where the CPU has it (OpenVINO's own default there), else f32; on Keras auto is float32.
+PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
+OPENVINO_HINTS = {"float32": "f32", "mixed_bfloat16": "bf16", "mixed_float16": "f16"}
+RUNTIMES = ("auto", "keras", "openvino")  # MODEL_RUNTIME
 BUCKET_MODES = ("auto", "on", "off")  # BATCH_BUCKETS
 
 # The ImageNet class index keras.applications.imagenet_utils.decode_predictions downloads.
@@ -58,10 +67,13 @@ class ModelConfigError(ValueError):
 @dataclass
 class Classifier:
     name: str
-    model: object  # keras.Model
-    preprocess: Callable[[np.ndarray], np.ndarray]
+    model: object  # keras.Model, or an OpenVINOModel (which takes uint8 and preprocesses in its graph)
+    preprocess: Callable[[np.ndarray], np.ndarray]  # on the host, float32 in and out; unused when takes_uint8
     labels: list[str]
     buckets: tuple[int, ...] = ()  # pad each batch up to the next of these sizes; (): run it as it comes
+    takes_uint8: bool = False  # the model gets the uint8 pixels as they are: no float pass on the host
+    runtime: str = "keras"  # what runs it, with its precision: for the start-up log
+    precision: str = "float32"
 
     @property
     def input_size(self) -> tuple[int, int]:
@@ -75,7 +87,7 @@ class Classifier:
         size = next((b for b in self.buckets if b >= n), n)
         if size > n:  # zero images fill the bucket; their rows are dropped below
             pixels = np.concatenate([pixels, np.zeros((size - n, *pixels.shape[1:]), pixels.dtype)])
-        x = self.preprocess(pixels.astype(np.float32))
+        x = pixels if self.takes_uint8 else self.preprocess(pixels.astype(np.float32))
         return np.asarray(self.model.predict_on_batch(x), dtype=np.float32)[:n]
 
     def top_k(self, probabilities: np.ndarray, k: int) -> list[dict]:
@@ -132,14 +144,18 @@ def load_classifier(
     model_path: str = "",
     labels_path: str = "",
     preprocess: str = "",
-    precision: str = "float32",
+    precision: str = "auto",
+    runtime: str = "keras",
+    cache_dir: str = "",
 ) -> Classifier:
     """Build the classifier the settings describe (see settings.py: MODEL_*, LABELS_PATH).
 
-    precision: a Keras dtype policy for the layers built here; mixed_bfloat16 computes in bfloat16 and
-    keeps the weights in float32 (1.4-1.5x the images/s on this project's AVX512-BF16 CPU; probabilities move
-    by up to ~0.03), mixed_float16 is for GPUs with tensor cores.
+    precision: on Keras, a dtype policy for the layers built here (auto: float32); mixed_bfloat16 computes
+    in bfloat16 and keeps the weights in float32, mixed_float16 is for GPUs with tensor cores. runtime
+    "openvino" converts the Keras model to OpenVINO (to_openvino), cached in cache_dir.
     """
+    if runtime not in RUNTIMES[1:]:
+        raise ModelConfigError(f"MODEL_RUNTIME must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
     if preprocess and preprocess not in PREPROCESS_MODES:
         raise ModelConfigError(f"MODEL_PREPROCESS must be one of {', '.join(PREPROCESS_MODES)}, got {preprocess!r}")
     if precision not in PRECISIONS:
@@ -157,7 +173,8 @@ def load_classifier(
     enable_gpu_memory_growth()
     import keras
 
-    keras.mixed_precision.set_global_policy(precision)  # for the layers built or loaded below
+    # for the layers built or loaded below; OpenVINO converts a float32 model and applies its own precision
+    keras.mixed_precision.set_global_policy("float32" if precision == "auto" or runtime == "openvino" else precision)
     if model_path:
         try:
             model = keras.saving.load_model(model_path, compile=False)
@@ -179,11 +196,25 @@ def load_classifier(
         raise ModelConfigError(
             f"the model has {classes} outputs but the labels file has {len(classifier.labels)} labels"
         )
+    if runtime == "openvino":
+        # The same files (by path, size and time) give the same model, except random weights ("none")
+        files = [model_path] if model_path else [weights_file] if weights_file else []
+        source = (
+            ""
+            if not model_path and weights in ("none", "")
+            else "|".join(
+                [name, weights, preprocess, *(f"{f}:{os.path.getsize(f)}:{os.stat(f).st_mtime_ns}" for f in files)]
+            )
+        )
+        return to_openvino(classifier, precision, cache_dir or default_cache_dir(), source)
+    classifier.precision = "float32" if precision == "auto" else precision
     return classifier
 
 
 def load_configured_classifier(settings) -> Classifier:
     """The classifier the settings module describes (MODEL_*, LABELS_PATH): the worker's and the baseline's."""
+    runtime, why = choose_runtime(settings.MODEL_RUNTIME)
+    log.info("model runtime: %s (%s)", runtime, why)
     return load_classifier(
         settings.MODEL_NAME,
         settings.MODEL_WEIGHTS,
@@ -191,7 +222,114 @@ def load_configured_classifier(settings) -> Classifier:
         settings.LABELS_PATH,
         settings.MODEL_PREPROCESS,
         settings.MODEL_PRECISION,
+        runtime,
+        settings.MODEL_CACHE_DIR,
     )
+
+
+def choose_runtime(requested: str) -> tuple[str, str]:
+    """MODEL_RUNTIME: (keras or openvino, why). auto: OpenVINO on a machine without a GPU where it is installed
+    (3-4x TensorFlow's images/s on this project's CPU at bf16), Keras otherwise (GPUs, or no OpenVINO)."""
+    if requested not in RUNTIMES:
+        raise ModelConfigError(f"MODEL_RUNTIME must be one of {', '.join(RUNTIMES)}, got {requested!r}")
+    if requested != "auto":
+        return requested, "MODEL_RUNTIME"
+    if gpu := gpu_device():
+        return "keras", f"auto: a GPU ({gpu})"
+    if importlib.util.find_spec("openvino") is None:
+        return "keras", "auto: no GPU, and OpenVINO is not installed"
+    return "openvino", "auto: no GPU, OpenVINO installed"
+
+
+def gpu_device() -> str:
+    """The first NVIDIA or AMD GPU device file, or "" (cheap, and the same whatever the Keras backend)."""
+    return next(iter(sorted(glob.glob("/dev/nvidia[0-9]*")) + glob.glob("/dev/kfd")), "")
+
+
+def default_cache_dir() -> str:
+    """MODEL_CACHE_DIR's default: $XDG_CACHE_HOME/keras-rest-api, else ~/.cache/keras-rest-api."""
+    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "keras-rest-api")
+
+
+class OpenVINOModel:
+    """A compiled OpenVINO model with the surface Classifier uses of a Keras model: uint8 (n, h, w, 3) in,
+    probabilities out, any n (a dynamic batch dimension: no buckets, nothing compiled per size)."""
+
+    jit_compile = False
+
+    def __init__(self, compiled, input_shape: tuple, output_shape: tuple):
+        self.compiled, self.input_shape, self.output_shape = compiled, input_shape, output_shape
+
+    def predict_on_batch(self, pixels: np.ndarray) -> np.ndarray:
+        return self.compiled(np.ascontiguousarray(pixels))[0]
+
+
+def to_openvino(classifier: Classifier, precision: str, cache_dir: str, source: str) -> Classifier:
+    """The Keras classifier converted to OpenVINO and compiled for the CPU, its preprocessing in the graph.
+
+    The graph takes uint8 pixels and casts and scales them itself, so the host does no float pass. The
+    converted model is kept in cache_dir under a name made from source (the model's files), and OpenVINO
+    keeps its compiled form there too (CACHE_DIR), so a restart neither converts nor compiles again;
+    source "" (random weights) converts every time. OpenVINO's usage telemetry is never imported: the
+    converter then uses its built-in no-op, and nothing leaves the machine.
+    """
+    sys.modules.setdefault("openvino_telemetry", None)  # an import of it now fails: the converter's no-op stub
+    import openvino as ov
+
+    core = ov.Core()
+    hint = openvino_hint(precision, core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+    os.makedirs(cache_dir, exist_ok=True)
+    key = hashlib.sha256(f"{source}|keras-{keras_version()}|openvino-{ov.__version__}".encode()).hexdigest()[:16]
+    path = os.path.join(cache_dir, f"{classifier.name}-{key}.xml")
+    started = time.perf_counter()
+    if source and os.path.exists(path):
+        graph, how = path, f"from {path}"
+    else:
+        folder = export_with_preprocessing(classifier)
+        try:
+            graph = ov.convert_model(folder)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        how = "converted from Keras"
+        if source:  # written whole under another name, then renamed: a worker starting beside it never reads half
+            partial = os.path.join(cache_dir, f".{os.getpid()}-{classifier.name}-{key}.xml")
+            ov.save_model(graph, partial, compress_to_fp16=False)
+            os.replace(partial[:-4] + ".bin", path[:-4] + ".bin")
+            os.replace(partial, path)
+            how += f", saved to {path}"
+    core.set_property({"CACHE_DIR": os.path.join(cache_dir, "compiled")})
+    compiled = core.compile_model(graph, "CPU", {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY"})
+    took = time.perf_counter() - started
+    log.info("OpenVINO %s: %s model %s and compiled in %.1f s", ov.__version__.split("-")[0], hint, how, took)
+    model = OpenVINOModel(compiled, classifier.model.input_shape, classifier.model.output_shape)
+    return Classifier(classifier.name, model, lambda x: x, classifier.labels, (), True, "openvino", hint)
+
+
+def openvino_hint(precision: str, capabilities: list[str]) -> str:
+    """MODEL_PRECISION -> OpenVINO's INFERENCE_PRECISION_HINT: auto is bf16 where the CPU has it, else f32."""
+    if precision == "auto":
+        return "bf16" if "BF16" in capabilities else "f32"
+    return OPENVINO_HINTS[precision]
+
+
+def export_with_preprocessing(classifier: Classifier) -> str:
+    """A SavedModel of uint8 pixels -> cast -> the classifier's preprocessing -> the model (a temporary folder)."""
+    import tempfile
+
+    import keras
+
+    height, width = classifier.input_size
+    pixels = keras.Input((height, width, 3), dtype="uint8")
+    scaled = keras.layers.Lambda(lambda x: classifier.preprocess(keras.ops.cast(x, "float32")))(pixels)
+    folder = tempfile.mkdtemp(prefix="openvino-export-")
+    keras.Model(pixels, classifier.model(scaled)).export(folder, format="tf_saved_model", verbose=False)
+    return folder
+
+
+def keras_version() -> str:
+    import keras
+
+    return keras.__version__
 
 
 def build_application(name: str, weights: str):

@@ -304,7 +304,7 @@ def main() -> int:
         width,
         height,
         len(classifier.labels),
-        settings.MODEL_PRECISION,
+        f"{classifier.runtime} {classifier.precision}",
         list(classifier.buckets) or "none",
         ", ".join(f"batch {n}: {s * 1000:.0f} ms" for n, s in timings.items()),
     )

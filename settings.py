@@ -22,7 +22,8 @@ class SettingError(ValueError):
 API_KEY_MIN_LENGTH = 16  # shorter keys are guessable: refused at start
 TOP_K_MAX = 20  # the largest ?top=K accepted
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"  # one format for every process
-MODEL_PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
+MODEL_PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
+MODEL_RUNTIMES = ("auto", "keras", "openvino")
 BATCH_BUCKET_MODES = ("auto", "on", "off")
 
 
@@ -139,6 +140,8 @@ class Settings:
     LABELS_PATH: str
     MODEL_PREPROCESS: str
     MODEL_PRECISION: str
+    MODEL_RUNTIME: str
+    MODEL_CACHE_DIR: str
     BATCH_BUCKETS: str
     WEB_HOST: str
     WEB_PORT: int
@@ -303,10 +306,17 @@ class Settings:
             # How pixels are scaled before the model: caffe, tf, torch or none. Empty: the keras.applications
             # model's own preprocess_input, or none for MODEL_PATH.
             MODEL_PREPROCESS=read.text("MODEL_PREPROCESS", "").lower(),
-            # Keras dtype policy of a keras.applications model: float32, or mixed_bfloat16 (on this project's CPU,
-            # AVX512-BF16: 1.4-1.5x the images/s, probabilities within ~0.03 of float32's) or mixed_float16 (GPUs with
-            # tensor cores). A MODEL_PATH model keeps the policy it was saved with.
-            MODEL_PRECISION=read.choice("MODEL_PRECISION", "float32", MODEL_PRECISIONS),
+            # What runs the model: keras (any Keras backend; GPUs), openvino (CPUs: the Keras model converted, its
+            # preprocessing in the graph), or auto: OpenVINO on a machine without a GPU where it is installed.
+            MODEL_RUNTIME=read.choice("MODEL_RUNTIME", "auto", MODEL_RUNTIMES),
+            # Where OpenVINO keeps converted and compiled models, so a restart does neither again.
+            # Empty: $XDG_CACHE_HOME/keras-rest-api, else ~/.cache/keras-rest-api.
+            MODEL_CACHE_DIR=read.text("MODEL_CACHE_DIR", ""),
+            # Precision. Keras: a dtype policy of a keras.applications model, float32 (auto), mixed_bfloat16 or
+            # mixed_float16 (GPUs with tensor cores); a MODEL_PATH model keeps the policy it was saved with.
+            # OpenVINO: auto is bf16 where the CPU has it (OpenVINO's own default there), else f32; float32 -> f32,
+            # mixed_bfloat16 -> bf16, mixed_float16 -> f16.
+            MODEL_PRECISION=read.choice("MODEL_PRECISION", "auto", MODEL_PRECISIONS),
             # Pad each batch to the next of 1, 2, 4, ..., BATCH_SIZE: auto (when Keras compiles the model with XLA:
             # JAX, or TensorFlow on a GPU, where each new batch size would compile on a live request), on, or off.
             BATCH_BUCKETS=read.choice("BATCH_BUCKETS", "auto", BATCH_BUCKET_MODES),

@@ -110,12 +110,33 @@ def resnet_weights(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def model_cache(tmp_path_factory) -> Path:
+    """One MODEL_CACHE_DIR for the session's processes and the test process: OpenVINO converts a model once."""
+    path = tmp_path_factory.mktemp("model-cache")
+    os.environ["MODEL_CACHE_DIR"] = str(path)  # every worker the tests start inherits it
+    return path
+
+
 @pytest.fixture(scope="session")
-def resnet(resnet_weights):
-    """The same model the worker serves, loaded in the test process through the same seam."""
+def resnet(resnet_weights, model_cache):
+    """The same model the worker serves with the shipped defaults (MODEL_RUNTIME and MODEL_PRECISION auto:
+    OpenVINO at bf16 on a CPU with BF16 and OpenVINO installed), loaded in the test process through the same
+    seam, so a served answer is compared with the same runtime's own answer."""
+    from classifier import choose_runtime, load_classifier
+
+    runtime, _ = choose_runtime("auto")
+    return load_classifier(
+        "ResNet50", str(resnet_weights), labels_path=str(IMAGENET_INDEX), runtime=runtime, cache_dir=str(model_cache)
+    )
+
+
+@pytest.fixture(scope="session")
+def resnet_keras(resnet_weights):
+    """The same weights on the Keras runtime (TensorFlow, float32): for the tests of the Keras path itself."""
     from classifier import load_classifier
 
-    return load_classifier("ResNet50", str(resnet_weights), labels_path=str(IMAGENET_INDEX))
+    return load_classifier("ResNet50", str(resnet_weights), labels_path=str(IMAGENET_INDEX), runtime="keras")
 
 
 # --- Processes --------------------------------------------------------------------------------

@@ -209,7 +209,7 @@ def test_a_labels_count_that_does_not_match_the_model_is_refused(tmp_path):
         load_classifier("MobileNetV2", "none", labels_path=str(tmp_path / "three.json"))
 
 
-def test_keras2_h5_weights_as_keras_downloads_them_load_through_model_weights(keras, resnet, tmp_path):
+def test_keras2_h5_weights_as_keras_downloads_them_load_through_model_weights(keras, resnet_keras, tmp_path):
     """Air-gapped sites copy Keras's resnet50_weights_tf_dim_ordering_tf_kernels.h5 (Keras 2 layout)."""
     import h5py
     from keras.src.legacy.saving.legacy_h5_format import save_weights_to_hdf5_group
@@ -218,31 +218,31 @@ def test_keras2_h5_weights_as_keras_downloads_them_load_through_model_weights(ke
 
     path = tmp_path / "resnet50_weights_tf_dim_ordering_tf_kernels.h5"
     with h5py.File(path, "w") as f:
-        save_weights_to_hdf5_group(f, resnet.model)
+        save_weights_to_hdf5_group(f, resnet_keras.model)
     copy = load_classifier("ResNet50", str(path), labels_path=str(IMAGENET_INDEX))
     pixels = np.stack([helpers.prepare_image(helpers.open_image(d, 10**8), (224, 224)) for d in distinct_photos(2)])
-    np.testing.assert_allclose(copy.predict(pixels), resnet.predict(pixels), atol=1e-6)
+    np.testing.assert_allclose(copy.predict(pixels), resnet_keras.predict(pixels), atol=1e-6)
 
 
-def test_top_k_is_sorted_and_labelled(resnet):
+def test_top_k_is_sorted_and_labelled(resnet_keras):
     probabilities = np.zeros(1000, np.float32)
     probabilities[[281, 5, 999]] = [0.2, 0.7, 0.1]
-    assert resnet.top_k(probabilities, 3) == [
+    assert resnet_keras.top_k(probabilities, 3) == [
         {"label": "electric_ray", "probability": pytest.approx(0.7)},
         {"label": "tabby", "probability": pytest.approx(0.2)},
         {"label": "toilet_tissue", "probability": pytest.approx(0.1)},
     ]
 
 
-def test_warm_up_leaves_no_tracing_for_the_first_request(resnet):
-    timings = resnet.warm_up(8)
+def test_warm_up_leaves_no_tracing_for_the_first_request(resnet_keras):
+    timings = resnet_keras.warm_up(8)
     assert set(timings) == {1, 2, 8}
     x = np.zeros((5, 224, 224, 3), np.uint8)  # a size never run before
     started = time.perf_counter()
-    resnet.predict(x)
+    resnet_keras.predict(x)
     first = time.perf_counter() - started
     started = time.perf_counter()
-    resnet.predict(x)
+    resnet_keras.predict(x)
     second = time.perf_counter() - started
     assert first < 2 * second + 0.2  # no retrace: tracing ResNet50 costs over a second here
 
@@ -251,13 +251,13 @@ def photo_pixels(n: int) -> np.ndarray:
     return np.stack([helpers.prepare_image(helpers.open_image(p, 10**8), (224, 224)) for p in distinct_photos(n)])
 
 
-def test_buckets_are_powers_of_two_up_to_the_batch_size_and_only_for_compiled_models(resnet):
+def test_buckets_are_powers_of_two_up_to_the_batch_size_and_only_for_compiled_models(resnet_keras):
     from classifier import ModelConfigError, bucket_sizes, choose_buckets
 
     assert bucket_sizes(32) == (1, 2, 4, 8, 16, 32) and bucket_sizes(12) == (1, 2, 4, 8, 12)
     assert bucket_sizes(1) == (1,) and bucket_sizes(2) == (1, 2)
-    assert resnet.model.jit_compile is False  # TensorFlow on a CPU: Keras leaves XLA off
-    assert choose_buckets(resnet.model, 32) == () and choose_buckets(resnet.model, 8, "on") == (1, 2, 4, 8)
+    assert resnet_keras.model.jit_compile is False  # TensorFlow on a CPU: Keras leaves XLA off
+    assert choose_buckets(resnet_keras.model, 32) == () and choose_buckets(resnet_keras.model, 8, "on") == (1, 2, 4, 8)
 
     class Compiled:  # JAX, or TensorFlow on a GPU: Keras compiles predict with XLA
         jit_compile = True
@@ -267,28 +267,28 @@ def test_buckets_are_powers_of_two_up_to_the_batch_size_and_only_for_compiled_mo
         choose_buckets(Compiled(), 32, "always")
 
 
-def test_a_padded_batch_gives_each_image_the_answer_it_gets_alone(resnet):
+def test_a_padded_batch_gives_each_image_the_answer_it_gets_alone(resnet_keras):
     pixels = photo_pixels(3)
-    alone = resnet.predict(pixels)
-    resnet.buckets = (1, 2, 4, 8)
+    alone = resnet_keras.predict(pixels)
+    resnet_keras.buckets = (1, 2, 4, 8)
     try:
-        padded = resnet.predict(pixels)  # run as 4: the zero image's row is dropped
-        timings = resnet.warm_up(8)
+        padded = resnet_keras.predict(pixels)  # run as 4: the zero image's row is dropped
+        timings = resnet_keras.warm_up(8)
     finally:
-        resnet.buckets = ()
+        resnet_keras.buckets = ()
     assert padded.shape == (3, 1000) and padded.dtype == np.float32
     np.testing.assert_allclose(padded, alone, atol=1e-5)
     assert set(timings) == {1, 2, 4, 8}  # warm-up runs every bucket (each compiles, where XLA compiles)
 
 
-def test_mixed_bfloat16_is_opt_in_and_keeps_the_top_answer(resnet, resnet_weights):
+def test_mixed_bfloat16_is_opt_in_and_keeps_the_top_answer(resnet_keras, resnet_weights):
     from classifier import load_classifier
 
     half = load_classifier("ResNet50", str(resnet_weights), labels_path=str(IMAGENET_INDEX), precision="mixed_bfloat16")
     again = load_classifier("ResNet50", str(resnet_weights), labels_path=str(IMAGENET_INDEX))
     assert half.model.dtype_policy.name == "mixed_bfloat16" and again.model.dtype_policy.name == "float32"
     pixels = photo_pixels(4)
-    full, low = resnet.predict(pixels), half.predict(pixels)
+    full, low = resnet_keras.predict(pixels), half.predict(pixels)
     assert low.dtype == np.float32 and np.abs(low - full).max() < 0.05
     assert (low.argmax(axis=1) == full.argmax(axis=1)).all()
     np.testing.assert_allclose(again.predict(pixels), full, atol=1e-6)  # the next load is float32 again

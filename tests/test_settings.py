@@ -16,7 +16,8 @@ def test_defaults_are_the_documented_ones():
     assert s.REDIS_URL == "redis://localhost:6379/0" and s.REDIS_CONFIGURED is False
     assert s.IMAGE_QUEUE == "image_queue" and s.BATCH_SIZE == 32 and s.MAX_BATCH_WAIT_MS == 0
     assert s.MODEL_NAME == "ResNet50" and s.MODEL_WEIGHTS == "imagenet" and s.TOP_K == 5
-    assert s.WEB_HOST == "127.0.0.1" and s.MODEL_PRECISION == "float32" and s.BATCH_BUCKETS == "auto"
+    assert s.WEB_HOST == "127.0.0.1" and s.MODEL_PRECISION == "auto" and s.BATCH_BUCKETS == "auto"
+    assert s.MODEL_RUNTIME == "auto" and s.MODEL_CACHE_DIR == ""
     assert s.API_KEYS == () and s.RATE_LIMIT == "" and s.LOG_JSON is False
 
 
@@ -61,7 +62,8 @@ def test_every_setting_is_read_from_its_variable():
     [
         ({"BATCH_SIZE": "lots"}, "BATCH_SIZE must be a whole number"),
         ({"BATCH_SIZE": "0"}, "BATCH_SIZE must be at least 1"),
-        ({"MODEL_PRECISION": "float16"}, "MODEL_PRECISION must be one of float32, mixed_bfloat16"),
+        ({"MODEL_PRECISION": "float16"}, "MODEL_PRECISION must be one of auto, float32, mixed_bfloat16"),
+        ({"MODEL_RUNTIME": "onnx"}, "MODEL_RUNTIME must be one of auto, keras, openvino"),
         ({"BATCH_BUCKETS": "yes"}, "BATCH_BUCKETS must be one of auto, on, off"),
         ({"REQUEST_TIMEOUT_S": "soon"}, "REQUEST_TIMEOUT_S must be a number"),
         ({"REQUEST_TIMEOUT_S": "inf"}, "REQUEST_TIMEOUT_S must be finite"),
