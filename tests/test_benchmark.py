@@ -167,3 +167,15 @@ def test_the_shards_benchmark_runs_both_layouts_and_the_busiest_master_carries_l
             rounds[shards] = (images_s, busiest, "0 failed" in line)
     assert set(rounds) == {1, 3} and all(images > 0 and ok for images, _, ok in rounds.values()), result.stdout
     assert rounds[3][1] < rounds[1][1], result.stdout  # the queue's Redis work spread over the masters
+
+
+def test_the_path_ceiling_runs_the_stand_in_worker_behind_gunicorn_and_reports_cpu_per_process():
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.path_ceiling", "--seconds", "2", "--clients", "4"],
+        cwd=ROOT, capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    line = next(line for line in result.stdout.splitlines() if line.lstrip().startswith("4 clients"))
+    assert "failed 0" in line and float(line.split(": ")[1].split()[0]) > 0, result.stdout
+    for process in ("web (gunicorn)", "Redis", "worker (stand-in)", "load generator"):
+        assert float(line.split(process + " ")[1].split(",")[0].split(";")[0]) > 0, line  # each one measured
