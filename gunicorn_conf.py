@@ -33,7 +33,8 @@ _host = f"[{settings.WEB_HOST}]" if ":" in settings.WEB_HOST else settings.WEB_H
 bind = f"{_host}:{settings.WEB_PORT}"
 
 # Each request mostly waits on Redis for its answer, so threads, not processes, carry the
-# concurrency: WEB_WORKERS x WEB_THREADS requests at once (2 x 16 by default). Processes: 1-4.
+# concurrency: WEB_WORKERS x WEB_THREADS requests at once (2 x 32 by default: two full batches of 32 in
+# flight, so the model has its next batch waiting). Processes: 1-4.
 workers = settings.WEB_WORKERS
 worker_class = "gthread"
 threads = settings.WEB_THREADS

@@ -326,7 +326,7 @@ class Settings:
             WEB_HOST=read.text("WEB_HOST", "127.0.0.1").removeprefix("[").removesuffix("]"),
             WEB_PORT=read.whole("WEB_PORT", 5000, 1),  # TCP port gunicorn binds
             WEB_WORKERS=read.whole("WEB_WORKERS", 2, 1),  # gunicorn worker processes
-            WEB_THREADS=read.whole("WEB_THREADS", 16, 1),  # threads per gunicorn worker: concurrent requests each
+            WEB_THREADS=read.whole("WEB_THREADS", 32, 1),  # per gunicorn worker: 2 x 32 = two full batches in flight
             GUNICORN_TIMEOUT_S=read.whole("GUNICORN_TIMEOUT_S", 30, 1),  # seconds; must exceed REQUEST_TIMEOUT_S
             MAX_UPLOAD_MB=read.number("MAX_UPLOAD_MB", 16.0, 0.001),  # megabytes: larger bodies get 413 unread
             # Images one web process decodes at once; more wait their turn (503 at the deadline). A decode takes up

@@ -280,7 +280,7 @@ def suite(args) -> int:
         report["call_paths"] = {
             f"{call}@{b}": raw_rate(classifier, b, call, args.raw_seconds)
             for b in batches
-            for call in ("predict_on_batch", "predict")
+            for call in call_paths(classifier)
         }
         large = [b for b in batches if b >= 8]
 
@@ -352,7 +352,7 @@ def suite(args) -> int:
         rate = args.seed_load * capacity
         report["seed_pattern"] = {
             "load": args.seed_load,
-            "spacing_s": round(1 / rate, 4),
+            "spacing_s": round(1 / rate, 6),
             "requests": max(1, round(rate * args.seed_seconds)),
         }
         for name in urls:
@@ -363,9 +363,10 @@ def suite(args) -> int:
 
     report["latency_samples_ms"] = samples
     report["targets"] = targets(report)
-    report["machine"] = {"cpus": os.cpu_count(), "keras_backend": os.environ.get("KERAS_BACKEND", "tensorflow")}
+    report["machine"] = {"cpus": os.cpu_count(), "keras_backend": os.environ.get("KERAS_BACKEND", "tensorflow"),
+                         "runtime": f"{classifier.runtime} {classifier.precision}"}  # fmt: skip
     report["title"] = (
-        f"ResNet50, {report['machine']['cpus']} CPUs, {report['machine']['keras_backend']}: "
+        f"ResNet50, {report['machine']['cpus']} CPUs, {report['machine']['runtime']}: "
         f"this service vs the in-process baseline vs the raw model"
     )
     (args.out / "benchmark.json").write_text(json.dumps(report, indent=1))
@@ -377,9 +378,14 @@ def suite(args) -> int:
     return 0 if all(report["answers_agree"].values()) else 1
 
 
+def call_paths(classifier) -> tuple[str, ...]:
+    """The worker's call (Classifier.predict, predict_on_batch) and, on Keras, model.predict to compare."""
+    return ("predict_on_batch", "predict") if classifier.runtime == "keras" else ("predict_on_batch",)
+
+
 def fastest_batch1(classifier, seconds: float) -> float:
-    """The model's fastest batch-1 call, ms: the faster of predict_on_batch and predict."""
-    return min(raw_rate(classifier, 1, call, seconds)["call_ms"] for call in ("predict_on_batch", "predict"))
+    """The model's fastest batch-1 call, ms: the fastest of its call paths."""
+    return min(raw_rate(classifier, 1, call, seconds)["call_ms"] for call in call_paths(classifier))
 
 
 def ordered(urls: dict, i: int) -> list[str]:

@@ -12,6 +12,7 @@ Redis CPU per 1000 images: with one shard, one master carries the queue; with th
 import argparse
 import multiprocessing
 import random
+import socket
 import subprocess
 import sys
 import tempfile
@@ -75,7 +76,12 @@ def worker(settings: dict, batch_ms: float) -> None:
 def start_cluster(workdir: str) -> tuple[list[int], list[subprocess.Popen]]:
     ports, processes = [], []
     while len(ports) < 3:
-        port = random.randrange(20000, 30000)  # the cluster bus is port + 10000
+        port = random.randrange(20000, 30000)  # the cluster bus is port + 10000: both must be free
+        try:
+            for candidate in (port, port + 10000):
+                socket.create_server(("127.0.0.1", candidate)).close()
+        except OSError:
+            continue
         if port in ports:
             continue
         ports.append(port)

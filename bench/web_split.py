@@ -80,11 +80,13 @@ def main() -> None:
                 steps = {
                     "multipart parse": parse,
                     "header check": lambda data=data: helpers.open_image(data, 10**8),
-                    "decode + resize": lambda data=data: helpers.prepare_image(helpers.open_image(data, 10**8),
-                                                                                (224, 224)),  # fmt: skip
+                    "decode + resize": lambda data=data: helpers.prepare_image(
+                        helpers.open_image(data, 10**8), (224, 224)
+                    ),  # fmt: skip
                     "message": lambda pixels=pixels: encode_message(uuid.uuid4().hex, 1e10, 5, pixels),
                     "status + enqueue": lambda pixels=pixels: (
-                        web_queue.status(), web_queue.enqueue(encode_message(uuid.uuid4().hex, 1e10, 5, pixels))
+                        web_queue.status(),
+                        web_queue.enqueue(encode_message(uuid.uuid4().hex, 1e10, 5, pixels)),
                     ),
                     "answer JSON": lambda: json.dumps({"success": True, **answer}),
                     "whole app (Flask test client)": lambda data=data: client.post(
