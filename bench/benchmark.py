@@ -268,7 +268,7 @@ def suite(args) -> int:
         classifier = lab.load_model()
         service = lab.service("service", BATCH_SIZE=batch_size)
         baseline = lab.baseline()
-        # The baseline with the service's 16 threads per worker runs up to 32 forward passes at once; with
+        # The baseline with the service's 32 threads per worker runs up to 64 forward passes at once; with
         # one thread each, requests queue in gunicorn instead, in order: its best case, in the rounds only.
         one_thread = lab.baseline("baseline-1-thread", WEB_THREADS=1)["url"]
         urls = {"service": service["url"], "baseline": baseline["url"]}
