@@ -198,15 +198,7 @@ def load_classifier(
             f"the model has {classes} outputs but the labels file has {len(classifier.labels)} labels"
         )
     if runtime == "openvino":
-        # The same files (by path, size and time) give the same model, except random weights ("none")
-        files = [model_path] if model_path else [weights_file] if weights_file else []
-        source = (
-            ""
-            if not model_path and weights in ("none", "")
-            else "|".join(
-                [name, weights, preprocess, *(f"{f}:{os.path.getsize(f)}:{os.stat(f).st_mtime_ns}" for f in files)]
-            )
-        )
+        source = cache_source(name, weights, model_path, preprocess)
         return to_openvino(classifier, precision, cache_dir or default_cache_dir(), source)
     classifier.precision = "float32" if precision == "auto" else precision
     return classifier
@@ -226,6 +218,15 @@ def load_configured_classifier(settings) -> Classifier:
         runtime,
         settings.MODEL_CACHE_DIR,
     )
+
+
+def cache_source(name: str, weights: str, model_path: str, preprocess: str) -> str:
+    """What names a converted model in the cache: the same files (path, size, time) give the same model.
+    "" for random weights (MODEL_WEIGHTS=none), which differ at every load and are never cached."""
+    if not model_path and weights in ("none", ""):
+        return ""
+    files = [model_path] if model_path else [] if weights == "imagenet" else [weights]
+    return "|".join([name, weights, preprocess, *(f"{f}:{os.path.getsize(f)}:{os.stat(f).st_mtime_ns}" for f in files)])
 
 
 def choose_runtime(requested: str) -> tuple[str, str]:

@@ -6,6 +6,7 @@ SIGTERM or SIGINT: finish the batch in hand, write its answers, leave, exit 0. A
 
 import logging
 import os
+import signal
 import socket
 import sys
 import threading
@@ -277,8 +278,6 @@ def batch_size_in_takeover(classifier, timings: dict[int, float]) -> int:
 
 
 def main() -> int:
-    import signal
-
     logs.configure()
     if settings.WORKER_NICE:  # before any thread starts: threads inherit it
         os.setpriority(os.PRIO_PROCESS, 0, settings.WORKER_NICE)
@@ -313,6 +312,12 @@ def main() -> int:
     except settings.SettingError as exc:
         log.error("cannot serve with these settings: %s", exc)
         return 1
+    return serve(queue, classifier, batch_size)
+
+
+def serve(queue, classifier, batch_size: int) -> int:
+    """Run the worker loop with the settings' batch wait and heartbeat until SIGTERM or SIGINT; its exit code.
+    (bench/stand_in_worker.py serves the stand-in model through here too.)"""
     worker = ModelWorker(
         queue,
         classifier,

@@ -6,7 +6,6 @@ option: it answers with made-up labels.
 """
 
 import argparse
-import signal
 import sys
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import logs  # noqa: E402
 import settings  # noqa: E402
 from bench.stand_in import StandInModel  # noqa: E402
 from image_queue import queue_from_config  # noqa: E402
-from run_model_server import ModelWorker  # noqa: E402
+from run_model_server import serve  # noqa: E402
 
 
 def main() -> int:
@@ -24,17 +23,7 @@ def main() -> int:
     parser.add_argument("--batch-ms", type=float, default=0.0, help="the stand-in's time per batch")
     args = parser.parse_args()
     logs.configure()
-    worker = ModelWorker(
-        queue_from_config(settings.current.as_dict()),
-        StandInModel(args.batch_ms),
-        batch_size=settings.BATCH_SIZE,
-        max_wait_s=settings.MAX_BATCH_WAIT_MS / 1000,
-        heartbeat_s=settings.WORKER_HEARTBEAT_S,
-    )
-    signal.signal(signal.SIGTERM, worker.request_stop)
-    signal.signal(signal.SIGINT, worker.request_stop)
-    worker.run()
-    return worker.exit_code
+    return serve(queue_from_config(settings.current.as_dict()), StandInModel(args.batch_ms), settings.BATCH_SIZE)
 
 
 if __name__ == "__main__":

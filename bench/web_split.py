@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import helpers  # noqa: E402
 import stack  # noqa: E402
 from bench.stand_in import StandInModel  # noqa: E402
-from image_queue import connect, encode_message, queue_from_config  # noqa: E402
+from image_queue import encode_message, queue_from_config  # noqa: E402
 from run_model_server import ModelWorker  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -64,7 +64,6 @@ def main() -> None:
             time.sleep(1)
             client = create_app(config | {"DECODE_MEGAPIXELS_S": 0}).test_client()
             web_queue = queue_from_config(config, 0.5)  # for status + enqueue alone, no worker answers needed
-            web_queue.redis = connect(config["REDIS_URL"], 1.0, 0.5)
             answer = {"predictions": [{"label": "tabby", "probability": 0.5}] * 5, "batch_size": 8}
             for path in sorted((ROOT / "images").glob("*.jpg")):
                 data = path.read_bytes()

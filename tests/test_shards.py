@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import redis
 from redis.crc import key_slot
-from support.stand_in import StandInClassifier, post_image
+from support.stand_in import StandInClassifier, post_concurrently, post_image
 from support.traffic import wait_for
 
 import admin
@@ -186,13 +186,7 @@ def test_the_app_and_the_worker_loop_serve_through_three_shards(sharded, make_ap
         app = make_app(**config)
         client = app.test_client()
         wait_for(lambda: post_image(client).status_code == 200, 10)
-        replies = []
-        threads = [threading.Thread(target=lambda: replies.append(post_image(client))) for _ in range(12)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(10)
-        assert [r.status_code for r in replies] == [200] * 12
+        assert [r.status_code for r in post_concurrently(client, 12)] == [200] * 12
         stats = worker.queue.stats()
         assert sum(n * count for n, count in stats.batch_sizes.items()) >= 13 and stats.in_progress == 0
         assert client.get("/readyz").get_json()["ready"] is True

@@ -18,6 +18,17 @@ from support.images import encode, photo
 MODEL = ModelInfo("StandIn", 32, 48)  # height, width: not square, so a transposed size would show
 
 
+def post_concurrently(client, n: int) -> list:
+    """n post_image calls at once, each from its own thread; the responses (order of completion)."""
+    replies = []
+    threads = [threading.Thread(target=lambda: replies.append(post_image(client))) for _ in range(n)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    return replies
+
+
 class StandInClassifier:
     """Probabilities that depend on the pixels, so answers can be traced back to their image."""
 
