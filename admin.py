@@ -1,12 +1,14 @@
-"""Operate a running service's queue: look at it, drain it for maintenance, purge it safely.
+"""Operate a running service's queues: look at them, drain them for maintenance, purge them safely.
 
+    python admin.py [--model ID] COMMAND   every served model's queue, or model ID's alone:
     python admin.py status            what is waiting, being processed, and which workers are alive
     python admin.py drain [--wait S]  refuse new requests (503 + Retry-After) and wait until every held
                                       message is answered; then stop or upgrade the workers
     python admin.py resume            accept requests again
     python admin.py purge --yes       answer every waiting request with 503 at once and drop its message
 
-Uses the same settings as the service (REDIS_URL, IMAGE_QUEUE, ...). Purge touches this queue's waiting
+Uses the same settings as the service (REDIS_URL, IMAGE_QUEUE, ...); the models are those the workers
+registered (ModelDirectory). Purge touches this queue's waiting
 list only: requests being processed finish, and nothing else in Redis is deleted (never FLUSHALL a
 Redis that holds a queue: waiting clients would hang until their deadline and other data would go).
 """
@@ -16,7 +18,7 @@ import sys
 import time
 
 import settings
-from image_queue import ImageQueue, ShardedQueue, queue_from_config
+from image_queue import ImageQueue, ModelDirectory, ShardedQueue
 
 
 def show(queue: ImageQueue | ShardedQueue) -> None:
@@ -35,11 +37,12 @@ def show(queue: ImageQueue | ShardedQueue) -> None:
         print(f"  {worker}: last heartbeat {age:.1f} s ago, {state}")
 
 
-def drain(queue: ImageQueue | ShardedQueue, wait_s: float) -> int:
-    queue.pause()
+def drain(queues: list[ImageQueue | ShardedQueue], wait_s: float) -> int:
+    for queue in queues:
+        queue.pause()
     print("draining: new requests get 503 with Retry-After; waiting for held messages to be answered")
     deadline = time.monotonic() + wait_s
-    while (held := queue.status().held) and time.monotonic() < deadline:
+    while (held := sum(queue.status().held for queue in queues)) and time.monotonic() < deadline:
         print(f"  {held} held", flush=True)
         time.sleep(1)
     if held:
@@ -51,6 +54,7 @@ def drain(queue: ImageQueue | ShardedQueue, wait_s: float) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="act on this model's queue only (default: every model served)")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("status", help="waiting and held messages, workers")
     drain_parser = commands.add_parser("drain", help="refuse new requests and wait until nothing is held")
@@ -60,20 +64,29 @@ def main(argv: list[str] | None = None) -> int:
     purge_parser.add_argument("--yes", action="store_true", help="really purge")
     args = parser.parse_args(argv)
 
-    queue = queue_from_config(settings.current.as_dict())
+    directory = ModelDirectory(settings.current.as_dict())
+    model_ids = [args.model] if args.model else directory.ids()
+    if not model_ids:
+        print("no model is served: no model worker has registered on this Redis", file=sys.stderr)
+        return 1
+    queues = [directory.queue_for(model_id) for model_id in model_ids]
     if args.command == "status":
-        show(queue)
+        for model_id, queue in zip(model_ids, queues, strict=True):
+            print(f"model {model_id!r}:")
+            show(queue)
     elif args.command == "drain":
-        return drain(queue, args.wait)
+        return drain(queues, args.wait)
     elif args.command == "resume":
-        queue.resume()
+        for queue in queues:
+            queue.resume()
         print("accepting requests")
     elif args.command == "purge":
         if not args.yes:
-            waiting = queue.status().queue_depth
+            waiting = sum(queue.status().queue_depth for queue in queues)
             print(f"{waiting} requests are waiting; purge answers each with 503 at once: run again with --yes")
             return 2
-        print(f"purged {queue.purge('admin.py purge')} waiting messages; requests being processed finish")
+        purged = sum(queue.purge("admin.py purge") for queue in queues)
+        print(f"purged {purged} waiting messages; requests being processed finish")
     return 0
 
 

@@ -21,6 +21,15 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
+
+def top_k(probabilities: np.ndarray, labels: list[str], k: int) -> list[dict]:
+    """The k most probable classes of one row, most probable first: label, probability and class index."""
+    k = min(k, len(probabilities))
+    best = np.argpartition(-probabilities, k - 1)[:k]
+    best = best[np.argsort(-probabilities[best], kind="stable")]
+    return [{"label": labels[i], "probability": float(probabilities[i]), "index": int(i)} for i in best]
+
+
 # keras.applications models we know the preprocessing module of: name -> module.
 APPLICATIONS = {
     "ResNet50": "resnet50",
@@ -92,11 +101,7 @@ class Classifier:
         return np.asarray(self.model.predict_on_batch(x), dtype=np.float32)[:n]
 
     def top_k(self, probabilities: np.ndarray, k: int) -> list[dict]:
-        """The k most probable labels of one row, most probable first."""
-        k = min(k, len(probabilities))
-        best = np.argpartition(-probabilities, k - 1)[:k]
-        best = best[np.argsort(-probabilities[best], kind="stable")]
-        return [{"label": self.labels[i], "probability": float(probabilities[i])} for i in best]
+        return top_k(probabilities, self.labels, k)
 
     def warm_up(self, batch_size: int) -> dict[int, float]:
         """Run every batch shape that traces or compiles a new function, so no request pays for it.

@@ -7,11 +7,17 @@ Keys (IMAGE_QUEUE = "image_queue"; each built by Keys, nowhere else):
                                         right (oldest first)
     {image_queue}:processing:<worker>   list of the messages one worker has claimed and not yet answered
     {image_queue}:workers               sorted set: worker id -> its last heartbeat (Redis TIME)
-    {image_queue}:model                 hash: name, height, width of the model served; the web resizes to it
+    {image_queue}:model                 hash: name, height, width, classes, runtime of the model served; the
+                                        web resizes to its size
     {image_queue}:paused                set while an operator drains the queue (admin.py drain)
     {image_queue}:result:<request id>   list holding the one answer; expires after RESULT_TTL_S
     {image_queue}:stats                 hash of service-wide counters for /metrics: "size:<n>" batches of
                                         n images the model ran, "inference_s" their seconds, "requeued"
+    Each model has a queue of its own: the workers of MODEL_ID "resnet50" serve the queue named
+    "<IMAGE_QUEUE>.resnet50" (model_queue_name), so its keys are {image_queue.resnet50}:queue and so on.
+    {image_queue}:models                sorted set: model id -> when a worker of it last registered (Redis
+                                        TIME); the web learns the models served from it (ModelDirectory),
+                                        and forgets a model none of whose workers spoke for MODEL_FORGET_S
     Every key of a queue carries the hash tag {IMAGE_QUEUE}, so they share one Redis Cluster slot; the
     scripts build processing-list keys from the workers set, so a queue needs one Redis (or one slot).
     That Redis may be a Sentinel-managed master (connect(): REDIS_SENTINELS) or one slot's master of a Redis
@@ -32,13 +38,16 @@ Answer (model worker -> web), one JSON object pushed on the request's own result
     {"predictions": [{"label": "tabby", "probability": 0.93}, ...], "batch_size": <images in the pass>,
      "inference_ms": <its duration>, "claimed": <Unix s, Redis clock, when the worker took the message>}
     {"error": "<for a person>", "status": <HTTP status>}        on failure
+    Each prediction also gives the class "index". A message whose header has "probabilities": true (the
+    v2 protocol's FP32 output) gets, after the JSON, a newline and every class's probability as float32.
 
 Steps, each one round trip (scripts and MULTI blocks are atomic):
     status()    web, one script: Redis TIME, workers whose heartbeat is younger than WORKER_TTL_S, the
                 model's input size, messages waiting and held, paused. No live worker: 503 at once.
-    enqueue()   web, one MULTI: LPUSH the message, then a script counts the messages held (waiting plus
-                every worker's processing list); over QUEUE_MAX, or while paused, it LTRIMs the message
-                off again (503). So once admin.py drain has seen nothing held, nothing more arrives.
+    enqueue()   web, one MULTI: LPUSH the request's messages (one per image: a v2 infer request may send
+                several), then a script counts the messages held (waiting plus every worker's processing
+                list); over QUEUE_MAX, or while paused, it LTRIMs them off again, all of them (503). So once
+                admin.py drain has seen nothing held, nothing more arrives.
                 The deadline is the Redis clock plus what is left of REQUEST_TIMEOUT_S, so web and worker
                 machines agree on it.
     wait_for()  web: BLMOVE of the request's own result key onto itself (a blocking read that leaves the
@@ -85,6 +94,7 @@ import json
 import logging
 import random
 import re
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -93,6 +103,8 @@ import numpy as np
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
+
+from settings import MODEL_ID_PATTERN
 
 log = logging.getLogger(__name__)
 
@@ -274,6 +286,22 @@ class Keys:
     def stats(self) -> str:
         return f"{{{self.name}}}:stats"
 
+    @property
+    def models(self) -> str:
+        return f"{{{self.name}}}:models"
+
+
+MODEL_FORGET_S = 24 * 3600  # a model none of whose workers registered for this long is unknown again (404)
+
+
+def model_queue_name(base: str, model_id: str) -> str:
+    """The queue one model's workers serve: IMAGE_QUEUE "image_queue" and model "resnet50" -> "image_queue.resnet50"."""
+    if not MODEL_ID_PATTERN.fullmatch(model_id):
+        raise ValueError(
+            f"a model id is 1-64 of a-z, 0-9, '_', '.', '-', starting with a letter or digit: {model_id!r}"
+        )
+    return f"{base}.{model_id}"
+
 
 # --- Message bytes (format in the module docstring) ----------------------------------------------
 
@@ -296,9 +324,12 @@ class Message:
     deadline: float  # Unix seconds on the Redis server's clock
     top: int
     pixels: np.ndarray  # uint8 (height, width, 3)
+    probabilities: bool = False  # answer with every class's probability too (the v2 protocol's FP32 output)
 
 
-def encode_message(request_id: str, deadline: float, top: int, pixels: np.ndarray) -> bytes:
+def encode_message(
+    request_id: str, deadline: float, top: int, pixels: np.ndarray, probabilities: bool = False
+) -> bytes:
     """The queue message for one prepared image (format in the module docstring)."""
     if pixels.dtype != np.uint8 or pixels.ndim != 3:
         raise ValueError(f"pixels must be uint8 (h, w, c), got {pixels.dtype} {pixels.shape}")
@@ -310,6 +341,8 @@ def encode_message(request_id: str, deadline: float, top: int, pixels: np.ndarra
         "shape": list(pixels.shape),
         "dtype": "uint8",
     }
+    if probabilities:
+        header["probabilities"] = True
     return json.dumps(header, separators=(",", ":")).encode("utf-8") + b"\n" + np.ascontiguousarray(pixels).tobytes()
 
 
@@ -359,15 +392,25 @@ def decode_message(raw: bytes) -> Message:
     if top < 1:
         raise MessageError(f"top must be at least 1, got {top}", request_id)
     pixels = np.frombuffer(raw, dtype=np.uint8, offset=end + 1).reshape(shape)
-    return Message(request_id, deadline, top, pixels)
+    return Message(request_id, deadline, top, pixels, body.get("probabilities") is True)
 
 
-def encode_answer(predictions: list[dict], batch_size: int, inference_ms: float, claimed: float | None = None) -> bytes:
-    """claimed: when the worker took the message, Unix seconds on the Redis clock (the web derives queue wait)."""
+def encode_answer(
+    predictions: list[dict],
+    batch_size: int,
+    inference_ms: float,
+    claimed: float | None = None,
+    probabilities: np.ndarray | None = None,
+) -> bytes:
+    """claimed: when the worker took the message, Unix seconds on the Redis clock (the web derives queue wait).
+    probabilities: every class's, when the message asked for them: after the JSON, a newline and float32 bytes."""
     body = {"predictions": predictions, "batch_size": batch_size, "inference_ms": round(inference_ms, 2)}
     if claimed is not None:
         body["claimed"] = round(claimed, 4)
-    return json.dumps(body).encode("utf-8")
+    answer = json.dumps(body).encode("utf-8")
+    if probabilities is not None:
+        answer += b"\n" + np.ascontiguousarray(probabilities, dtype="<f4").tobytes()
+    return answer
 
 
 def encode_error(status: int, error: str) -> bytes:
@@ -375,7 +418,13 @@ def encode_error(status: int, error: str) -> bytes:
 
 
 def decode_answer(raw: bytes) -> dict:
-    return json.loads(raw)
+    """The answer's JSON; "probabilities" (float32 array) when it carries them."""
+    end = raw.find(b"\n")
+    if end < 0:
+        return json.loads(raw)
+    answer = json.loads(raw[:end])
+    answer["probabilities"] = np.frombuffer(raw, dtype="<f4", offset=end + 1)
+    return answer
 
 
 # --- Queue operations ----------------------------------------------------------------------------
@@ -386,6 +435,8 @@ class ModelInfo:
     name: str
     height: int
     width: int
+    classes: int = 0  # probabilities per answer (0: not said, from a worker older than the model registry)
+    runtime: str = ""  # what runs it (keras, openvino)
 
 
 @dataclass(frozen=True)
@@ -474,22 +525,22 @@ while true do
 end
 """
 
-# Runs in one MULTI right after the LPUSH of a message, so that message is the queue's head: over the
-# bound, or while an operator drains the queue, LTRIM drops it again. The pause is checked here, atomically
-# with the push, and not only before the upload is decoded: a drain that has seen nothing held can then
-# never be followed by a message that passed the early check. The message never passes through Lua.
-# KEYS: queue, workers, paused. ARGV: processing prefix, queue_max. -> messages held, -1 when full,
-# -2 when paused
+# Runs in one MULTI right after the LPUSH of a request's messages, so they are the queue's head: over the
+# bound, or while an operator drains the queue, LTRIM drops them again, all together. The pause is checked
+# here, atomically with the push, and not only before the upload is decoded: a drain that has seen nothing
+# held can then never be followed by a message that passed the early check. No message passes through Lua.
+# KEYS: queue, workers, paused. ARGV: processing prefix, queue_max, messages pushed. -> messages held, -1
+# when full, -2 when paused
 _ADMIT = (
     _HELD
     + """
 if redis.call('EXISTS', KEYS[3]) == 1 then
-  redis.call('LTRIM', KEYS[1], 1, -1)
+  redis.call('LTRIM', KEYS[1], tonumber(ARGV[3]), -1)
   return -2
 end
 local n = held()
 if n > tonumber(ARGV[2]) then
-  redis.call('LTRIM', KEYS[1], 1, -1)
+  redis.call('LTRIM', KEYS[1], tonumber(ARGV[3]), -1)
   return -1
 end
 return n
@@ -562,12 +613,26 @@ return {answered, late}
 """
 )
 
-# KEYS: workers, model. ARGV: worker id, model name, height, width.
+# KEYS: workers, model. ARGV: worker id, model name, height, width, classes, runtime.
 _HEARTBEAT = (
     _NOW
     + """
 redis.call('ZADD', KEYS[1], now, ARGV[1])
-redis.call('HSET', KEYS[2], 'name', ARGV[2], 'height', ARGV[3], 'width', ARGV[4])
+redis.call('HSET', KEYS[2], 'name', ARGV[2], 'height', ARGV[3], 'width', ARGV[4],
+           'classes', ARGV[5], 'runtime', ARGV[6])
+"""
+)
+
+# The model registry ({IMAGE_QUEUE}:models), a key of its own slot: not in the heartbeat's script.
+# KEYS: models. ARGV: model id.
+_REGISTER_MODEL = _NOW + "redis.call('ZADD', KEYS[1], now, ARGV[1])"
+
+# KEYS: models. ARGV: forget after (s). -> ids of the models registered within it, oldest forgotten
+_KNOWN_MODELS = (
+    _NOW
+    + """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. (now - tonumber(ARGV[1])))
+return redis.call('ZRANGE', KEYS[1], 0, -1)
 """
 )
 
@@ -616,10 +681,12 @@ class ImageQueue:
         result_ttl_s: int = 60,
         worker_ttl_s: float = 10.0,
         wait_replicas: int = 0,
+        registry: tuple[str, str] | None = None,
     ):
         self.redis = client
         self.wait_replicas = wait_replicas
         self.keys = Keys(name)
+        self.registry = registry  # (registry key, model id) this queue's heartbeats register, if any
         self.queue_max = queue_max
         self.block_s = block_s
         self.result_ttl_s = result_ttl_s
@@ -631,6 +698,7 @@ class ImageQueue:
         self._requeue = client.register_script(_REQUEUE)
         self._stats = client.register_script(_STATS)
         self._purge = client.register_script(_PURGE)
+        self._register_model = client.register_script(_REGISTER_MODEL)
 
     # --- web side -----------------------------------------------------------------------------
 
@@ -650,7 +718,10 @@ class ImageQueue:
         except REDIS_ERRORS as exc:
             raise unavailable(exc) from exc
         info = {k.decode(): v.decode() for k, v in zip(fields[::2], fields[1::2], strict=True)}
-        model = ModelInfo(info["name"], int(info["height"]), int(info["width"])) if info else None
+        model = None
+        if info:
+            size = int(info["height"]), int(info["width"])
+            model = ModelInfo(info["name"], *size, int(info.get("classes", 0)), info.get("runtime", ""))
         return Status(int(sec) + int(usec) / 1e6, int(live), model, int(depth), int(held), bool(paused))
 
     def stats(self) -> Stats:
@@ -675,17 +746,18 @@ class ImageQueue:
             paused=bool(paused),
         )
 
-    def enqueue(self, message: bytes) -> int:
-        """Push a message unless QUEUE_MAX messages are held already; returns how many are held now.
+    def enqueue(self, *messages: bytes) -> int:
+        """Push a request's messages (one per image, taken in this order) unless that would hold more than
+        QUEUE_MAX; all or none. Returns how many are held now.
 
         Held counts the messages waiting and those on workers' processing lists, so Redis never
         holds more than queue_max images for this queue.
         """
         keys = [self.keys.queue, self.keys.workers, self.keys.paused]
-        args = [self.keys.processing(""), self.queue_max]
+        args = [self.keys.processing(""), self.queue_max, len(messages)]
         try:
             with self.redis.pipeline(transaction=True) as pipe:
-                pipe.lpush(self.keys.queue, message)
+                pipe.lpush(self.keys.queue, *messages)
                 pipe.execute_command("EVAL", _ADMIT, len(keys), *keys, *args)  # cluster pipelines have no eval()
                 _, held = pipe.execute()
         except REDIS_ERRORS as exc:
@@ -754,10 +826,14 @@ class ImageQueue:
     # --- worker side --------------------------------------------------------------------------
 
     def heartbeat(self, worker_id: str, model: ModelInfo) -> None:
-        """Say this worker is alive and which model it serves."""
+        """Say this worker is alive and which model it serves; register the model id, for the web to find."""
         self._heartbeat(
-            keys=[self.keys.workers, self.keys.model], args=[worker_id, model.name, model.height, model.width]
+            keys=[self.keys.workers, self.keys.model],
+            args=[worker_id, model.name, model.height, model.width, model.classes, model.runtime],
         )
+        if self.registry:
+            key, model_id = self.registry
+            self._register_model(keys=[key], args=[model_id])
 
     def claim(self, worker_id: str, max_n: int, wait_s: float = 0.0) -> Claim:
         """Move up to max_n messages onto this worker's processing list, atomically.
@@ -1086,9 +1162,35 @@ class ShardedQueue:
         return taken
 
 
-def queue_from_config(config: Mapping, margin_s: float = WORKER_SOCKET_MARGIN_S) -> ImageQueue | ShardedQueue:
-    """The queue that settings (or a Flask app's config, which copies them) describe."""
-    client = connect(
+def queue_from_config(
+    config: Mapping,
+    margin_s: float = WORKER_SOCKET_MARGIN_S,
+    model_id: str | None = None,
+    client: redis.Redis | None = None,
+) -> ImageQueue | ShardedQueue:
+    """The queue that settings (or a Flask app's config, which copies them) describe: model_id's own queue,
+    whose heartbeats register the model in the registry; without one, the queue named IMAGE_QUEUE itself."""
+    client = client or client_from_config(config, margin_s)
+    base, n = config["IMAGE_QUEUE"], config.get("QUEUE_SHARDS", 1)
+    name = model_queue_name(base, model_id) if model_id else base
+    shards = [
+        ImageQueue(
+            client,
+            shard_name,
+            queue_max=-(-config["QUEUE_MAX"] // n),  # the whole queue holds QUEUE_MAX at most (rounded up)
+            block_s=config["REDIS_BLOCK_S"],
+            result_ttl_s=config["RESULT_TTL_S"],
+            worker_ttl_s=config["WORKER_TTL_S"],
+            wait_replicas=config.get("REDIS_WAIT_REPLICAS", 0),
+            registry=(Keys(base).models, model_id) if model_id and k == 0 else None,  # once per heartbeat
+        )
+        for k, shard_name in enumerate(shard_names(name, n))
+    ]
+    return shards[0] if n == 1 else ShardedQueue(shards)
+
+
+def client_from_config(config: Mapping, margin_s: float = WORKER_SOCKET_MARGIN_S) -> redis.Redis:
+    return connect(
         config["REDIS_URL"],
         config["REDIS_BLOCK_S"],
         margin_s,
@@ -1096,17 +1198,74 @@ def queue_from_config(config: Mapping, margin_s: float = WORKER_SOCKET_MARGIN_S)
         sentinel_master=config.get("REDIS_SENTINEL_MASTER", "mymaster"),
         cluster=config.get("REDIS_CLUSTER", False),
     )
-    n = config.get("QUEUE_SHARDS", 1)
-    shards = [
-        ImageQueue(
-            client,
-            name,
-            queue_max=-(-config["QUEUE_MAX"] // n),  # the whole queue holds QUEUE_MAX at most (rounded up)
-            block_s=config["REDIS_BLOCK_S"],
-            result_ttl_s=config["RESULT_TTL_S"],
-            worker_ttl_s=config["WORKER_TTL_S"],
-            wait_replicas=config.get("REDIS_WAIT_REPLICAS", 0),
-        )
-        for name in shard_names(config["IMAGE_QUEUE"], n)
-    ]
-    return shards[0] if n == 1 else ShardedQueue(shards)
+
+
+class UnknownModel(LookupError):
+    """No worker of this model id has registered (within MODEL_FORGET_S)."""
+
+
+class NoModelNamed(ValueError):
+    """Several models are served, no DEFAULT_MODEL is set and the request named none."""
+
+
+class ModelDirectory:
+    """The models served on a queue's Redis and each one's queue, as the web and admin.py see them.
+
+    The models are the ids the workers registered in {IMAGE_QUEUE}:models (every heartbeat), read again
+    at most every refresh_s, and at once when a request names one not yet seen: starting a new model's
+    workers is all it takes to serve it, with no web configuration or restart. When Redis fails, the last
+    list read is kept (the requests then fail on their model's queue, with 503).
+    """
+
+    def __init__(self, config: Mapping, margin_s: float = WORKER_SOCKET_MARGIN_S, refresh_s: float = 1.0):
+        self.config = config
+        self.client = client_from_config(config, margin_s)
+        self.margin_s, self.refresh_s = margin_s, refresh_s
+        self.default = config.get("DEFAULT_MODEL", "")
+        self.registry = Keys(config["IMAGE_QUEUE"]).models
+        self._read_known = self.client.register_script(_KNOWN_MODELS)
+        self._ids: list[str] = []
+        self._read_at = -float("inf")
+        self._queues: dict[str, ImageQueue | ShardedQueue] = {}
+        self._lock = threading.Lock()
+
+    def ids(self, fresh: bool = False) -> list[str]:
+        """The model ids served, sorted. Raises QueueUnavailable only when Redis fails and none was ever read."""
+        with self._lock:
+            if fresh or time.monotonic() - self._read_at >= self.refresh_s:
+                try:
+                    self._ids = sorted(
+                        m.decode() for m in self._read_known(keys=[self.registry], args=[MODEL_FORGET_S])
+                    )
+                    self._read_at = time.monotonic()
+                except REDIS_ERRORS as exc:
+                    if self._read_at == -float("inf"):
+                        raise unavailable(exc) from exc
+                    log.warning("could not read the model registry (%s); keeping the last list", exc)
+            return list(self._ids)
+
+    def queue(self, model_id: str) -> ImageQueue | ShardedQueue:
+        """The queue of a served model; UnknownModel when no worker of it has registered."""
+        if model_id not in self._queues and model_id not in self.ids() and model_id not in self.ids(fresh=True):
+            served = ", ".join(self.ids()) or "none yet"
+            raise UnknownModel(f"no model {model_id!r} is served (models: {served})")
+        return self.queue_for(model_id)
+
+    def queue_for(self, model_id: str) -> ImageQueue | ShardedQueue:
+        """The queue model_id's workers serve, registered or not (admin.py, and tests playing a worker)."""
+        with self._lock:
+            if model_id not in self._queues:
+                self._queues[model_id] = queue_from_config(self.config, self.margin_s, model_id, self.client)
+            return self._queues[model_id]
+
+    def default_id(self) -> str:
+        """The model a request that names none goes to: DEFAULT_MODEL, else the only one served.
+        NoWorker when none is served yet; NoModelNamed when several are and no default is set."""
+        if self.default:
+            return self.default
+        ids = self.ids() or self.ids(fresh=True)
+        if not ids:
+            raise NoWorker("no model worker is running")
+        if len(ids) > 1:
+            raise NoModelNamed(f"several models are served ({', '.join(ids)}): name one, e.g. ?model={ids[0]}")
+        return ids[0]

@@ -1,19 +1,68 @@
 """Load generation, shared by stress_test.py and the benchmark lab (bench/): send requests, keep a Result each,
 and summarise them (throughput, latency percentiles, outcomes by status, batches, Server-Timing's time split).
 
-Needs only requests; nothing here knows the service's internals beyond its HTTP answers.
+Speaks both of the service's protocols: a URL ending /v2/models/<id>/infer gets Open Inference Protocol
+requests (binary BYTES input, the top 5 as Triton's classification), any other URL /predict's multipart form.
+Needs requests and open_inference.py; nothing here knows the service's internals beyond its HTTP answers.
 """
 
 import itertools
 import math
+import re
 import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from urllib.parse import urlencode
 
 import requests
 
+import open_inference
+
 TIMEOUT_S = 60  # client timeout: longer than the service's REQUEST_TIMEOUT_S and gunicorn's timeout
+TOP = 5  # predictions asked for per image over v2 (/predict's default top-k is the service's TOP_K, 5)
+V2_INFER = re.compile(r"/v2/models/[^/]+(/versions/[^/]+)?/infer$")
+
+
+def is_v2(url: str) -> bool:
+    return bool(V2_INFER.search(url.split("?", 1)[0]))
+
+
+def infer_url(predict_url: str, model: str) -> str:
+    """The v2 infer URL of a model, from the service's /predict URL."""
+    return f"{predict_url.split('?', 1)[0].removesuffix('/predict')}/v2/models/{model}/infer"
+
+
+def target_url(predict_url: str, model: str | None, protocol: str) -> str:
+    """Where a load tool sends its images: /predict (?model= when named), or the model's v2 infer URL; over v2
+    with no model named, the only model the service's /readyz lists."""
+    if protocol == "predict":
+        return f"{predict_url}?{urlencode({'model': model})}" if model else predict_url
+    if not model:
+        base = predict_url.split("?", 1)[0].removesuffix("/predict")
+        served = list(requests.get(f"{base}/readyz", timeout=10).json().get("models", {}))
+        if len(served) != 1:
+            raise SystemExit(f"name the model with --model (the service lists {served or 'none'})")
+        model = served[0]
+    return infer_url(predict_url, model)
+
+
+def post_image(url: str, image: bytes, timeout_s: float = TIMEOUT_S, session=None) -> requests.Response:
+    """One image to /predict (a multipart form) or to a v2 infer URL, with requests or a session."""
+    post = session.post if session else requests.post
+    if is_v2(url):
+        body, headers = open_inference.encode_infer_request([image], TOP)
+        return post(url, data=body, headers=headers, timeout=timeout_s)
+    return post(url, files={"image": ("image.jpg", image)}, timeout=timeout_s)
+
+
+def predictions(response: requests.Response) -> list[dict]:
+    """The predictions of a 200 answer from either protocol."""
+    if is_v2(response.request.url):
+        return open_inference.decode_classification(
+            response.content, response.headers.get(open_inference.HEADER_LENGTH)
+        )[0]
+    return response.json()["predictions"]
 
 
 @dataclass
@@ -55,8 +104,7 @@ class LoadRun:
             self.sent += 1
         timing = {}
         try:
-            post = session.post if session else requests.post
-            response = post(self.url, files={"image": ("image.jpg", image)}, timeout=self.timeout_s)
+            response = post_image(self.url, image, self.timeout_s, session)
             outcome = str(response.status_code)
             timing = parse_server_timing(response.headers.get("Server-Timing", ""))
         except requests.RequestException as exc:

@@ -3,18 +3,20 @@
 Two kinds of numbers:
 
 - Counted by each web process as it serves (prometheus-client): http_requests_total, predict_latency_seconds,
-  predict_queue_wait_seconds, predict_inference_seconds, predict_rejected_total, predict_timeouts_total.
+  predict_queue_wait_seconds, predict_inference_seconds (these three by model), predict_rejected_total,
+  predict_timeouts_total. /predict and the v2 protocol's infer count alike.
   Under gunicorn each worker process writes them to its own file in PROMETHEUS_MULTIPROC_DIR (gunicorn_conf.py
   sets that up before the workers fork) and a scrape, whichever worker answers it, sums every process's files,
   those of exited workers too, so counters never go back. prometheus-client chooses this mode when it is
   first imported with PROMETHEUS_MULTIPROC_DIR set; without it (the development server, the tests' client, a
   single-process WSGI server) the numbers are this process's own. Apache mod_wsgi or uWSGI with several
   processes must set it too (an empty directory, emptied at each start), or each scrape sees one process.
-- Read from Redis at scrape time (QueueCollector, one read-only round trip): queue_up, queue_depth,
-  queue_in_progress, queue_max, queue_draining, model_workers_live, model_worker_heartbeat_age_seconds,
-  queue_requeued_messages_total, and the model_* counters that the model workers add to in Redis in the
-  same step as each batch's answers. These describe the whole queue (every worker, on every machine), so
-  every web instance reports the same values for them: scrape one, or aggregate with max(), never sum().
+- Read from Redis at scrape time (QueueCollector, one read-only round trip per model): queue_up, and by model
+  queue_depth, queue_in_progress, queue_max, queue_draining, model_workers_live,
+  model_worker_heartbeat_age_seconds, queue_requeued_messages_total, and the model_* counters that the model
+  workers add to in Redis in the same step as each batch's answers. These describe the whole queue (every
+  worker, on every machine), so every web instance reports the same values for them: scrape one, or
+  aggregate with max(), never sum().
 
 A scrape never fails because of Redis: queue_up is 0 then, and the Redis-read numbers are left out.
 """
@@ -27,7 +29,7 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.utils import floatToGoString
 
-from image_queue import ImageQueue, ShardedQueue
+from image_queue import ModelDirectory
 
 log = logging.getLogger(__name__)
 
@@ -53,18 +55,21 @@ HTTP_REQUESTS = Counter(
 PREDICT_LATENCY = Histogram(
     "predict_latency_seconds",
     "Answered (200) /predict requests: arrival to answer, upload and preparation included",
+    ["model"],
     buckets=SECONDS_BUCKETS,
     registry=REGISTRY,
 )
 PREDICT_QUEUE_WAIT = Histogram(
     "predict_queue_wait_seconds",
     "Answered /predict requests: from queued to answered, less the model's time on the batch",
+    ["model"],
     buckets=SECONDS_BUCKETS,
     registry=REGISTRY,
 )
 PREDICT_INFERENCE = Histogram(
     "predict_inference_seconds",
     "Answered /predict requests: the model's time on the batch each was in",
+    ["model"],
     buckets=SECONDS_BUCKETS,
     registry=REGISTRY,
 )
@@ -85,89 +90,99 @@ def count_request(route: str | None, method: str, status: int) -> None:
     HTTP_REQUESTS.labels(route or "other", method if method in METHODS else "other", str(status)).inc()
 
 
-def observe_prediction(total_s: float, wait_s: float, inference_s: float) -> None:
+def observe_prediction(model: str, total_s: float, wait_s: float, inference_s: float) -> None:
     """An answered request: its whole time, its wait for the answer (of which inference_s was the model's)."""
-    PREDICT_LATENCY.observe(total_s)
-    PREDICT_QUEUE_WAIT.observe(max(0.0, wait_s - inference_s))
-    PREDICT_INFERENCE.observe(inference_s)
+    PREDICT_LATENCY.labels(model).observe(total_s)
+    PREDICT_QUEUE_WAIT.labels(model).observe(max(0.0, wait_s - inference_s))
+    PREDICT_INFERENCE.labels(model).observe(inference_s)
 
 
 class QueueCollector:
-    """The queue's state and the model workers' service-wide counters, read from Redis at each scrape."""
+    """Each model's queue and its workers' service-wide counters, read from Redis at each scrape."""
 
-    def __init__(self, queue: ImageQueue | ShardedQueue):
-        self.queue = queue
+    def __init__(self, models: ModelDirectory):
+        self.models = models
 
     def collect(self):
-        up = GaugeMetricFamily("queue_up", "1 if Redis answered this scrape, else 0 (and no queue_* or model_*)")
+        up = GaugeMetricFamily("queue_up", "1 if Redis answered this scrape for every model, else 0")
+        each, answered = {}, False
         try:
-            stats = self.queue.stats()
+            for model in self.models.ids():
+                queue = self.models.queue(model)
+                each[model] = (queue, queue.stats())
+            answered = True
         except Exception as exc:  # a scrape must not fail: queue_up 0 says Redis did not answer
             log.warning("/metrics: could not read the queue from Redis: %s", exc)
-            up.add_metric([], 0)
-            yield up
-            return
-        up.add_metric([], 1)
+            each = {}
+        up.add_metric([], int(answered))
         yield up
-        yield GaugeMetricFamily("queue_depth", "Images waiting for a model worker", value=stats.queue_depth)
-        yield GaugeMetricFamily(
-            "queue_draining",
-            "1 while an operator drains the queue (admin.py drain): /predict refuses",
-            value=stats.paused,
-        )
-        yield GaugeMetricFamily(
-            "queue_in_progress", "Images claimed by model workers, not yet answered", value=stats.in_progress
-        )
-        if stats.shards:  # QUEUE_SHARDS > 1: the same two figures per shard (they add up to the two above)
-            depth = GaugeMetricFamily("queue_shard_depth", "Images waiting, per queue shard", labels=["shard"])
-            held = GaugeMetricFamily("queue_shard_in_progress", "Images claimed, per queue shard", labels=["shard"])
-            for shard, (waiting, in_progress) in stats.shards.items():
-                depth.add_metric([shard], waiting)
-                held.add_metric([shard], in_progress)
-            yield depth
-            yield held
-        yield GaugeMetricFamily(
-            "queue_max", "QUEUE_MAX: waiting plus in progress at which /predict answers 503", value=self.queue.queue_max
-        )
-        yield GaugeMetricFamily(
-            "model_workers_live", "Model workers whose heartbeat is younger than WORKER_TTL_S", value=stats.live_workers
-        )
+        families = {name: GaugeMetricFamily(name, text, labels=["model"]) for name, text in GAUGES.items()}
+        families |= {name: CounterMetricFamily(name, text, labels=["model"]) for name, text in COUNTERS.items()}
         ages = GaugeMetricFamily(
             "model_worker_heartbeat_age_seconds",
             "Seconds since each registered model worker's last heartbeat (a dead one until a peer requeues its work)",
-            labels=["worker"],
+            labels=["model", "worker"],
         )
-        for worker, beat in sorted(stats.heartbeats.items()):
-            ages.add_metric([worker], max(0.0, stats.server_time - beat))
-        yield ages
-        yield CounterMetricFamily(
-            "queue_requeued_messages",
-            "Messages put back on the queue: a dead worker's batch, or what a worker handed back",
-            value=stats.requeued,
+        depth = GaugeMetricFamily("queue_shard_depth", "Images waiting, per queue shard", labels=["model", "shard"])
+        held = GaugeMetricFamily(
+            "queue_shard_in_progress", "Images claimed, per queue shard", labels=["model", "shard"]
         )
-        batches = sum(stats.batch_sizes.values())
-        images = sum(size * n for size, n in stats.batch_sizes.items())
-        yield CounterMetricFamily("model_batches", "Batches the model ran and answered, all workers", value=batches)
-        yield CounterMetricFamily("model_images", "Images in those batches", value=images)
-        yield CounterMetricFamily(
-            "model_inference_seconds", "Seconds the model spent on those batches", value=stats.inference_s
-        )
-        buckets = [
-            (floatToGoString(bound), sum(n for size, n in stats.batch_sizes.items() if size <= bound))
-            for bound in BATCH_SIZE_BUCKETS
-        ]
-        yield HistogramMetricFamily(
-            "model_batch_size",
-            "Images per batch the model ran",
-            buckets=[*buckets, ("+Inf", batches)],
-            sum_value=images,
-        )
+        sizes = HistogramMetricFamily("model_batch_size", "Images per batch the model ran", labels=["model"])
+        for model, (queue, stats) in each.items():
+            batches = sum(stats.batch_sizes.values())
+            images = sum(size * n for size, n in stats.batch_sizes.items())
+            values = {
+                "queue_depth": stats.queue_depth,
+                "queue_draining": stats.paused,
+                "queue_in_progress": stats.in_progress,
+                "queue_max": queue.queue_max,
+                "model_workers_live": stats.live_workers,
+                "queue_requeued_messages": stats.requeued,
+                "model_batches": batches,
+                "model_images": images,
+                "model_inference_seconds": stats.inference_s,
+            }
+            for name, value in values.items():
+                families[name].add_metric([model], value)
+            for worker, beat in sorted(stats.heartbeats.items()):
+                ages.add_metric([model, worker], max(0.0, stats.server_time - beat))
+            for shard, (waiting, in_progress) in stats.shards.items():  # QUEUE_SHARDS > 1: they add up
+                depth.add_metric([model, shard], waiting)
+                held.add_metric([model, shard], in_progress)
+            buckets = [
+                (floatToGoString(bound), sum(n for size, n in stats.batch_sizes.items() if size <= bound))
+                for bound in BATCH_SIZE_BUCKETS
+            ]
+            sizes.add_metric([model], [*buckets, ("+Inf", batches)], images)
+        if each:
+            yield from families.values()
+            yield ages
+            if depth.samples:
+                yield depth
+                yield held
+            yield sizes
 
 
-def exposition(queue: ImageQueue | ShardedQueue, accept: str | None) -> tuple[bytes, str]:
+# The figures QueueCollector reads per model: name -> help.
+GAUGES = {
+    "queue_depth": "Images waiting for a model worker",
+    "queue_draining": "1 while an operator drains the queue (admin.py drain): /predict refuses",
+    "queue_in_progress": "Images claimed by model workers, not yet answered",
+    "queue_max": "QUEUE_MAX: waiting plus in progress at which /predict answers 503",
+    "model_workers_live": "Model workers whose heartbeat is younger than WORKER_TTL_S",
+}
+COUNTERS = {
+    "queue_requeued_messages": "Messages put back on the queue: a dead worker's batch, or what a worker handed back",
+    "model_batches": "Batches the model ran and answered, all workers",
+    "model_images": "Images in those batches",
+    "model_inference_seconds": "Seconds the model spent on those batches",
+}
+
+
+def exposition(models: ModelDirectory, accept: str | None) -> tuple[bytes, str]:
     """The body and content type of a scrape (OpenMetrics when the scraper asks for it, else text 0.0.4)."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(MultiProcessCollector(None) if MULTIPROCESS else REGISTRY)
-    registry.register(QueueCollector(queue))
+    registry.register(QueueCollector(models))
     encode, content_type = choose_encoder(accept or "")
     return encode(registry), content_type

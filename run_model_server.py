@@ -75,7 +75,7 @@ def answer_batch(classifier, messages: list[bytes], now: float) -> Answered:
             probabilities = classifier.predict(np.stack([m.pixels for _, m in batch]))
             took_ms = (time.perf_counter() - started) * 1000
             answers = [
-                encode_answer(classifier.top_k(p, m.top), len(batch), took_ms, now)
+                encode_answer(classifier.top_k(p, m.top), len(batch), took_ms, now, p if m.probabilities else None)
                 for (_, m), p in zip(batch, probabilities, strict=True)
             ]
             ran = len(batch)
@@ -137,7 +137,8 @@ class ModelWorker:
         self.heartbeat_s = heartbeat_s
         self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         height, width = classifier.input_size
-        self.model_info = ModelInfo(classifier.name, height, width)
+        runtime = getattr(classifier, "runtime", "")
+        self.model_info = ModelInfo(classifier.name, height, width, len(classifier.labels), runtime)
         self.stopping = False
         self.exit_code = 0  # 2: Redis refused this worker's credentials or permissions
 
@@ -282,7 +283,7 @@ def main() -> int:
     if settings.WORKER_NICE:  # before any thread starts: threads inherit it
         os.setpriority(os.PRIO_PROCESS, 0, settings.WORKER_NICE)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up chatter out of the log
-    queue = queue_from_config(settings.current.as_dict())
+    queue = queue_from_config(settings.current.as_dict(), model_id=settings.MODEL_ID)
     if not credentials_accepted(queue):
         return 2
     from classifier import ModelConfigError, choose_buckets, load_configured_classifier

@@ -18,15 +18,17 @@ from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import numpy as np
 from flask import Blueprint, Flask, Request, current_app, g, jsonify, request
 from flask_limiter import Limiter, RateLimitExceeded
-from werkzeug.exceptions import BadRequest, ClientDisconnected, HTTPException, RequestEntityTooLarge
+from werkzeug.exceptions import BadRequest, ClientDisconnected, HTTPException, NotFound, RequestEntityTooLarge
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 import helpers
 import image_queue
 import logs
 import metrics
+import open_inference
 import settings
 
 log = logging.getLogger(__name__)
@@ -34,7 +36,7 @@ log = logging.getLogger(__name__)
 # The settings the app copies into app.config; create_app(config) overrides any of them.
 CONFIG_KEYS = (
     "REDIS_URL", "REDIS_SENTINELS", "REDIS_SENTINEL_MASTER", "REDIS_WAIT_REPLICAS", "REDIS_CLUSTER", "REDIS_BLOCK_S",
-    "IMAGE_QUEUE", "QUEUE_SHARDS", "QUEUE_MAX", "REQUEST_TIMEOUT_S", "RESULT_TTL_S",
+    "IMAGE_QUEUE", "QUEUE_SHARDS", "DEFAULT_MODEL", "QUEUE_MAX", "REQUEST_TIMEOUT_S", "RESULT_TTL_S",
     "WORKER_TTL_S", "MAX_UPLOAD_MB", "MAX_IMAGE_PIXELS", "TOP_K", "TOP_K_MAX",
     "API_KEYS", "RATE_LIMIT", "TRUSTED_PROXIES", "DECODE_SLOTS", "DECODE_MEGAPIXELS_S",
 )  # fmt: skip
@@ -42,6 +44,18 @@ CONFIG_KEYS = (
 
 class Busy(Exception):
     """Every decode slot of this web process stayed taken until the request's deadline."""
+
+
+class Late(Exception):
+    """The request's deadline passed: its upload and preparation, or its answer, took too long (504)."""
+
+
+class Refused(Exception):
+    """A model worker answered a request's image with an error (its status and message)."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
 
 
 # Domain errors -> (HTTP status, Retry-After seconds or None).
@@ -53,7 +67,10 @@ ERRORS = {
     image_queue.NoWorker: (503, 5),
     image_queue.QueueUnavailable: (503, 5),
     image_queue.Draining: (503, 5),
+    image_queue.UnknownModel: (404, None),
+    image_queue.NoModelNamed: (400, None),
     Busy: (503, 1),
+    Late: (504, None),
 }
 # /predict's 503s by cause, for predict_rejected_total{reason}; also "worker_503" (a 503 answered through the
 # queue: an image prepared for another model size, or purged by an operator) and "rate_limit" (429).
@@ -66,7 +83,7 @@ REJECT_REASONS = {
 }
 
 # What anyone may call even when API_KEYS is set: the welcome text, health checks, the API description.
-OPEN_PATHS = frozenset({"/", "/healthz", "/readyz", "/openapi.json"})
+OPEN_PATHS = frozenset({"/", "/healthz", "/readyz", "/openapi.json", "/v2", "/v2/health/live", "/v2/health/ready"})
 OPEN_PREFIX = "/static/"  # the web page's own files (static/: script and style sheet), open like the page
 
 # What GET / sends a browser: plain HTML, CSS and JS from static/, no build step, nothing from elsewhere.
@@ -101,7 +118,7 @@ def create_app(config: dict | None = None) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = int(app.config["MAX_UPLOAD_MB"] * 1024 * 1024)
     helpers.configure_pillow(app.config["MAX_IMAGE_PIXELS"])
     return_large_blocks_to_the_os()
-    app.extensions["image_queue"] = image_queue.queue_from_config(app.config, image_queue.WEB_SOCKET_MARGIN_S)
+    app.extensions["models"] = image_queue.ModelDirectory(app.config, image_queue.WEB_SOCKET_MARGIN_S)
     app.extensions["decode_slots"] = threading.BoundedSemaphore(app.config["DECODE_SLOTS"])
     app.extensions["decode_budget"] = DecodeBudget(app.config["DECODE_MEGAPIXELS_S"], app.config["MAX_IMAGE_PIXELS"])
     app.extensions["api_keys"] = [hashlib.sha256(key.encode()).digest() for key in app.config["API_KEYS"]]
@@ -114,6 +131,7 @@ def create_app(config: dict | None = None) -> Flask:
     app.register_blueprint(bp)
     for error in ERRORS:
         app.register_error_handler(error, domain_error)
+    app.register_error_handler(Refused, refused)
     app.register_error_handler(RequestEntityTooLarge, too_large)
     app.register_error_handler(RateLimitExceeded, too_many_requests)
     app.register_error_handler(HTTPException, http_error)
@@ -141,8 +159,8 @@ def return_large_blocks_to_the_os() -> None:
         pass
 
 
-def queue() -> image_queue.ImageQueue | image_queue.ShardedQueue:
-    return current_app.extensions["image_queue"]
+def models() -> image_queue.ModelDirectory:
+    return current_app.extensions["models"]
 
 
 # --- API keys and rate limit --------------------------------------------------------------------
@@ -211,7 +229,7 @@ def rate_limiter(app: Flask) -> Limiter:
         storage_options = {"key_prefix": prefix, "socket_timeout": timeout, "socket_connect_timeout": timeout}
     else:  # limits' Redis storage, through the queue's own pool (also a Sentinel one)
         storage_uri = "redis://"
-        storage_options = {"connection_pool": app.extensions["image_queue"].redis.connection_pool, "key_prefix": prefix}
+        storage_options = {"connection_pool": app.extensions["models"].client.connection_pool, "key_prefix": prefix}
     limiter = Limiter(
         client_id,
         app=app,
@@ -221,8 +239,11 @@ def rate_limiter(app: Flask) -> Limiter:
         storage_options=storage_options,
         in_memory_fallback_enabled=True,
     )
-    limiter.request_filter(lambda: request.endpoint != "api.predict")  # health checks are never limited
+    limiter.request_filter(lambda: request.endpoint not in LIMITED)  # health checks are never limited
     return limiter
+
+
+LIMITED = frozenset({"api.predict", "api.v2_infer"})  # what RATE_LIMIT counts: requests to classify images
 
 
 def client_id() -> str:
@@ -270,84 +291,255 @@ def healthz():
 
 @bp.get("/readyz")
 def readyz():
-    """Ready when Redis answers and a model worker's heartbeat is fresh.
+    """Ready when Redis answers and a model worker's heartbeat is fresh: of any model, or of ?model=<id>.
 
-    Open to load balancers without a key; with API_KEYS set, the queue's figures (workers, model, depth)
-    are shown only to a request with a valid key, as on /metrics.
+    Lists each model's readiness under "models"; the figures of the model a request naming none would go
+    to (DEFAULT_MODEL, or the only one) are also at the top, as before models had names. Open to load
+    balancers without a key; with API_KEYS set, the figures are shown only to a request with a valid key,
+    as on /metrics.
     """
-    status = live_status()
+    wanted = request.args.get("model")
+    if wanted:
+        models().queue(wanted)  # 404 for a model nobody serves
+    each = model_statuses([wanted] if wanted else models().ids())
+    if not any(isinstance(status, image_queue.Status) for status in each.values()):
+        raise next(iter(each.values()), image_queue.NoWorker("no model worker is running"))
     if api_key_refusal():
         return jsonify(ready=True)
+    body = {"ready": True, "models": {model_id: describe(status) for model_id, status in each.items()}}
+    try:
+        default = wanted or models().default_id()
+    except image_queue.NoModelNamed:
+        default = None
+    if isinstance(each.get(default), image_queue.Status):
+        body |= {k: v for k, v in body["models"][default].items() if k != "ready"}
+    return jsonify(body)
+
+
+def model_statuses(model_ids: list[str]) -> dict[str, image_queue.Status | Exception]:
+    """Each model's live status, or why it is not ready (no worker, draining, Redis failing)."""
+    each: dict[str, image_queue.Status | Exception] = {}
+    for model_id in model_ids:
+        try:
+            each[model_id] = live_status(models().queue(model_id))
+        except (image_queue.NoWorker, image_queue.Draining, image_queue.QueueUnavailable) as exc:
+            each[model_id] = exc
+    return each
+
+
+def describe(status: image_queue.Status | Exception) -> dict:
+    if isinstance(status, Exception):
+        return {"ready": False, "error": str(status)}
     model = status.model
-    return jsonify(
-        ready=True,
-        workers=status.live_workers,
-        model={"name": model.name, "width": model.width, "height": model.height},
-        queue_depth=status.queue_depth,
-        in_progress=status.held - status.queue_depth,
-    )
+    return {
+        "ready": True,
+        "workers": status.live_workers,
+        "model": {"name": model.name, "width": model.width, "height": model.height, "classes": model.classes},
+        "queue_depth": status.queue_depth,
+        "in_progress": status.held - status.queue_depth,
+    }
 
 
 @bp.get("/metrics")
 def prometheus_metrics():
     """Prometheus metrics (metrics.py says which). With API_KEYS set it needs a key, as /predict does:
     request counts and queue depths tell traffic volumes, which are not for everyone to see."""
-    body, content_type = metrics.exposition(queue(), request.headers.get("Accept"))
+    body, content_type = metrics.exposition(models(), request.headers.get("Accept"))
     return body, 200, {"Content-Type": content_type}
 
 
 @bp.post("/predict")
 def predict():
-    """Classify one image: multipart field "image", or the raw body with Content-Type image/*."""
-    arrived = time.monotonic()
-    g.request_id = request_id = uuid.uuid4().hex
-    logs.REQUEST_ID.set(request_id)  # every line logged while serving it carries the id (LOG_JSON)
-    timeout = current_app.config["REQUEST_TIMEOUT_S"]
+    """Classify one image: multipart field "image", or the raw body with Content-Type image/*; ?model=<id>
+    picks the model (default: DEFAULT_MODEL, or the only one served), ?top=K how many labels."""
+    name_request()
     top = requested_top()
-    # No worker, no Redis or a full queue: 503 before the upload is even read, so that refusing is cheap
-    # when it matters most, under overload. enqueue() re-checks the queue atomically.
-    shard, status = live_shard()
-    read_at = time.monotonic()  # when status.server_time was read: maps our clock onto Redis's
-    # The message's deadline on the Redis clock: the server time just read, plus what is left of ours.
-    deadline = status.server_time + timeout - (read_at - arrived)
-    if status.held >= shard.queue_max:
-        raise image_queue.QueueFull(f"the queue holds {status.held} images")
-    with UPLOAD_DEADLINES.watch(request.environ.get("gunicorn.socket"), arrived + timeout) as watch:
-        try:
-            upload = read_upload()
-        except (BadRequest, OSError):
-            if watch.fired:  # the body stopped at the deadline: the client was too slow, not wrong
-                return error_response(504, f"the image took longer than {timeout:g} s to upload and prepare")
-            raise
-    image = helpers.open_image(upload, current_app.config["MAX_IMAGE_PIXELS"])
-    try:
-        current_app.extensions["decode_budget"].spend(
-            helpers.decoded_pixels(image, (status.model.width, status.model.height))
-        )
-        with decode_slot(arrived + timeout):
-            late = time.monotonic() >= arrived + timeout  # a slow upload, or a slot freed at the deadline
-            pixels = None if late else helpers.prepare_image(image, (status.model.width, status.model.height))
-    finally:
-        image.close()  # frees the decoded upload (~200 MB for a 50-megapixel RGBA image) before the wait
-    if pixels is None or time.monotonic() >= arrived + timeout:
-        return error_response(504, f"the image took longer than {timeout:g} s to upload and prepare")
-    shard.enqueue(image_queue.encode_message(request_id, deadline, top, pixels))
-    queued = time.monotonic()
-    raw = shard.wait_for(request_id, arrived + timeout)
-    if raw is None:
-        return error_response(504, f"no answer within {timeout:g} s; the model workers are overloaded or stalled")
-    answer = image_queue.decode_answer(raw)
-    if "error" in answer:
-        status_code = answer["status"]
-        if status_code == 503:
-            g.reject_reason = "worker_503"
-        return error_response(status_code, answer["error"], retry_after=1 if status_code == 503 else None)
+    trip = Trip(requested_model())
+    image = trip.prepare(trip.read(read_upload))
+    answer = trip.answer([image], top)[0]
     response = jsonify(success=True, predictions=answer["predictions"])
-    queued_on_redis_clock = status.server_time + (queued - read_at)  # just after the push: queue >= 0
-    response.headers["Server-Timing"] = server_timing(arrived, queued, queued_on_redis_clock, answer)
-    now = time.monotonic()
-    metrics.observe_prediction(now - arrived, now - queued, answer["inference_ms"] / 1000)
+    response.headers["Server-Timing"] = trip.server_timing(answer)
     return response
+
+
+# --- The Open Inference Protocol (v2), REST: open_inference.py reads and writes its bytes -------------------
+
+
+@bp.get("/v2")
+def v2_server_metadata():
+    return jsonify(name="keras-rest-api", version=open_inference.VERSION, extensions=open_inference.EXTENSIONS)
+
+
+@bp.get("/v2/health/live")
+def v2_live():
+    return jsonify(live=True)
+
+
+@bp.get("/v2/health/ready")
+def v2_ready():
+    """Ready when a model worker of any model is, as /readyz."""
+    each = model_statuses(models().ids())
+    if not any(isinstance(status, image_queue.Status) for status in each.values()):
+        raise next(iter(each.values()), image_queue.NoWorker("no model worker is running"))
+    return jsonify(ready=True)
+
+
+@bp.get("/v2/models/<model_id>")
+@bp.get("/v2/models/<model_id>/versions/<version>")
+def v2_model_metadata(model_id: str, version: str | None = None):
+    model = v2_status(model_id, version).model
+    return jsonify(open_inference.model_metadata(model_id, model.height, model.width, model.classes, model.runtime))
+
+
+@bp.get("/v2/models/<model_id>/ready")
+@bp.get("/v2/models/<model_id>/versions/<version>/ready")
+def v2_model_ready(model_id: str, version: str | None = None):
+    v2_status(model_id, version)
+    return jsonify(name=model_id, ready=True)
+
+
+@bp.post("/v2/models/<model_id>/infer")
+@bp.post("/v2/models/<model_id>/versions/<version>/infer")
+def v2_infer(model_id: str, version: str | None = None):
+    """Classify the request's images (BYTES, encoded) or pixels (UINT8), one queue message each, batched
+    with /predict's; answered all together, or failed as a whole."""
+    name_request()
+    v2_version(version)
+    trip = Trip(model_id)
+    body = trip.read(read_body)
+    try:
+        infer = open_inference.parse_infer_request(
+            body, request.headers.get(open_inference.HEADER_LENGTH), trip.size, trip.model.classes
+        )
+    except open_inference.ProtocolError as exc:
+        raise BadRequest(str(exc)) from None
+    if infer.count > trip.shard.queue_max:
+        raise BadRequest(f"send at most {trip.shard.queue_max} images per request, not {infer.count}")
+    images = [trip.prepare(upload) for upload in infer.images] if infer.images is not None else list(infer.pixels)
+    top = infer.classification or current_app.config["TOP_K"]
+    answers = trip.answer(images, top, probabilities=not infer.classification)
+    payload, headers = open_inference.infer_response(model_id, infer, answers)
+    return payload, 200, headers | {"Server-Timing": trip.server_timing(answers[0])}
+
+
+def v2_version(version: str | None) -> None:
+    if version not in (None, open_inference.VERSION):
+        raise NotFound(f"no version {version!r}: each model is served as version {open_inference.VERSION}")
+
+
+def v2_status(model_id: str, version: str | None) -> image_queue.Status:
+    """A served model's live status: 404 for an unknown model or version, 503 when it is not ready."""
+    v2_version(version)
+    return live_status(models().queue(model_id))
+
+
+def name_request() -> None:
+    """Give the request its id: in X-Request-ID, and on every line logged while serving it (LOG_JSON)."""
+    g.request_id = uuid.uuid4().hex
+    logs.REQUEST_ID.set(g.request_id)
+
+
+class Trip:
+    """One request's trip through its model's queue: admitted (503 before the upload is read when nothing
+    could answer it), its upload read and its images prepared by the deadline (else 504), one queue message
+    per image, pushed together, and every answer waited for by the same deadline."""
+
+    def __init__(self, model_id: str):
+        self.model_id, self.arrived = model_id, time.monotonic()
+        self.timeout = current_app.config["REQUEST_TIMEOUT_S"]
+        self.deadline = self.arrived + self.timeout  # time.monotonic()
+        g.model_id = model_id
+        # No worker, no Redis or a full queue: 503 before the upload is even read, so that refusing is cheap
+        # when it matters most, under overload. enqueue() re-checks the queue atomically.
+        self.shard, self.status = live_shard(models().queue(model_id))
+        self.read_at = time.monotonic()  # when status.server_time was read: maps our clock onto Redis's
+        self.model = self.status.model
+        if self.status.held >= self.shard.queue_max:
+            raise image_queue.QueueFull(f"the queue holds {self.status.held} images")
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.model.width, self.model.height
+
+    def late(self, what: str = "to upload and prepare") -> Late:
+        return Late(f"the image took longer than {self.timeout:g} s {what}")
+
+    def read(self, read_body) -> bytes:
+        """read_body() under the upload deadline: a body still arriving at the deadline ends with 504."""
+        with UPLOAD_DEADLINES.watch(request.environ.get("gunicorn.socket"), self.deadline) as watch:
+            try:
+                return read_body()
+            except (BadRequest, OSError):
+                if watch.fired:  # the body stopped at the deadline: the client was too slow, not wrong
+                    raise self.late() from None
+                raise
+
+    def prepare(self, upload: bytes) -> np.ndarray:
+        """An uploaded image's pixels at the model's input size, within the decode budget and slots."""
+        image = helpers.open_image(upload, current_app.config["MAX_IMAGE_PIXELS"])
+        try:
+            current_app.extensions["decode_budget"].spend(helpers.decoded_pixels(image, self.size))
+            with decode_slot(self.deadline):
+                if time.monotonic() >= self.deadline:  # a slow upload, or a slot freed at the deadline
+                    raise self.late()
+                pixels = helpers.prepare_image(image, self.size)
+        finally:
+            image.close()  # frees the decoded upload (~200 MB for a 50-megapixel RGBA image) before the wait
+        return pixels
+
+    def answer(self, images: list[np.ndarray], top: int, probabilities: bool = False) -> list[dict]:
+        """Queue the images (one message each, pushed together) and wait for every answer by the deadline;
+        the first error any of them got fails the whole request."""
+        if time.monotonic() >= self.deadline:
+            raise self.late()
+        # Each message's deadline on the Redis clock: the server time read, plus what is left of ours.
+        deadline = self.status.server_time + self.timeout - (self.read_at - self.arrived)
+        ids = [g.request_id] + [f"{g.request_id}-{n}" for n in range(1, len(images))]
+        self.shard.enqueue(
+            *(
+                image_queue.encode_message(i, deadline, top, image, probabilities)
+                for i, image in zip(ids, images, strict=True)
+            )
+        )
+        self.queued = time.monotonic()
+        answers = []
+        for request_id in ids:
+            raw = self.shard.wait_for(request_id, self.deadline)
+            if raw is None:
+                raise Late(f"no answer within {self.timeout:g} s; the model workers are overloaded or stalled")
+            answer = image_queue.decode_answer(raw)
+            if "error" in answer:
+                if answer["status"] == 503:
+                    g.reject_reason = "worker_503"
+                raise Refused(answer["status"], answer["error"])
+            if probabilities and "probabilities" not in answer:  # a worker from before the v2 protocol
+                raise Refused(503, "the model's workers are too old to answer with every probability; upgrade them")
+            answers.append(answer)
+        now = time.monotonic()
+        metrics.observe_prediction(
+            self.model_id, now - self.arrived, now - self.queued, answers[0]["inference_ms"] / 1000
+        )
+        return answers
+
+    def server_timing(self, answer: dict) -> str:
+        queued_on_redis_clock = self.status.server_time + (self.queued - self.read_at)  # just after the push
+        return server_timing(self.arrived, self.queued, queued_on_redis_clock, answer)
+
+
+def server_timing(arrived: float, queued: float, queued_on_redis_clock: float, answer: dict) -> str:
+    """Where the request's time went (ms): prepare (upload, decode, resize) then wait for the answer, which is
+    queue (until a worker took it, on the Redis clock) + inference (its batch's forward pass) + return (the
+    rest: the worker's decoding and answer, Redis, waking this thread). Older workers send no claim time."""
+    now = time.monotonic()
+    wait_ms, inference_ms = (now - queued) * 1000, answer["inference_ms"]
+    inference = f'inference;dur={inference_ms:.1f};desc="batch of {answer["batch_size"]}"'
+    parts = [f"prepare;dur={(queued - arrived) * 1000:.1f}", f"wait;dur={wait_ms:.1f}", inference]
+    if "claimed" in answer:
+        queue_ms = min(max(0.0, (answer["claimed"] - queued_on_redis_clock) * 1000), max(0.0, wait_ms - inference_ms))
+        return_ms = max(0.0, wait_ms - queue_ms - inference_ms)
+        parts[2:] = [f"queue;dur={queue_ms:.1f}", inference, f"return;dur={return_ms:.1f}"]
+    parts.append(f"total;dur={(now - arrived) * 1000:.1f}")
+    return ", ".join(parts)
 
 
 class DecodeBudget:
@@ -394,28 +586,12 @@ def decode_slot(deadline: float):
         slots.release()
 
 
-def server_timing(arrived: float, queued: float, queued_on_redis_clock: float, answer: dict) -> str:
-    """Where the request's time went (ms): prepare (upload, decode, resize) then wait for the answer, which is
-    queue (until a worker took it, on the Redis clock) + inference (its batch's forward pass) + return (the
-    rest: the worker's decoding and answer, Redis, waking this thread). Older workers send no claim time."""
-    now = time.monotonic()
-    wait_ms, inference_ms = (now - queued) * 1000, answer["inference_ms"]
-    inference = f'inference;dur={inference_ms:.1f};desc="batch of {answer["batch_size"]}"'
-    parts = [f"prepare;dur={(queued - arrived) * 1000:.1f}", f"wait;dur={wait_ms:.1f}", inference]
-    if "claimed" in answer:
-        queue_ms = min(max(0.0, (answer["claimed"] - queued_on_redis_clock) * 1000), max(0.0, wait_ms - inference_ms))
-        return_ms = max(0.0, wait_ms - queue_ms - inference_ms)
-        parts[2:] = [f"queue;dur={queue_ms:.1f}", inference, f"return;dur={return_ms:.1f}"]
-    parts.append(f"total;dur={(now - arrived) * 1000:.1f}")
-    return ", ".join(parts)
-
-
-def live_shard() -> tuple[image_queue.ImageQueue, image_queue.Status]:
+def live_shard(queue) -> tuple[image_queue.ImageQueue, image_queue.Status]:
     """The queue this request goes to, and its status. With QUEUE_SHARDS, the next shard in turn
     (round-robin), passing over shards whose Redis fails (a Cluster master failing over) to the others."""
-    tries = len(getattr(queue(), "shards", ())) or 1
+    tries = len(getattr(queue, "shards", ())) or 1
     for attempt in range(tries):
-        shard = queue().pick()
+        shard = queue.pick()
         try:
             return shard, live_status(shard)
         except image_queue.QueueUnavailable:
@@ -423,14 +599,23 @@ def live_shard() -> tuple[image_queue.ImageQueue, image_queue.Status]:
                 raise
 
 
-def live_status(shard: image_queue.ImageQueue | None = None) -> image_queue.Status:
-    """The queue's status (or one shard's), or NoWorker (503) when no model worker's heartbeat is fresh."""
-    status = (shard or queue()).status()
+def live_status(queue) -> image_queue.Status:
+    """A model's queue's status (or one shard's), or NoWorker (503) when no model worker's heartbeat is fresh."""
+    status = queue.status()
     if status.paused:
         raise image_queue.Draining("the service is draining for maintenance; retry shortly")
     if not status.live_workers or status.model is None:
         raise image_queue.NoWorker("no model worker is running")
     return status
+
+
+def requested_model() -> str:
+    """The model a request names (?model=<id>), else DEFAULT_MODEL, else the only one served."""
+    try:
+        model_id = request.args.get("model")
+    except UnicodeDecodeError:
+        model_id = None  # requested_top() says what is wrong with the query string
+    return model_id if model_id is not None else models().default_id()
 
 
 def requested_top() -> int:
@@ -501,7 +686,9 @@ def read_body() -> bytes:
 
 
 def error_response(status: int, message: str, retry_after: int | None = None):
-    response = jsonify(success=False, error=message)
+    """{"success": false, "error": ...}; on the v2 protocol's paths, its own {"error": ...}."""
+    v2 = request.path == "/v2" or request.path.startswith("/v2/")
+    response = jsonify(error=message) if v2 else jsonify(success=False, error=message)
     response.status_code = status
     if retry_after is not None:
         response.headers["Retry-After"] = str(retry_after)
@@ -517,12 +704,16 @@ def domain_error(exc: Exception):
         if str(exc) not in _SAID:
             _SAID.add(str(exc))
             log.error("%s (logged once per web process)", exc)
-    elif status >= 500:
+    elif status >= 500 and not isinstance(exc, Late):  # a 504 is counted (predict_timeouts_total), not logged
         log.warning("%s %s: %d %s", request.method, request.path, status, exc)
     return error_response(status, str(exc), retry_after)
 
 
 _SAID: set[str] = set()  # configuration errors this process has logged
+
+
+def refused(exc: Refused):
+    return error_response(exc.status, str(exc), retry_after=1 if exc.status == 503 else None)
 
 
 def too_large(exc: RequestEntityTooLarge):
@@ -644,7 +835,7 @@ def drain_unread_body(response):
 def count_request(response):
     """Count every answer by route, method and status; /predict's refusals by cause and its timeouts."""
     metrics.count_request(request.url_rule.rule if request.url_rule else None, request.method, response.status_code)
-    if request.endpoint == "api.predict":
+    if request.endpoint in LIMITED:
         if "reject_reason" in g:
             metrics.PREDICT_REJECTED.labels(g.reject_reason).inc()
         elif response.status_code == 504:

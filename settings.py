@@ -11,6 +11,7 @@ says how the timeouts are ordered.
 
 import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 
@@ -25,6 +26,13 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"  # o
 MODEL_PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
 MODEL_RUNTIMES = ("auto", "keras", "openvino")
 BATCH_BUCKET_MODES = ("auto", "on", "off")
+MODEL_ID_PATTERN = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")  # a model id: lower case, safe in URLs and Redis keys
+
+
+def default_model_id(model_name: str, model_path: str) -> str:
+    """MODEL_ID's default: the file stem of MODEL_PATH, else MODEL_NAME, lower-cased, other characters as "-"."""
+    stem = os.path.basename(model_path).split(".")[0] if model_path else model_name
+    return re.sub(r"[^a-z0-9_.-]", "-", stem.lower()).lstrip("_.-")[:64] or "model"
 
 
 class _Reader:
@@ -135,6 +143,8 @@ class Settings:
     WORKER_NICE: int
     MODEL_WORKERS: int
     MODEL_NAME: str
+    MODEL_ID: str
+    DEFAULT_MODEL: str
     MODEL_WEIGHTS: str
     MODEL_PATH: str
     LABELS_PATH: str
@@ -164,6 +174,12 @@ class Settings:
         """The checks between settings, all here: a combination that breaks the timeouts' order fails at start."""
         if self.REDIS_CLUSTER and self.REDIS_SENTINELS:
             raise SettingError("set REDIS_CLUSTER or REDIS_SENTINELS, not both: a cluster fails over by itself")
+        for name in ("MODEL_ID", "DEFAULT_MODEL"):
+            value = getattr(self, name)
+            if (value or name == "MODEL_ID") and not MODEL_ID_PATTERN.fullmatch(value):
+                raise SettingError(
+                    f"{name} must be 1-64 of a-z, 0-9, '_', '.', '-', starting with a letter or digit, got {value!r}"
+                )
         if self.WORKER_NICE > 19:
             raise SettingError(f"WORKER_NICE must be 0 to 19, got {self.WORKER_NICE}")
         if self.REDIS_BLOCK_S >= self.REQUEST_TIMEOUT_S:
@@ -297,6 +313,13 @@ class Settings:
             # `stack.py --workers N` overrides it.
             MODEL_WORKERS=read.whole("MODEL_WORKERS", 0),
             MODEL_NAME=read.text("MODEL_NAME", "ResNet50"),  # a keras.applications model, e.g. MobileNetV2, VGG16
+            # The id the worker serves its model under: its own queue ("<IMAGE_QUEUE>.<MODEL_ID>"), /predict?model=,
+            # /v2/models/<MODEL_ID>. Empty: MODEL_PATH's file stem, else MODEL_NAME, lower-cased ("resnet50").
+            MODEL_ID=read.text("MODEL_ID", "")
+            or default_model_id(read.text("MODEL_NAME", "ResNet50"), read.text("MODEL_PATH", "")),
+            # The web's model for requests that name none: empty means the only model served (with several, such a
+            # request gets 400 asking for ?model=). Models are found from the workers' registrations in Redis.
+            DEFAULT_MODEL=read.text("DEFAULT_MODEL", ""),
             # "imagenet" (Keras downloads and caches it), a local weights file (.h5 or .weights.h5), or "none".
             MODEL_WEIGHTS=read.text("MODEL_WEIGHTS", "imagenet"),
             MODEL_PATH=read.text("MODEL_PATH", ""),  # your own saved Keras model (.keras or .h5); wins over MODEL_NAME

@@ -1,6 +1,6 @@
 """Classify one image with the service and print the predictions; exits 1 on any error.
 
-python simple_request.py images/chelsea.jpg [--url http://127.0.0.1:5000/predict] [--top 5]
+python simple_request.py images/chelsea.jpg [--url http://127.0.0.1:5000/predict] [--top 5] [--model resnet50]
 """
 
 import argparse
@@ -17,6 +17,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("image", help="path of the image to classify")
     parser.add_argument("--url", default=DEFAULT_URL, help=f"the /predict endpoint (default {DEFAULT_URL})")
     parser.add_argument("--top", type=int, help="how many predictions (1-20; the service's TOP_K by default)")
+    parser.add_argument("--model", help="the model's id, when the service serves several (GET /readyz lists them)")
     parser.add_argument("--timeout", type=float, default=TIMEOUT_S, help=f"seconds to wait (default {TIMEOUT_S})")
     args = parser.parse_args(argv)
 
@@ -25,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
             response = requests.post(
                 args.url,
                 files={"image": (args.image, f)},
-                params={"top": args.top} if args.top else None,
+                params={"top": args.top, "model": args.model},  # None values are left out
                 timeout=args.timeout,
             )
     except OSError as exc:  # an unreadable file, or the service unreachable (requests' errors are OSErrors)

@@ -5,7 +5,11 @@ loop); it waits for every answer, then prints a summary. --concurrency N runs a 
 N clients, each sending its next request as soon as its last is answered.
 
     python stress_test.py [--count 500] [--spacing 0.05] [--concurrency N] [--url URL] [--image FILE ...]
-                          [--json FILE] [--plot FILE.png]
+                          [--model ID] [--protocol predict|v2] [--json FILE] [--plot FILE.png]
+
+--model picks one of several models the service serves (/predict?model=ID); --protocol v2 sends the same
+images over the Open Inference Protocol instead (POST /v2/models/ID/infer, as tritonclient does; without
+--model, to the one model the service serves).
 """
 
 import argparse
@@ -14,7 +18,7 @@ import sys
 import threading
 from pathlib import Path
 
-from loadgen import TIMEOUT_S, LoadRun, format_summary, summarize
+from loadgen import TIMEOUT_S, LoadRun, format_summary, summarize, target_url
 
 DEFAULT_URL = "http://127.0.0.1:5000/predict"
 DEFAULT_IMAGE = Path(__file__).resolve().parent / "images" / "chelsea.jpg"
@@ -30,12 +34,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--timeout", type=float, default=TIMEOUT_S, help=f"client timeout, seconds (default {TIMEOUT_S})"
     )
+    parser.add_argument("--model", help="the model's id, when the service serves several (GET /readyz lists them)")
+    parser.add_argument("--protocol", choices=("predict", "v2"), default="predict", help="/predict or v2 infer")
     parser.add_argument("--json", type=Path, help="also write the summary as JSON to this file")
     parser.add_argument("--plot", type=Path, help="also draw latency over the run and its histogram to this PNG")
     args = parser.parse_args(argv)
 
     images = [path.read_bytes() for path in (args.image or [DEFAULT_IMAGE])]
-    run = LoadRun(args.url, images, args.timeout)
+    url = target_url(args.url, args.model, args.protocol)
+    run = LoadRun(url, images, args.timeout)
     threading.Thread(target=run.print_progress, args=(args.count,), daemon=True).start()
     if args.concurrency:
         print(f"stress test: {args.count} requests from {args.concurrency} clients in a closed loop", flush=True)
@@ -54,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"--plot needs matplotlib ({exc}): pip install -r requirements-dev.txt", file=sys.stderr)
             return 2
 
-        plot_run(run.results, args.plot, f"stress test: {args.count} requests to {args.url}")
+        plot_run(run.results, args.plot, f"stress test: {args.count} requests to {url}")
         print(f"plot written to {args.plot}")
     return 0 if summary["succeeded"] == summary["sent"] else 1
 

@@ -2,6 +2,8 @@
 
     python -m bench.benchmark [--quick] [--out DIR]                  the suite (~10 min; --quick ~4 min)
     python -m bench.benchmark tune --vary NAME=V1,V2 [--vary ...]     the service under settings variants
+    python -m bench.benchmark protocols [--rounds 3]                  /predict vs v2 infer, same service
+    ... --protocol v2                                                the service over v2 (suite and tune)
 
 The suite starts, on free ports: redis-server, one model worker and gunicorn (this service, its
 default settings); gunicorn serving bench/baseline_app.py (the in-process design, the same gunicorn
@@ -23,6 +25,11 @@ Per scenario: throughput, p50/p95/p99/max, errors by status, batches by size and
 DIR/benchmark.png, and prints a table with the targets. Without MODEL_WEIGHTS, ResNet50 gets seeded
 random weights (speed does not depend on the weight values).
 
+--protocol v2 sends the service's requests over the Open Inference Protocol (POST /v2/models/resnet50/infer,
+binary, the top 5 as Triton's classification: as tritonclient does) instead of /predict; the baseline and the
+answers check keep /predict's form. `protocols` starts one service and measures /predict and v2 in turn at 8
+and 32 clients, round after round, with each round's ratio of their throughputs.
+
 `tune` starts one service stack per variant (each --vary NAME=V1,V2 gives one variant per value, the
 other settings at their defaults) and measures them in turn, round after round: one client, 8 and 32
 clients in a closed loop, with the raw ceiling between rounds.
@@ -43,7 +50,7 @@ import requests
 
 import helpers
 import stack
-from loadgen import LoadRun, summarize
+from loadgen import LoadRun, infer_url, summarize
 
 ROOT = Path(__file__).resolve().parent.parent  # the repository
 IMAGES = sorted((ROOT / "images").glob("*.jpg"))
@@ -109,6 +116,17 @@ def figures(run: LoadRun, **extra) -> dict:
 
 def latencies_ms(run: LoadRun) -> list[float]:
     return [round(r.latency * 1000, 1) for r in run.results if r.outcome == "200"]
+
+
+def cpu_name() -> str:
+    """This machine's CPU and its bf16 support, e.g. "AMD EPYC (avx512_bf16)": figures compare only within one."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown"
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    return f"{name} ({', '.join(f for f in ('amx_bf16', 'avx512_bf16') if f in flags) or 'no bf16'})"
 
 
 def cpu_seconds(pids: list[int]) -> float:
@@ -181,8 +199,9 @@ class Lab:
             **{k: str(v) for k, v in overrides.items()},
         }
 
-    def service(self, name: str, **settings) -> dict:
-        """redis-server + model worker + gunicorn; returns its /predict URL and its processes' pids."""
+    def service(self, name: str, protocol: str = "predict", **settings) -> dict:
+        """redis-server + model worker + gunicorn; returns its /predict URL (or over v2, its infer URL) and
+        its processes' pids."""
         port = stack.free_port()
         env = self.env(REDIS_URL=f"redis://127.0.0.1:{port}/0", **settings)
         redis = self._keep(stack.start_redis(port, str(self.tmp), self.tmp / f"{name}-redis.log"))
@@ -191,7 +210,7 @@ class Lab:
         url = f"http://127.0.0.1:{env['WEB_PORT']}/"
         stack.wait_until_ready(url, [redis, worker, web])
         return {
-            "url": url + "predict",
+            "url": url + "predict" if protocol == "predict" else infer_url(url + "predict", "resnet50"),
             "pids": {"model worker": [worker.pid], "web": children(web.pid), "redis": [redis.pid]},
         }
 
@@ -266,7 +285,7 @@ def suite(args) -> int:
         cleanup.callback(lab.stop)
         say("loading the model here, starting the service and the baseline ...")
         classifier = lab.load_model()
-        service = lab.service("service", BATCH_SIZE=batch_size)
+        service = lab.service("service", args.protocol, BATCH_SIZE=batch_size)
         baseline = lab.baseline()
         # The baseline with the service's 32 threads per worker runs up to 64 forward passes at once; with
         # one thread each, requests queue in gunicorn instead, in order: its best case, in the rounds only.
@@ -534,7 +553,10 @@ def tune(args) -> int:
         cleanup.callback(lab.stop)
         classifier = lab.load_model()
         say(f"starting {len(chosen)} service stacks ...")
-        urls = {name: lab.service(f"v{i}", **v)["url"] for i, (name, v) in enumerate(zip(names, chosen, strict=True))}
+        urls = {
+            name: lab.service(f"v{i}", args.protocol, **v)["url"]
+            for i, (name, v) in enumerate(zip(names, chosen, strict=True))
+        }
         for r in range(args.rounds):
             for name in names[r % len(names) :] + names[: r % len(names)]:  # rotate who goes first
                 before = ceiling(classifier, [8, 32], args.raw_seconds)
@@ -570,9 +592,52 @@ def tune(args) -> int:
     return 0
 
 
+def protocols(args) -> int:
+    """One service, the same photos over /predict and over v2 in turn (who goes first alternates), at 8 and
+    32 clients: v2's throughput over /predict's, per round, and the median."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    images = [path.read_bytes() for path in IMAGES]
+    args.out.mkdir(parents=True, exist_ok=True)
+    rounds = []
+    with tempfile.TemporaryDirectory(prefix="protocols-") as tmp, ExitStack() as cleanup:
+        lab = Lab(Path(tmp))
+        cleanup.callback(lab.stop)
+        classifier = lab.load_model()
+        predict_url = lab.service("service")["url"]
+        urls = {"predict": predict_url, "v2": infer_url(predict_url, "resnet50")}
+        agree = check_answers(classifier, {"predict": predict_url}, images)
+        for url in urls.values():  # warm both paths (web imports, Redis scripts) before measuring
+            sequential(url, images, 5)
+        for r in range(args.rounds):
+            order = list(urls) if r % 2 == 0 else list(urls)[::-1]
+            runs = {(name, c): figures(closed(urls[name], images, c, args.seconds)) for c in (8, 32) for name in order}
+            ratio = {c: runs["v2", c]["throughput_per_s"] / runs["predict", c]["throughput_per_s"] for c in (8, 32)}
+            rounds.append({"runs": {f"{n} {c}": f for (n, c), f in runs.items()}, "v2_over_predict": ratio})
+            say(
+                f"round {r + 1}: " + "; ".join(
+                    f"{c} clients: /predict {runs['predict', c]['throughput_per_s']:.1f}/s,"
+                    f" v2 {runs['v2', c]['throughput_per_s']:.1f}/s, v2 / predict {ratio[c]:.3f}" for c in (8, 32)
+                )
+            )  # fmt: skip
+    errors = sum(sum(f["failed"].values()) for r in rounds for f in r["runs"].values())
+    summary = {
+        "answers_agree": agree["predict"],
+        **{
+            f"v2_over_predict_{c}": round(statistics.median(r["v2_over_predict"][c] for r in rounds), 3)
+            for c in (8, 32)
+        },
+        "errors": errors,
+        "cpu": cpu_name(),
+    }
+    print(json.dumps(summary, indent=1))
+    (args.out / "protocols.json").write_text(json.dumps({"summary": summary, "rounds": rounds}, indent=1))
+    return 0 if errors == 0 else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", nargs="?", choices=("suite", "tune"), default="suite")
+    parser.add_argument("command", nargs="?", choices=("suite", "tune", "protocols"), default="suite")
+    parser.add_argument("--protocol", choices=("predict", "v2"), default="predict", help="the service's requests")
     parser.add_argument("--quick", action="store_true", help="shorter runs (~4 min): a check, not the figures")
     parser.add_argument("--out", type=Path, default=Path("benchmark-results"), help="where to write JSON and PNG")
     parser.add_argument("--clients", type=lambda s: [int(c) for c in s.split(",")], default=[1, 2, 4, 8, 16, 32])
@@ -597,6 +662,8 @@ def main(argv: list[str] | None = None) -> int:
         if not args.vary:
             parser.error("tune needs at least one --vary NAME=V1,V2")
         return tune(args)
+    if args.command == "protocols":
+        return protocols(args)
     return suite(args)
 
 

@@ -9,6 +9,8 @@ import time
 
 import numpy as np
 
+from classifier import top_k
+
 
 class StandInModel:
     """input_size (height, width) as a real model's; labels "class 0" ... "class <classes - 1>"."""
@@ -31,5 +33,4 @@ class StandInModel:
         return probabilities / probabilities.sum(axis=1, keepdims=True)
 
     def top_k(self, probabilities: np.ndarray, k: int) -> list[dict]:
-        best = np.argsort(-probabilities)[:k]
-        return [{"label": self.labels[i], "probability": float(probabilities[i])} for i in best]
+        return top_k(probabilities, self.labels, k)

@@ -23,7 +23,11 @@ def main() -> int:
     parser.add_argument("--batch-ms", type=float, default=0.0, help="the stand-in's time per batch")
     args = parser.parse_args()
     logs.configure()
-    return serve(queue_from_config(settings.current.as_dict()), StandInModel(args.batch_ms), settings.BATCH_SIZE)
+    return serve(
+        queue_from_config(settings.current.as_dict(), model_id=settings.MODEL_ID),
+        StandInModel(args.batch_ms),
+        settings.BATCH_SIZE,
+    )
 
 
 if __name__ == "__main__":

@@ -58,12 +58,18 @@ def main() -> None:
             config = {"REDIS_URL": f"redis://127.0.0.1:{port}/0", "IMAGE_QUEUE": "split", "REDIS_BLOCK_S": 1.0,
                       "QUEUE_MAX": 100000, "RESULT_TTL_S": 60, "WORKER_TTL_S": 3.0}  # fmt: skip
             worker = ModelWorker(
-                queue_from_config(config), StandInModel(), batch_size=32, max_wait_s=0, heartbeat_s=0.5
+                queue_from_config(config, model_id="standin"),
+                StandInModel(),
+                batch_size=32,
+                max_wait_s=0,
+                heartbeat_s=0.5,
             )
             threading.Thread(target=worker.run, daemon=True).start()
             time.sleep(1)
             client = create_app(config | {"DECODE_MEGAPIXELS_S": 0}).test_client()
-            web_queue = queue_from_config(config, 0.5)  # for status + enqueue alone, no worker answers needed
+            web_queue = queue_from_config(
+                config, 0.5, "standin"
+            )  # for status + enqueue alone, no worker answers needed
             answer = {"predictions": [{"label": "tabby", "probability": 0.5}] * 5, "batch_size": 8}
             for path in sorted((ROOT / "images").glob("*.jpg")):
                 data = path.read_bytes()

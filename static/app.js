@@ -22,6 +22,11 @@ function init() {
     if (key.value.trim()) sessionStorage.setItem(KEY_STORAGE, key.value.trim());
     else sessionStorage.removeItem(KEY_STORAGE);
   });
+  key.addEventListener("change", loadModels); // with API_KEYS, /readyz lists the models only to a key
+  byId("model").addEventListener("change", () => {
+    if (chosen) classify(chosen);
+  });
+  loadModels();
 
   input.addEventListener("change", () => {
     if (input.files.length) choose(input.files[0]);
@@ -63,19 +68,47 @@ function choose(file) {
   classify(file);
 }
 
+function keyHeaders() {
+  const key = byId("api-key").value.trim();
+  return key ? { "X-API-Key": key } : {};
+}
+
+/** The models /readyz lists: a picker when there is more than one (one model needs no choosing). */
+async function loadModels() {
+  let ids = [];
+  try {
+    const answer = await (await fetch("readyz", { headers: keyHeaders() })).json();
+    ids = answer && answer.models ? Object.keys(answer.models) : [];
+  } catch {
+    return; // not ready, or not reachable: /predict's own answer will say so
+  }
+  const select = byId("model");
+  const current = select.value;
+  select.replaceChildren(
+    ...ids.map((id) => {
+      const option = document.createElement("option");
+      option.value = id;
+      option.textContent = id;
+      return option;
+    }),
+  );
+  if (ids.includes(current)) select.value = current;
+  byId("model-box").hidden = ids.length < 2;
+}
+
 async function classify(file) {
   const number = ++latest;
   setState("busy", `Classifying ${file.name}…`);
   const body = new FormData();
   body.append("image", file, file.name);
-  const headers = {};
-  const key = byId("api-key").value.trim();
-  if (key) headers["X-API-Key"] = key;
+  const headers = keyHeaders();
+  const model = byId("model-box").hidden ? "" : byId("model").value;
+  const url = model ? `predict?model=${encodeURIComponent(model)}` : "predict";
 
   const started = performance.now();
   let response, text;
   try {
-    response = await fetch("predict", { method: "POST", body, headers });
+    response = await fetch(url, { method: "POST", body, headers });
     text = await response.text();
   } catch (error) {
     if (number === latest) showError(null, `The service could not be reached (${error.message}).`);

@@ -23,8 +23,9 @@ hypothesis.settings.register_profile("ci", derandomize=True, database=None, dead
 hypothesis.settings.register_profile("explore", max_examples=2000, deadline=None)
 hypothesis.settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 from support.stacks import StackFactory  # noqa: E402
+from support.stand_in import TEST_MODEL  # noqa: E402
 
-from image_queue import ImageQueue, connect  # noqa: E402
+from image_queue import ImageQueue, Keys, connect, model_queue_name  # noqa: E402
 
 WEIGHTS_SEED = 1234
 
@@ -59,17 +60,20 @@ def queue_name(redis_client):
     """A queue name of the test's own (tests share the server); its keys are deleted afterwards."""
     name = f"q{uuid.uuid4().hex[:10]}"
     yield name
-    for key in redis_client.scan_iter(match=f"{{{name}}}:*"):
+    for key in redis_client.scan_iter(match=f"{{{name}*"):  # its models' queues ({name.model}:...) too
         redis_client.delete(key)
 
 
 @pytest.fixture
 def make_queue(redis_url, queue_name):
-    """ImageQueue(**options) on the private Redis, with short timeouts suited to tests."""
+    """The queue of model `model` (default: TEST_MODEL) as a worker serves it, ImageQueue(**options) on the
+    private Redis with short timeouts suited to tests; its heartbeats register the model for the web."""
 
-    def make(**options) -> ImageQueue:
+    def make(model: str = TEST_MODEL, **options) -> ImageQueue:
         options = {"queue_max": 100, "block_s": 0.2, "result_ttl_s": 30, "worker_ttl_s": 2.0} | options
-        return ImageQueue(connect(redis_url, options["block_s"]), queue_name, **options)
+        registry = (Keys(queue_name).models, model)
+        client = connect(redis_url, options["block_s"])
+        return ImageQueue(client, model_queue_name(queue_name, model), registry=registry, **options)
 
     return make
 

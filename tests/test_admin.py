@@ -7,7 +7,7 @@ import time
 
 import numpy as np
 from support import ROOT
-from support.stand_in import MODEL, StandInWorker, assert_json_error, post_image
+from support.stand_in import MODEL, StandInWorker, app_queue, assert_json_error, post_image
 
 import admin
 import image_queue
@@ -15,7 +15,7 @@ import image_queue
 
 def test_purge_answers_each_waiting_request_with_503_at_once_and_spares_the_rest(make_app, redis_client):
     app = make_app(REQUEST_TIMEOUT_S=20)
-    queue = app.extensions["image_queue"]
+    queue = app_queue(app)
     queue.heartbeat("stalled", MODEL)  # alive, never claims: requests wait
     queue.enqueue(b"in progress")
     queue.claim("stalled", 1)
@@ -49,10 +49,10 @@ def test_purge_drops_a_message_whose_id_cannot_be_read_without_answering_anyone(
 
 def test_drain_refuses_new_requests_waits_until_nothing_is_held_and_resume_reopens(make_app, capsys):
     app = make_app()
-    queue, client = app.extensions["image_queue"], app.test_client()
+    queue, client = app_queue(app), app.test_client()
     with StandInWorker(queue):
         queue.enqueue(image_queue.encode_message("queued", time.time() + 30, 5, np.zeros((32, 48, 3), np.uint8)))
-        assert admin.drain(queue, wait_s=10) == 0  # the worker answered what was held
+        assert admin.drain([queue], wait_s=10) == 0  # the worker answered what was held
         response = post_image(client)
         assert_json_error(response, 503, "draining")
         assert response.headers["Retry-After"] == "5"
@@ -68,12 +68,12 @@ def test_a_request_that_passed_the_pause_check_before_a_drain_is_refused_not_que
     import helpers
 
     app = make_app()
-    queue, client = app.extensions["image_queue"], app.test_client()
+    queue, client = app_queue(app), app.test_client()
     prepare = helpers.prepare_image
     drained = []
 
     def prepare_while_a_drain_starts(image, size):
-        drained.append(admin.drain(queue, wait_s=1))  # nothing is held yet: the drain reports 0
+        drained.append(admin.drain([queue], wait_s=1))  # nothing is held yet: the drain reports 0
         return prepare(image, size)
 
     monkeypatch.setattr(helpers, "prepare_image", prepare_while_a_drain_starts)
@@ -87,7 +87,7 @@ def test_a_request_that_passed_the_pause_check_before_a_drain_is_refused_not_que
 def test_drain_gives_up_with_status_1_when_nothing_answers(make_queue):
     queue = make_queue()
     queue.enqueue(b"stuck")
-    assert admin.drain(queue, wait_s=0.5) == 1
+    assert admin.drain([queue], wait_s=0.5) == 1
 
 
 def test_the_command_line_shows_the_queue_and_asks_before_purging(redis_url, queue_name, make_queue):

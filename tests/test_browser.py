@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import requests
 from support import ROOT
+from support.stand_in import StandInWorker
 from support.traffic import same_answer, wait_for
 
 import stack
@@ -218,7 +219,7 @@ def test_a_chosen_photo_shows_five_bars_with_the_labels_and_percentages_predict_
         timing,
     ), timing
     assert page.eval_on_selector("#preview", "img => img.naturalWidth") == 451  # chelsea.jpg is 451 x 300
-    assert page.is_hidden("#error")
+    assert page.is_hidden("#error") and page.is_hidden("#model-box")  # one model: nothing to pick
     tab.screenshot(tmp_path, "page-photo.png")
     assert tab.errors == []
 
@@ -277,3 +278,26 @@ def test_with_api_keys_the_page_shows_the_401_until_a_key_is_entered_then_classi
         assert tab.errors == []
     finally:
         web.stop()
+
+
+@pytest.mark.slow
+def test_with_two_models_the_page_offers_a_picker_and_the_picked_model_answers(make_module_stack, redis_client, tab):
+    """A gunicorn whose Redis has two models registered (stand-in workers in this process): the page lists
+    both, and the photo goes to the one picked; with one model (the other tests) there is no picker."""
+    two = make_module_stack()
+    two.start_web()
+    wait_for(lambda: requests.get(two.url + "healthz", timeout=10).ok, 60)
+    with (
+        StandInWorker(two.queue(redis_client, "alpha")) as alpha,
+        StandInWorker(two.queue(redis_client, "beta")) as beta,
+    ):
+        page = tab.page
+        page.goto(two.url)
+        page.wait_for_selector("#model-box:not([hidden])")
+        assert page.eval_on_selector_all("#model option", "options => options.map((o) => o.value)") == ["alpha", "beta"]
+        page.select_option("#model", "beta")
+        with page.expect_response("**/predict?model=beta") as answer:
+            page.set_input_files("#image", ROOT / "images" / "chelsea.jpg")
+        page.wait_for_selector("#outcome[data-state=done]")
+        assert answer.value.status == 200 and (alpha.batches, beta.batches) == ([], [1])
+        assert tab.errors == []

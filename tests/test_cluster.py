@@ -20,10 +20,10 @@ import requests
 from redis.cluster import RedisCluster
 from support.images import distinct_photos
 from support.stacks import StackFactory
-from support.stand_in import StandInClassifier, post_concurrently, post_image
+from support.stand_in import TEST_MODEL, StandInClassifier, post_concurrently, post_image
 from support.traffic import Traffic, expected_top5, wait_for
 
-from image_queue import Keys, queue_from_config, shard_names
+from image_queue import Keys, model_queue_name, queue_from_config, shard_names
 from run_model_server import ModelWorker
 
 pytestmark = pytest.mark.timeout(120)
@@ -109,12 +109,14 @@ def test_the_service_runs_on_a_cluster_through_any_node_with_the_rate_limit_coun
 
     # REDIS_URL names the node that does NOT hold the queue's slot: the client must find the right master
     probe = RedisCluster(host="127.0.0.1", port=cluster.ports[0])
-    slot_owner = probe.get_node_from_key(Keys("cq").queue).port
+    name = model_queue_name("cq", TEST_MODEL)  # the model's queue: {cq.standin}; registry, rate limit: {cq}
+    slot_owner = probe.get_node_from_key(Keys(name).queue).port
+    service_owner = probe.get_node_from_key(Keys("cq").models).port
     entry = next(port for port in cluster.ports if port != slot_owner)
     url = f"redis://127.0.0.1:{entry}/0"
     config = {"REDIS_URL": url, "REDIS_CLUSTER": True, "IMAGE_QUEUE": "cq", "REDIS_BLOCK_S": 0.2}
     config |= {"REQUEST_TIMEOUT_S": 3, "WORKER_TTL_S": 2.0, "QUEUE_MAX": 64, "RESULT_TTL_S": 30}
-    queue = queue_from_config(config, 0.5)
+    queue = queue_from_config(config, 0.5, TEST_MODEL)
     worker = ModelWorker(queue, StandInClassifier(), batch_size=8, max_wait_s=0, heartbeat_s=0.2)
     thread = threading.Thread(target=worker.run, daemon=True)
     thread.start()
@@ -123,13 +125,18 @@ def test_the_service_runs_on_a_cluster_through_any_node_with_the_rate_limit_coun
         wait_for(lambda: post_image(client).status_code == 200, 10)
         statuses = [post_image(client).status_code for _ in range(14)]
         assert statuses.count(200) >= 10 and statuses[-1] == 429, statuses  # served, then limited
-        # the queue's keys live on the master of their slot, and only there
+        # the queue's keys live on the master of their slot, and only there; so do the service's own
         owner = redis.Redis(host="127.0.0.1", port=slot_owner)
-        assert owner.exists(Keys("cq").workers) and owner.exists(Keys("cq").stats)
-        assert any(b"ratelimit" in key for key in owner.scan_iter(match="{cq}:*"))
+        assert owner.exists(Keys(name).workers) and owner.exists(Keys(name).stats)
+        service = redis.Redis(host="127.0.0.1", port=service_owner)
+        assert service.exists(Keys("cq").models)
+        assert any(b"ratelimit" in key for key in service.scan_iter(match="{cq}:*"))
         for port in cluster.ports:
+            node = redis.Redis(host="127.0.0.1", port=port)
             if port != slot_owner:
-                assert list(redis.Redis(host="127.0.0.1", port=port).scan_iter(match="{cq}:*")) == []
+                assert list(node.scan_iter(match=f"{{{name}}}:*")) == []
+            if port != service_owner:
+                assert list(node.scan_iter(match="{cq}:*")) == []
     finally:
         worker.request_stop()
         thread.join(10)
@@ -139,13 +146,13 @@ def test_the_service_runs_on_a_cluster_through_any_node_with_the_rate_limit_coun
 def test_three_shards_spread_one_queue_over_the_three_masters_and_every_request_is_served(cluster):
     from run_web_server import create_app
 
-    names = shard_names("sq", 3)
+    names = shard_names(model_queue_name("sq", TEST_MODEL), 3)
     owners = [cluster.master_of(Keys(name).queue) for name in names]
     assert sorted(owners) == sorted(cluster.ports)  # one shard on each master
     config = {"REDIS_URL": f"redis://127.0.0.1:{cluster.ports[0]}/0", "REDIS_CLUSTER": True, "IMAGE_QUEUE": "sq"}
     config |= {"QUEUE_SHARDS": 3, "REDIS_BLOCK_S": 0.2, "REQUEST_TIMEOUT_S": 3, "WORKER_TTL_S": 2.0}
     config |= {"QUEUE_MAX": 64, "RESULT_TTL_S": 30}
-    worker = ModelWorker(queue_from_config(config, 0.5), StandInClassifier(), batch_size=8, max_wait_s=0,
+    worker = ModelWorker(queue_from_config(config, 0.5, TEST_MODEL), StandInClassifier(), batch_size=8, max_wait_s=0,
                          heartbeat_s=0.2)  # fmt: skip
     thread = threading.Thread(target=worker.run, daemon=True)
     thread.start()
@@ -184,7 +191,7 @@ def test_a_master_killed_under_load_its_replica_takes_over_and_the_other_shards_
     factory = StackFactory(f"redis://127.0.0.1:{c.ports[0]}/0", resnet_weights, tmp_path)
     try:
         s = factory(REDIS_CLUSTER=1, QUEUE_SHARDS=3, BATCH_SIZE=8)
-        names = shard_names(s.env["IMAGE_QUEUE"], 3)
+        names = shard_names(s.queue_name(), 3)
         victim = c.master_of(Keys(names[1]).queue)
         survivor = c.master_of(Keys(names[0]).queue)  # another master: one shard on each
         s.start_worker()

@@ -66,7 +66,7 @@ def assert_books(traffic: Traffic, s, name: str, allowed: set, deadline_s: float
         if reply.status == 503:
             assert reply.retry_after and reply.body["success"] is False, reply
     # and nothing is left behind in Redis: no message waiting or held by anyone
-    queue = ImageQueue(redis.Redis.from_url(s.env["REDIS_URL"]), s.env["IMAGE_QUEUE"])
+    queue = ImageQueue(redis.Redis.from_url(s.env["REDIS_URL"]), s.queue_name())
     wait_for(lambda: queue.redis.llen(queue.keys.queue) == 0 and not holds_a_batch(queue.redis, queue.keys), 15)
 
 
@@ -102,7 +102,7 @@ def test_kill_9_mid_batch_and_a_new_worker_loses_nothing(make_stack, photos, red
     victim = s.start_worker()
     s.start_web()
     s.wait_ready()
-    keys = Keys(s.env["IMAGE_QUEUE"])
+    keys = s.keys()
     with Traffic(s.url, *photos, rate=RATE) as traffic:
         traffic.wait_for_answers(60, 60)
         stop_holding_a_batch(victim, redis_client, keys)
@@ -131,7 +131,7 @@ def test_with_the_shipped_timeouts_one_of_two_workers_killed_mid_batch_its_reque
     s.start_web()
     s.wait_ready()
     wait_for(lambda: requests.get(s.url + "readyz", timeout=5).json()["workers"] == 2, 240)
-    keys = Keys(s.env["IMAGE_QUEUE"])
+    keys = s.keys()
     with Traffic(s.url, *photos, rate=RATE) as traffic:
         traffic.wait_for_answers(60, 60)
         victim_list = keys.processing(worker_id(victim))
@@ -160,7 +160,7 @@ def test_two_then_three_workers_one_killed_and_restarted_again_and_again(make_st
     workers = [s.start_worker(), s.start_worker()]
     s.start_web()
     s.wait_ready()
-    keys = Keys(s.env["IMAGE_QUEUE"])
+    keys = s.keys()
     kills = 0
     with Traffic(s.url, *photos, rate=RATE) as traffic:
         for round_ in range(4):
@@ -272,7 +272,7 @@ def test_a_stalled_worker_means_504_in_time_and_no_answer_for_the_expired_after_
     worker = s.start_worker()
     s.start_web()
     s.wait_ready()
-    keys = Keys(s.env["IMAGE_QUEUE"])
+    keys = s.keys()
     with Traffic(s.url, *photos, rate=RATE) as traffic:
         traffic.wait_for_answers(60, 60)
         worker.process.send_signal(signal.SIGSTOP)  # its heartbeat thread stops too: after WORKER_TTL_S, 503s
@@ -304,7 +304,7 @@ def test_sigterm_to_the_worker_finishes_its_batch_and_to_gunicorn_finishes_in_fl
     first = s.start_worker()
     s.start_web()
     s.wait_ready()
-    keys = Keys(s.env["IMAGE_QUEUE"])
+    keys = s.keys()
     with Traffic(s.url, *photos, rate=RATE) as traffic:
         traffic.wait_for_answers(60, 60)
         stop_holding_a_batch(first, redis_client, keys)
@@ -334,7 +334,7 @@ def test_sigterm_to_the_worker_finishes_its_batch_and_to_gunicorn_finishes_in_fl
     senders = [threading.Thread(target=send, args=(i,)) for i in range(8)]
     for t in senders:
         t.start()
-    queue = ImageQueue(redis_client, s.env["IMAGE_QUEUE"])
+    queue = ImageQueue(redis_client, s.queue_name())
     wait_for(lambda: queue.status().held >= 8, 30)
     s.web.process.send_signal(signal.SIGTERM)
     time.sleep(1)
@@ -376,8 +376,8 @@ def test_twice_the_capacity_for_60_s_rejects_fast_keeps_p99_bounded_and_redis_me
         "local n = 0 for _, k in ipairs(redis.call('KEYS', ARGV[1])) do "
         "n = n + redis.call('MEMORY', 'USAGE', k, 'SAMPLES', 0) end return n"
     )
-    pattern = "{" + s.env["IMAGE_QUEUE"] + "}:*"
-    queue = ImageQueue(redis_client, s.env["IMAGE_QUEUE"])
+    pattern = "{" + s.queue_name() + "}:*"
+    queue = ImageQueue(redis_client, s.queue_name())
     baseline = redis_client.memory_stats()["total.allocated"]
     allocated, held, data = [baseline], [0], [0]
     sampling = threading.Event()
@@ -429,7 +429,7 @@ def test_a_flood_of_huge_images_decodes_two_at_a_time_in_bounded_memory(make_sta
     s = make_stack(WEB_WORKERS=1, DECODE_SLOTS=2, DECODE_MEGAPIXELS_S=0, REQUEST_TIMEOUT_S=60)  # memory, not budget
     s.start_web()
     wait_for(lambda: requests.get(s.url + "healthz", timeout=2).ok, 60)
-    worker = StandInWorker(ImageQueue(connect(redis_url, 0.2), s.env["IMAGE_QUEUE"], block_s=0.2))
+    worker = StandInWorker(s.queue(connect(redis_url, 0.2), block_s=0.2))
     huge = encode(Image.new("RGBA", (7000, 7000), (200, 100, 50, 128)), "PNG")  # 49 M pixels in 200 KB
     web_worker = int(subprocess.run(["pgrep", "-P", str(s.web.pid)], capture_output=True, text=True).stdout)
     peak, sampling = [0], threading.Event()
@@ -465,7 +465,7 @@ def test_poison_planted_on_the_queue_is_logged_and_dropped_and_the_worker_keeps_
     worker = s.start_worker()
     s.start_web()
     s.wait_ready()
-    keys = Keys(s.env["IMAGE_QUEUE"])
+    keys = s.keys()
     pixels = b"\n" + bytes(6)  # the header's end, then 2 x 1 x 3 pixel bytes
     poison = {
         None: [b"not json at all", b"\xff\xfe\x00binary", b"[1, 2, 3]\n", b'{"deadline": 1e18, "top": 5}', b"{}"],

@@ -20,7 +20,7 @@ import pytest
 from flask import Response
 from PIL import Image
 from support.hostile_corpus import Case, build_corpus, cat_jpeg, png_bomb, upload
-from support.stand_in import StandInWorker
+from support.stand_in import StandInWorker, app_queue
 
 import helpers
 from run_web_server import create_app
@@ -122,7 +122,7 @@ def hostile_app(redis_server):
             "MAX_IMAGE_PIXELS": MAX_IMAGE_PIXELS,
         }
     )
-    with StandInWorker(app.extensions["image_queue"]):
+    with StandInWorker(app_queue(app)):
         yield app
 
 
@@ -159,7 +159,7 @@ def test_pillows_bomb_limit_is_our_setting_and_an_error_not_a_warning(redis_url,
         status=413,
         words=("more than 30,000,000 pixels",),
     )
-    with StandInWorker(app.extensions["image_queue"]):  # a worker is up, so only the image decides
+    with StandInWorker(app_queue(app)):  # a worker is up, so only the image decides
         assert_right_answer(case, *call_app(app, case))
 
 

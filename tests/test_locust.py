@@ -26,10 +26,10 @@ def served(make_module_stack):
     return make_module_stack.serve(REQUEST_TIMEOUT_S=30)
 
 
-def run_locust(url: str, csv_prefix: Path) -> subprocess.CompletedProcess:
+def run_locust(url: str, csv_prefix: Path, *options: str) -> subprocess.CompletedProcess:
     argv = [str(LOCUST), "-f", str(ROOT / "bench" / "locustfile.py"), "--headless", "-u", str(USERS), "-r", str(USERS)]
     argv += ["-t", f"{SECONDS}s", "--stop-timeout", "30", "--host", url.rstrip("/"), "--csv", str(csv_prefix)]
-    return subprocess.run([*argv, "--only-summary"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    return subprocess.run([*argv, "--only-summary", *options], cwd=ROOT, capture_output=True, text=True, timeout=120)
 
 
 def stats_row(csv_prefix: Path, name: str) -> dict:
@@ -37,13 +37,18 @@ def stats_row(csv_prefix: Path, name: str) -> dict:
         return next(row for row in csv.DictReader(f) if row["Name"] == name)
 
 
-def test_locust_headless_posts_photos_that_all_succeed_and_the_worker_served_each_one(served, tmp_path):
+@pytest.mark.parametrize(
+    "options, endpoint", [([], "/predict"), (["--protocol", "v2"], "/v2/models/resnet50/infer")], ids=["predict", "v2"]
+)
+def test_locust_headless_posts_photos_that_all_succeed_and_the_worker_served_each_one(
+    served, tmp_path, options, endpoint
+):
     before = len(answered_ids(served.worker_logs()))
 
-    result = run_locust(served.url, tmp_path / "locust")
+    result = run_locust(served.url, tmp_path / "locust", *options)
 
     assert result.returncode == 0, result.stdout + result.stderr  # Locust exits 1 if any request failed
-    row = stats_row(tmp_path / "locust", "/predict")
+    row = stats_row(tmp_path / "locust", endpoint)
     total = stats_row(tmp_path / "locust", "Aggregated")
     count, failures = int(row["Request Count"]), int(row["Failure Count"])
     assert row["Type"] == "POST" and failures == 0 and int(total["Request Count"]) == count  # one endpoint only

@@ -21,14 +21,14 @@ import requests
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 from prometheus_client.parser import text_string_to_metric_families
 from support.images import distinct_photos
-from support.stand_in import CAT, MODEL, StandInClassifier, StandInWorker, post_image
+from support.stand_in import CAT, MODEL, StandInClassifier, StandInWorker, app_queue, post_image
 from support.traffic import Traffic, wait_for
 
 import helpers
 import image_queue
 import logs
 import stack
-from image_queue import Done, Keys
+from image_queue import Done
 from run_model_server import ModelWorker
 
 WEB_FAMILIES = {
@@ -98,7 +98,7 @@ def delta(after: Scrape, before: Scrape, name: str, **labels) -> float:
 def test_metrics_is_prometheus_text_with_every_metric_and_openmetrics_on_request(make_app):
     app = make_app()
     client = app.test_client()
-    with StandInWorker(app.extensions["image_queue"]):
+    with StandInWorker(app_queue(app)):
         assert post_image(client).status_code == 200
         response = client.get("/metrics")
         openmetrics = client.get("/metrics", headers={"Accept": "application/openmetrics-text; version=1.0.0"})
@@ -126,7 +126,7 @@ def test_metrics_need_an_api_key_when_keys_are_set(make_app):
 def test_every_answer_is_counted_by_route_method_and_status(make_app):
     app = make_app(MAX_IMAGE_PIXELS=5_000_000)
     client = app.test_client()
-    with StandInWorker(app.extensions["image_queue"]):
+    with StandInWorker(app_queue(app)):
         before = scrape(client)
         statuses = [post_image(client).status_code for _ in range(3)]
         statuses += [post_image(client, b"not an image").status_code, post_image(client, query="?top=0").status_code]
@@ -158,7 +158,7 @@ def test_every_answer_is_counted_by_route_method_and_status(make_app):
 def test_answered_requests_are_timed_end_to_end_in_the_queue_and_in_the_model(make_app):
     app = make_app()
     client = app.test_client()
-    with StandInWorker(app.extensions["image_queue"]):
+    with StandInWorker(app_queue(app)):
         before = scrape(client)
         started = time.monotonic()
         for _ in range(4):
@@ -175,7 +175,7 @@ def test_answered_requests_are_timed_end_to_end_in_the_queue_and_in_the_model(ma
 
 
 def stalled(app, client):
-    app.extensions["image_queue"].heartbeat("stalled", MODEL)  # a fresh heartbeat, never claims
+    app_queue(app).heartbeat("stalled", MODEL)  # a fresh heartbeat, never claims
     return post_image(client)
 
 
@@ -184,7 +184,7 @@ def no_worker(app, client):
 
 
 def queue_full(app, client):
-    queue = app.extensions["image_queue"]
+    queue = app_queue(app)
     queue.heartbeat("busy-elsewhere", MODEL)
     for i in range(queue.queue_max):
         queue.enqueue(f"waiting{i}".encode())
@@ -196,25 +196,25 @@ def redis_down(app, client):
 
 
 def draining(app, client):
-    with StandInWorker(app.extensions["image_queue"]):
-        app.extensions["image_queue"].pause()
+    with StandInWorker(app_queue(app)):
+        app_queue(app).pause()
         return post_image(client)
 
 
 def decoders_busy(app, client):
-    app.extensions["image_queue"].heartbeat("idle", MODEL)
+    app_queue(app).heartbeat("idle", MODEL)
     for _ in range(app.config["DECODE_SLOTS"]):
         app.extensions["decode_slots"].acquire()
     return post_image(client)
 
 
 def worker_503(app, client):
-    with StandInWorker(app.extensions["image_queue"], error=(503, "the image was prepared for another model")):
+    with StandInWorker(app_queue(app), error=(503, "the image was prepared for another model")):
         return post_image(client)
 
 
 def rate_limited(app, client):
-    with StandInWorker(app.extensions["image_queue"]):
+    with StandInWorker(app_queue(app)):
         assert post_image(client).status_code == 200
         return post_image(client)
 
@@ -261,7 +261,7 @@ def test_every_rejection_reason_is_a_series_from_the_start(make_app):
 
 def test_the_queue_and_the_model_workers_numbers_are_read_from_redis(make_app, redis_client):
     app = make_app(QUEUE_MAX=50, WORKER_TTL_S=2.0)
-    client, queue = app.test_client(), app.extensions["image_queue"]
+    client, queue = app.test_client(), app_queue(app)
     now = queue.status().server_time
     queue.heartbeat("alive", MODEL)
     for i in range(5):
@@ -496,7 +496,7 @@ def test_under_load_with_two_model_workers_the_numbers_add_up(make_stack, redis_
                 burst = list(pool.map(lambda i: send(s.url, images[i % 6]), range(30)))
             traffic.wait_for_answers(20, 120)
         # kill -9 a worker holding a batch: its peer requeues the batch and answers it
-        keys = Keys(s.env["IMAGE_QUEUE"])
+        keys = s.keys()
         victim = workers[0]
         victim_id = wait_for(lambda: re.findall(r"worker (\S+) serving queue", victim.log_text()), 30)[0]
         with Traffic(s.url, images, [None] * len(images), rate=5) as tail:

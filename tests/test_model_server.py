@@ -31,9 +31,9 @@ def test_one_forward_pass_for_the_whole_batch_and_each_answer_is_its_own():
     result = answer_batch(model, [message("a", 255), message("b", 0), message("c", 51)], NOW)
     assert model.batches == [3] and result.batch_size == 3 and result.inference_s > 0  # what /metrics counts
     got = answers(result.done)
-    assert got["a"]["predictions"][0] == {"label": "bright", "probability": 1.0}
-    assert got["b"]["predictions"][0] == {"label": "dark", "probability": 1.0}
-    assert got["c"]["predictions"][0] == {"label": "dark", "probability": pytest.approx(0.8)}
+    assert got["a"]["predictions"][0] == {"label": "bright", "probability": 1.0, "index": 1}
+    assert got["b"]["predictions"][0] == {"label": "dark", "probability": 1.0, "index": 0}
+    assert got["c"]["predictions"][0] == {"label": "dark", "probability": pytest.approx(0.8), "index": 0}
     assert {a["claimed"] for a in got.values()} == {round(NOW, 4)}  # the claim's Redis time: the web's queue wait
 
 
@@ -228,9 +228,9 @@ def test_top_k_is_sorted_and_labelled(resnet_keras):
     probabilities = np.zeros(1000, np.float32)
     probabilities[[281, 5, 999]] = [0.2, 0.7, 0.1]
     assert resnet_keras.top_k(probabilities, 3) == [
-        {"label": "electric_ray", "probability": pytest.approx(0.7)},
-        {"label": "tabby", "probability": pytest.approx(0.2)},
-        {"label": "toilet_tissue", "probability": pytest.approx(0.1)},
+        {"label": "electric_ray", "probability": pytest.approx(0.7), "index": 5},
+        {"label": "tabby", "probability": pytest.approx(0.2), "index": 281},
+        {"label": "toilet_tissue", "probability": pytest.approx(0.1), "index": 999},
     ]
 
 

@@ -8,7 +8,9 @@ gunicorn to a real ResNet50 model worker. Both drive the engine `st run` uses, w
 (schemathesis 4.32.5's own pytest loader, `schemathesis.pytest.from_fixture`, fails under pytest 9.2).
 """
 
+import base64
 import json
+import re
 import time
 from collections import Counter
 
@@ -19,7 +21,7 @@ from PIL import Image
 from schemathesis.engine import Status, events, from_schema
 from support import ROOT
 from support.images import distinct_photos, encode, photo
-from support.stand_in import MODEL, StandInWorker
+from support.stand_in import MODEL, StandInWorker, app_queue
 
 SPEC_PATH = ROOT / "openapi.json"
 SPEC = json.loads(SPEC_PATH.read_text())
@@ -32,6 +34,7 @@ CONFORMANCE = [
 CHECKS = ["not_a_server_error", *CONFORMANCE]
 SEED = 20240531
 AUTOMATIC_METHODS = {"HEAD", "OPTIONS"}  # Flask answers these for every GET route by itself
+EXAMPLE_MODEL = "resnet50"  # the model id the document's examples name: the stand-in serves under it
 
 
 def config(max_examples: int = 40, auth: dict | None = None) -> schemathesis.Config:
@@ -42,6 +45,7 @@ def config(max_examples: int = 40, auth: dict | None = None) -> schemathesis.Con
             "workers": 1,
             "generation": {"max-examples": max_examples, "deterministic": True, "database": "none"},
             "checks": {"enabled": False} | {name: {"enabled": True} for name in CHECKS},
+            "phases": {"stateful": {"enabled": False}},  # no links between operations to follow
         }
         | ({"auth": auth} if auth else {})
     )
@@ -112,7 +116,7 @@ def test_the_route_serves_exactly_the_file_in_the_repository(make_app):
 
 def test_every_route_of_the_app_is_described_with_its_methods_and_nothing_else(make_app):
     served = {
-        (rule.rule, method)
+        (re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", rule.rule), method)  # Flask's <name> is OpenAPI's {name}
         for rule in make_app().url_map.iter_rules()
         if rule.endpoint != "static"
         for method in rule.methods - AUTOMATIC_METHODS
@@ -131,7 +135,7 @@ def test_schemathesis_finds_no_5xx_and_no_answer_off_the_document_in_process(mak
     """Open, and with API keys on, schemathesis sending a key the way each security scheme describes."""
     app = make_app(API_KEYS=(KEY,) if auth else ())
     credentials = {"bearer": {"bearer": KEY}, "apiKey": {"api_key": KEY}}
-    with StandInWorker(app.extensions["image_queue"]):
+    with StandInWorker(app_queue(app, EXAMPLE_MODEL)):
         auth_config = {"openapi": {auth: credentials[auth]}} if auth else None
         schema = schemathesis.openapi.from_wsgi("/openapi.json", app, config=config(100, auth_config))
         started = time.monotonic()
@@ -139,6 +143,7 @@ def test_schemathesis_finds_no_5xx_and_no_answer_off_the_document_in_process(mak
     print(show(statuses, time.monotonic() - started))
     assert {label for label, _ in statuses} == {f"{method} {path}" for path, method in described_operations()}
     assert statuses["POST /predict", 200] and statuses["POST /predict", 400]  # images accepted and refused
+    assert statuses["POST /v2/models/{model_id}/infer", 200] and statuses["POST /v2/models/{model_id}/infer", 400]
 
 
 def test_a_form_part_without_a_name_is_refused_with_400_not_500(make_app):
@@ -147,7 +152,7 @@ def test_a_form_part_without_a_name_is_refused_with_400_not_500(make_app):
     body = b"--B\r\nContent-Disposition: form-data\r\n\r\nhello\r\n"
     body += b'--B\r\nContent-Disposition: form-data; name="photo"; filename="cat.jpg"\r\n\r\nxyz\r\n--B--\r\n'
     app = make_app()
-    with StandInWorker(app.extensions["image_queue"]):
+    with StandInWorker(app_queue(app, EXAMPLE_MODEL)):
         response = app.test_client().post("/predict", data=body, content_type="multipart/form-data; boundary=B")
     assert response.status_code == 400
     assert response.json == {"success": False, "error": "no 'image' field in the form (fields sent: (no name), photo)"}
@@ -156,12 +161,15 @@ def test_a_form_part_without_a_name_is_refused_with_400_not_500(make_app):
 SVG = b"<svg xmlns='http://www.w3.org/2000/svg'/>"
 PNG = encode(Image.new("RGB", (8, 8)), "PNG")
 FORM, RAW = {"media_type": "multipart/form-data"}, {"media_type": "image/png", "body": PNG}
+V2_INFER, V2_MODEL = "POST /v2/models/{model_id}/infer", {"path_parameters": {"model_id": EXAMPLE_MODEL}}
+V2 = V2_MODEL | {"media_type": "application/json", "body": {"inputs": [
+    {"name": "image", "datatype": "BYTES", "shape": [1], "data": [base64.b64encode(PNG).decode()]}]}}  # fmt: skip
 
 
 def scenario(name, status, request_=RAW, worker="answering", operation="POST /predict", **config_):
     """A request to one operation, to an app with config_ and a worker that is: "answering" (the stand-in),
     "failing" (it answers every image with a model error), "stalled" (a fresh heartbeat, never claims),
-    "full" (stalled, with one message queued: set QUEUE_MAX=1) or None."""
+    "full" (stalled, with one message queued: set QUEUE_MAX=1), "gone" (registered, no worker alive) or None."""
     return pytest.param(config_, worker, operation, request_, status, id=name)
 
 
@@ -184,16 +192,28 @@ def scenario(name, status, request_=RAW, worker="answering", operation="POST /pr
         scenario("X-API-Key", 200, RAW | {"headers": {"X-API-Key": KEY}}, API_KEYS=(KEY,)),
         scenario("ready", 200, {}, operation="GET /readyz"),
         scenario("not ready", 503, {}, worker=None, operation="GET /readyz"),
+        scenario("v2 served", 200, V2, operation=V2_INFER),
+        scenario("v2 bad tensor", 400, V2 | {"body": {"inputs": [{"name": "image"}]}}, operation=V2_INFER),
+        scenario("v2 unknown model", 404, V2 | {"path_parameters": {"model_id": "nope"}}, operation=V2_INFER),
+        scenario("v2 no worker", 503, V2, worker="gone", operation=V2_INFER),
+        scenario("v2 stalled worker", 504, V2, worker="stalled", operation=V2_INFER, REQUEST_TIMEOUT_S=0.5),
+        scenario("v2 model failed", 500, V2, worker="failing", operation=V2_INFER),
+        scenario("v2 no key", 401, V2, operation=V2_INFER, API_KEYS=(KEY,)),
+        scenario("v2 model ready", 200, V2_MODEL, operation="GET /v2/models/{model_id}/ready"),
+        scenario("v2 metadata", 200, V2_MODEL, operation="GET /v2/models/{model_id}"),
+        scenario("v2 not ready", 503, {}, worker=None, operation="GET /v2/health/ready"),
     ],
 )
 def test_each_status_the_service_gives_matches_the_document(make_app, config_, worker, operation, request_, status):
     """Also the statuses a fuzzer does not reach (no worker, a full queue, a stall, a model failure)."""
     app = make_app(**config_)
-    queue = app.extensions["image_queue"]
+    queue = app_queue(app, EXAMPLE_MODEL)
     method, path = operation.split()
     case = schemathesis.openapi.from_wsgi("/openapi.json", app, config=config())[path][method].Case(**request_)
-    if worker in ("stalled", "full"):
+    if worker in ("stalled", "full", "gone"):
         queue.heartbeat("stalled", MODEL)
+    if worker == "gone":
+        queue.redis.delete(queue.keys.workers)
     if worker == "full":
         queue.enqueue(b"waiting")
     if worker in ("answering", "failing"):
@@ -208,7 +228,7 @@ def test_each_status_the_service_gives_matches_the_document(make_app, config_, w
 def test_the_rate_limit_answer_matches_the_document(make_app):
     app = make_app(RATE_LIMIT="1/minute")
     case = schemathesis.openapi.from_wsgi("/openapi.json", app, config=config())["/predict"]["POST"].Case(**RAW)
-    with StandInWorker(app.extensions["image_queue"]):
+    with StandInWorker(app_queue(app, EXAMPLE_MODEL)):
         first, second = case.call(), case.call()
     assert (first.status_code, second.status_code) == (200, 429)
     case.validate_response(second, checks=check_functions(CONFORMANCE))

@@ -14,12 +14,12 @@ import time
 
 import pytest
 import redis
-from support.stand_in import StandInClassifier, post_image
+from support.stand_in import StandInClassifier, post_image, served_queue
 from support.traffic import wait_for
 
 import image_queue
 import stack
-from image_queue import ImageQueue, connect, redis_trouble
+from image_queue import connect, redis_trouble
 from run_model_server import ModelWorker
 
 pytestmark = pytest.mark.timeout(120)
@@ -77,7 +77,7 @@ class Service:
     def __init__(self, url: str):
         from run_web_server import create_app
 
-        self.queue = ImageQueue(connect(url, 0.2), "replies", block_s=0.2, worker_ttl_s=2.0)
+        self.queue = served_queue(connect(url, 0.2), "replies", block_s=0.2, worker_ttl_s=2.0)
         self.worker = ModelWorker(self.queue, StandInClassifier(), batch_size=8, max_wait_s=0, heartbeat_s=0.2)
         self.thread = threading.Thread(target=self.worker.run, daemon=True)
         config = {"REDIS_URL": url, "IMAGE_QUEUE": "replies", "REDIS_BLOCK_S": 0.2, "REQUEST_TIMEOUT_S": 3}
@@ -200,7 +200,7 @@ def test_unblocked_a_master_demoted_under_blocked_clients_both_sides_ride_it_out
     other = servers("other", "--save", "").start()
     with caplog.at_level(logging.INFO), Service(master.url) as service:
         waiting = {}
-        web_wait = ImageQueue(connect(master.url, 0.2, image_queue.WEB_SOCKET_MARGIN_S), "replies", block_s=0.5)
+        web_wait = served_queue(connect(master.url, 0.2, image_queue.WEB_SOCKET_MARGIN_S), "replies", block_s=0.5)
         waiter = threading.Thread(target=lambda: waiting.update(raw=web_wait.wait_for("w1", time.monotonic() + 15)))
         waiter.start()  # a web request blocked on its result key, as the worker is blocked on the queue
         time.sleep(0.3)
@@ -225,7 +225,7 @@ def test_noperm_the_worker_exits_2_in_one_line_and_the_web_logs_it_once(servers,
     url = f"redis://limited:limited-pass@127.0.0.1:{server.port}/0"
     from run_web_server import create_app
 
-    queue = ImageQueue(connect(url, 0.2), "acl", block_s=0.2, worker_ttl_s=2.0)
+    queue = served_queue(connect(url, 0.2), "acl", block_s=0.2, worker_ttl_s=2.0)
     worker = ModelWorker(queue, StandInClassifier(), batch_size=8, max_wait_s=0, heartbeat_s=0.2)
     with caplog.at_level(logging.INFO):
         thread = threading.Thread(target=worker.run, daemon=True)

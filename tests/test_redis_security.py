@@ -15,10 +15,20 @@ import uuid
 import pytest
 import redis
 import requests
-from support.stand_in import CAT, StandInWorker, assert_json_error, bearer, counters, expected_checksum, post_image
+from support.stand_in import (
+    CAT,
+    StandInWorker,
+    app_queue,
+    assert_json_error,
+    bearer,
+    counters,
+    expected_checksum,
+    post_image,
+    served_queue,
+)
 
 import stack
-from image_queue import ImageQueue, connect
+from image_queue import connect
 from run_web_server import DRAIN_S, create_app
 
 KEY_A, KEY_B = secrets.token_hex(16), secrets.token_hex(16)
@@ -57,7 +67,7 @@ def gunicorn_on_password_redis(password_redis, tmp_path_factory):
     }
     log_path = tmp_path_factory.mktemp("gunicorn") / "web.log"
     web = stack.start_web(env, log_path)
-    queue = ImageQueue(connect(password_redis["url"], 0.2), name, block_s=0.2, worker_ttl_s=2.0)
+    queue = served_queue(connect(password_redis["url"], 0.2), name, block_s=0.2, worker_ttl_s=2.0)
     with StandInWorker(queue):
         try:
             stack.wait_until_ready(f"http://127.0.0.1:{port}/", [web], timeout_s=60)
@@ -231,10 +241,10 @@ def test_a_tls_redis_with_a_password_serves_requests_and_holds_the_rate_limit(tl
     url = f"rediss://:{PASSWORD}@127.0.0.1:{tls_redis['tls_port']}/0?ssl_ca_certs={tls_redis['ca']}"
     app = create_app({"REDIS_URL": url, "IMAGE_QUEUE": queue_name, "REDIS_BLOCK_S": 0.2, "RATE_LIMIT": "2/minute"})
     client = app.test_client()
-    tls_client = app.extensions["image_queue"].redis
+    tls_client = app_queue(app).redis
     assert tls_client.connection_pool.connection_class is redis.SSLConnection
     try:
-        with StandInWorker(app.extensions["image_queue"]):
+        with StandInWorker(app_queue(app)):
             responses = [post_image(client) for _ in range(3)]
         assert [r.status_code for r in responses] == [200, 200, 429]
         assert responses[0].json["predictions"][0]["label"] == expected_checksum(CAT)

@@ -19,7 +19,16 @@ import uuid
 
 import pytest
 from support import ROOT
-from support.stand_in import CAT, StandInWorker, assert_json_error, bearer, counters, expected_checksum, post_image
+from support.stand_in import (
+    CAT,
+    StandInWorker,
+    app_queue,
+    assert_json_error,
+    bearer,
+    counters,
+    expected_checksum,
+    post_image,
+)
 
 import stack
 from run_web_server import OPEN_PATHS
@@ -51,7 +60,7 @@ class UnreadBody(io.BytesIO):
 
 def test_without_api_keys_the_service_is_open_as_by_default(make_app):
     app = make_app()  # API_KEYS from settings: empty unless the environment sets it
-    with StandInWorker(app.extensions["image_queue"]):
+    with StandInWorker(app_queue(app)):
         response = post_image(app.test_client())
     assert response.status_code == 200 and response.json["success"] is True
 
@@ -93,7 +102,7 @@ def test_a_wrong_key_gets_401_json(make_app, headers):
 )
 def test_a_valid_key_in_either_header_is_served(make_app, headers):
     app = make_app(API_KEYS=(KEY_A, KEY_B))
-    with StandInWorker(app.extensions["image_queue"]):
+    with StandInWorker(app_queue(app)):
         response = post_image(app.test_client(), headers=headers)
     assert response.status_code == 200, response.get_data(as_text=True)
     assert response.json["predictions"][0]["label"] == expected_checksum(CAT)
@@ -102,12 +111,16 @@ def test_a_valid_key_in_either_header_is_served(make_app, headers):
 def test_health_checks_the_welcome_and_the_api_description_stay_open(make_app):
     app = make_app(API_KEYS=(KEY_A,))
     client = app.test_client()
-    with StandInWorker(app.extensions["image_queue"]):
+    with StandInWorker(app_queue(app)):
         assert client.get("/readyz").status_code == 200
     assert client.get("/healthz").json == {"status": "ok"}
     assert client.get("/").status_code == 200
-    assert OPEN_PATHS == {"/", "/healthz", "/readyz", "/openapi.json"}
+    assert OPEN_PATHS == {"/", "/healthz", "/readyz", "/openapi.json", "/v2", "/v2/health/live", "/v2/health/ready"}
     assert client.get("/openapi.json").status_code == 200
+    assert client.get("/v2/health/live").status_code == 200 and client.get("/v2").json["name"] == "keras-rest-api"
+    assert client.get("/v2/models/standin").json == {
+        "error": "an API key is required: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'"
+    }
     assert_json_error(client.get("/predict"), 401, "API key")  # even the wrong method needs a key first
     assert_json_error(client.get("/admin"), 401, "API key")  # and so does any path not opened on purpose
 
@@ -135,7 +148,7 @@ def test_the_key_is_never_logged_or_echoed(make_app, caplog):
     app = make_app(API_KEYS=(KEY_A,), RATE_LIMIT="1/minute")
     client = app.test_client()
     caplog.set_level(logging.DEBUG)
-    with StandInWorker(app.extensions["image_queue"]):
+    with StandInWorker(app_queue(app)):
         responses = [post_image(client, headers=bearer(k)) for k in (KEY_A, KEY_A, KEY_B)]
     assert [r.status_code for r in responses] == [200, 429, 401]
     assert caplog.records  # the 401 and the rate limit were logged, without either key
@@ -152,7 +165,7 @@ def test_the_rate_limit_is_off_by_default_with_no_limiter_at_all(make_app, redis
     assert app.config["RATE_LIMIT"] == "" and "rate_limiter" not in app.extensions
     assert "limiter" not in app.extensions  # Flask-Limiter is not even registered: no storage, no hooks
     client = app.test_client()
-    with StandInWorker(app.extensions["image_queue"]):
+    with StandInWorker(app_queue(app)):
         assert [post_image(client).status_code for _ in range(12)] == [200] * 12
     assert counters(redis_client, queue_name) == {}
 
@@ -160,7 +173,7 @@ def test_the_rate_limit_is_off_by_default_with_no_limiter_at_all(make_app, redis
 def test_over_the_limit_a_client_gets_429_json_with_retry_after(make_app):
     app = make_app(RATE_LIMIT="3/minute")
     client = app.test_client()
-    with StandInWorker(app.extensions["image_queue"]):
+    with StandInWorker(app_queue(app)):
         statuses = [post_image(client).status_code for _ in range(3)]
         refused = post_image(client)
     assert statuses == [200] * 3
@@ -173,7 +186,7 @@ def test_over_the_limit_a_client_gets_429_json_with_retry_after(make_app):
 def test_each_api_key_has_its_own_counter_and_refused_keys_count_for_nothing(make_app, redis_client, queue_name):
     app = make_app(API_KEYS=(KEY_A, KEY_B), RATE_LIMIT="2/minute")
     client = app.test_client()
-    with StandInWorker(app.extensions["image_queue"]):
+    with StandInWorker(app_queue(app)):
         anonymous = [post_image(client).status_code for _ in range(4)]
         a = [post_image(client, headers=bearer(KEY_A)).status_code for _ in range(3)]
         b = [post_image(client, headers={"X-API-Key": KEY_B}).status_code for _ in range(3)]
@@ -191,7 +204,7 @@ def test_without_keys_each_remote_address_has_its_own_counter_and_x_forwarded_fo
         headers = {"X-Forwarded-For": forwarded} if forwarded else {}
         return post_image(client, environ_base={"REMOTE_ADDR": address}, headers=headers).status_code
 
-    with StandInWorker(app.extensions["image_queue"]):
+    with StandInWorker(app_queue(app)):
         first = [status("10.0.0.1") for _ in range(3)]
         spoofed = status("10.0.0.1", forwarded="203.0.113.9")  # a made-up header does not buy a new counter
         second = [status("10.0.0.2") for _ in range(3)]
@@ -206,7 +219,7 @@ def test_behind_a_trusted_proxy_the_forwarded_address_is_the_client(make_app):
         environ = {"REMOTE_ADDR": "127.0.0.1"}  # the proxy
         return post_image(client, environ_base=environ, headers={"X-Forwarded-For": forwarded}).status_code
 
-    with StandInWorker(app.extensions["image_queue"]):
+    with StandInWorker(app_queue(app)):
         one = [status("198.51.100.1") for _ in range(3)]
         two = [status("198.51.100.2") for _ in range(3)]
         chained = status("6.6.6.6, 198.51.100.1")  # only the hop the proxy added is trusted
@@ -220,7 +233,7 @@ def test_counters_live_in_the_queues_redis_under_its_prefix_and_two_services_cou
     other_queue = f"q{uuid.uuid4().hex[:10]}"
     second = make_app(API_KEYS=(KEY_A,), RATE_LIMIT="2/minute", IMAGE_QUEUE=other_queue)
     try:
-        with StandInWorker(first.extensions["image_queue"]), StandInWorker(second.extensions["image_queue"]):
+        with StandInWorker(app_queue(first)), StandInWorker(app_queue(second)):
             on_first = [post_image(first.test_client(), headers=bearer(KEY_A)).status_code for _ in range(3)]
             on_second = post_image(second.test_client(), headers=bearer(KEY_A)).status_code
         counted = counters(redis_client, queue_name)
@@ -305,7 +318,7 @@ def test_a_rate_limit_typo_stops_the_start(bad):
 def test_readyz_shows_the_queue_figures_only_with_a_valid_key(make_app):
     app = make_app(API_KEYS=(KEY_A,))
     client = app.test_client()
-    with StandInWorker(app.extensions["image_queue"]):
+    with StandInWorker(app_queue(app)):
         for headers in ({}, {"X-API-Key": "not-a-key-but-long-enough"}):
             response = client.get("/readyz", headers=headers)
             assert response.status_code == 200 and response.json == {"ready": True}  # open, but says no more

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import redis
 from redis.crc import key_slot
-from support.stand_in import StandInClassifier, post_concurrently, post_image
+from support.stand_in import TEST_MODEL, StandInClassifier, app_queue, post_concurrently, post_image
 from support.traffic import wait_for
 
 import admin
@@ -21,10 +21,13 @@ import stack
 from image_queue import (
     Done,
     ImageQueue,
+    Keys,
+    ModelDirectory,
     ModelInfo,
     ShardedQueue,
     connect,
     encode_message,
+    model_queue_name,
     queue_from_config,
     shard_names,
 )  # fmt: skip
@@ -41,8 +44,9 @@ def sharded(redis_url, redis_client, queue_name):
     def make(shards: int = 3, **config) -> ShardedQueue:
         config = {"REDIS_URL": redis_url, "IMAGE_QUEUE": queue_name, "QUEUE_SHARDS": shards, "QUEUE_MAX": 90,
                   "REDIS_BLOCK_S": 0.5, "RESULT_TTL_S": 30, "WORKER_TTL_S": 2.0} | config  # fmt: skip
-        queue = queue_from_config(config, 0.5)
+        queue = queue_from_config(config, 0.5, TEST_MODEL)
         made.append(queue)
+        make.directory = lambda: ModelDirectory(config, 0.5)  # the web's and admin.py's view of the same Redis
         return queue
 
     yield make
@@ -155,10 +159,10 @@ def test_a_dead_workers_batch_is_requeued_on_every_shard_and_admin_steps_add_up(
     assert peer.stats().requeued == 6 and "dead" not in peer.stats().heartbeats
     for shard in peer.shards:
         shard.enqueue(message(f"c{shard.keys.name[-1]:031}"))  # a third on each
-    body, _ = metrics.exposition(peer, None)
+    body, _ = metrics.exposition(sharded.directory(), None)
     for shard in peer.shards:
-        assert f'queue_shard_depth{{shard="{shard.keys.name}"}} 3.0' in body.decode()
-    assert "queue_depth 9.0" in body.decode()
+        assert f'queue_shard_depth{{model="standin",shard="{shard.keys.name}"}} 3.0' in body.decode()
+    assert 'queue_depth{model="standin"} 9.0' in body.decode()
     admin.show(peer)
     shown = capsys.readouterr().out
     assert "9 waiting, 0 being processed" in shown and all(
@@ -190,7 +194,7 @@ def test_the_app_and_the_worker_loop_serve_through_three_shards(sharded, make_ap
         stats = worker.queue.stats()
         assert sum(n * count for n, count in stats.batch_sizes.items()) >= 13 and stats.in_progress == 0
         assert client.get("/readyz").get_json()["ready"] is True
-        web_queue = app.extensions["image_queue"]
+        web_queue = app_queue(app)
         assert isinstance(web_queue, ShardedQueue) and next(web_queue._turn) >= 13  # each request picked a shard
     finally:
         worker.request_stop()
@@ -201,13 +205,14 @@ def test_the_app_and_the_worker_loop_serve_through_three_shards(sharded, make_ap
 @pytest.fixture
 def one_shard_down(redis_url, queue_name, redis_client):
     """make(): a ShardedQueue of three shards whose second has no Redis (nothing listens on its port)."""
-    good, names = connect(redis_url, 0.3), shard_names(queue_name, 3)
+    good, names = connect(redis_url, 0.3), shard_names(model_queue_name(queue_name, TEST_MODEL), 3)
     dead = connect(f"redis://127.0.0.1:{stack.free_port()}/0", 0.3)
     options = {"block_s": 0.3, "worker_ttl_s": 2.0}
+    registry = (Keys(queue_name).models, TEST_MODEL)
 
     def make() -> ShardedQueue:
-        return ShardedQueue([ImageQueue(good, names[0], **options), ImageQueue(dead, names[1], **options),
-                             ImageQueue(good, names[2], **options)])  # fmt: skip
+        return ShardedQueue([ImageQueue(good, names[0], registry=registry, **options),
+                             ImageQueue(dead, names[1], **options), ImageQueue(good, names[2], **options)])  # fmt: skip
 
     yield make
     for key in redis_client.scan_iter(match=f"{{{queue_name}*"):
@@ -241,7 +246,7 @@ def test_the_web_passes_over_a_shard_whose_redis_is_down_and_every_request_is_se
     thread.start()
     try:
         app = make_app(QUEUE_SHARDS=3)
-        app.extensions["image_queue"] = one_shard_down()
+        app.extensions["models"]._queues[TEST_MODEL] = one_shard_down()  # the web's queue of that model
         client = app.test_client()
         wait_for(lambda: post_image(client).status_code == 200, 10)
         assert [post_image(client).status_code for _ in range(9)] == [200] * 9  # 3 of them picked the dead shard

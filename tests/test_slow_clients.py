@@ -8,10 +8,10 @@ import uuid
 
 import pytest
 import requests
-from support.stand_in import CAT, StandInWorker
+from support.stand_in import CAT, StandInWorker, served_queue
 
 import stack
-from image_queue import ImageQueue, connect
+from image_queue import connect
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -41,7 +41,7 @@ def test_trickling_uploads_are_cut_at_the_deadline_and_the_box_keeps_serving(red
     env = {"REDIS_URL": redis_url, "IMAGE_QUEUE": name, "WEB_PORT": str(port), "WEB_WORKERS": "1"}
     env |= {"WEB_THREADS": "2", "REQUEST_TIMEOUT_S": str(TIMEOUT_S), "WORKER_TTL_S": "2"}
     web = stack.start_web(env, tmp_path / "web.log")
-    queue = ImageQueue(connect(redis_url, 0.2), name, block_s=0.2, worker_ttl_s=2.0)
+    queue = served_queue(connect(redis_url, 0.2), name, block_s=0.2, worker_ttl_s=2.0)
     try:
         with StandInWorker(queue):
             stack.wait_until_ready(f"http://127.0.0.1:{port}/", [web], timeout_s=60)

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 from support import ROOT
 from support.images import encode, photo
-from support.stand_in import CAT, MODEL, StandInWorker, assert_json_error, expected_checksum, post_image
+from support.stand_in import CAT, MODEL, StandInWorker, app_queue, assert_json_error, expected_checksum, post_image
 
 import helpers
 
@@ -33,7 +33,7 @@ def client(app):
 
 @pytest.fixture
 def worker(app):
-    with StandInWorker(app.extensions["image_queue"]) as w:
+    with StandInWorker(app_queue(app)) as w:
         yield w
 
 
@@ -44,7 +44,7 @@ def test_predict_returns_the_seed_shape_with_the_workers_answer(client, worker):
     response = post_image(client)
     assert response.status_code == 200 and response.json["success"] is True
     predictions = response.json["predictions"]
-    assert len(predictions) == 5 and set(predictions[0]) == {"label", "probability"}
+    assert len(predictions) == 5 and set(predictions[0]) == {"label", "probability", "index"}
     assert predictions[0]["label"] == expected_checksum(CAT)  # the worker saw exactly these pixels
     assert set(response.json) == {"success", "predictions"}  # the seed's shape, nothing else
     assert len(response.headers["X-Request-ID"]) == 32
@@ -124,7 +124,7 @@ def test_no_worker_is_503_at_once_with_retry_after(client):
 
 def test_a_full_queue_is_503_at_once_with_retry_after(make_app, redis_client):
     app = make_app(QUEUE_MAX=4)
-    client, queue = app.test_client(), app.extensions["image_queue"]
+    client, queue = app.test_client(), app_queue(app)
     queue.heartbeat("busy-elsewhere", MODEL)  # alive, but not taking anything
     for i in range(4):
         queue.enqueue(f"waiting{i}".encode())
@@ -136,7 +136,7 @@ def test_a_full_queue_is_503_at_once_with_retry_after(make_app, redis_client):
 
 
 def test_a_stalled_worker_means_504_at_the_deadline(app, client):
-    app.extensions["image_queue"].heartbeat("stalled", MODEL)  # fresh heartbeat, never claims
+    app_queue(app).heartbeat("stalled", MODEL)  # fresh heartbeat, never claims
     started = time.monotonic()
     response = post_image(client)
     assert_json_error(response, 504, "no answer within 1.5 s")
@@ -155,12 +155,12 @@ def test_redis_down_is_503_not_a_hang(make_app):
 
 
 def test_a_worker_error_keeps_its_status(app, client):
-    with StandInWorker(app.extensions["image_queue"], error=(500, "the model failed on this request's batch")):
+    with StandInWorker(app_queue(app), error=(500, "the model failed on this request's batch")):
         assert_json_error(post_image(client), 500, "the model failed")
 
 
 def test_a_503_from_the_worker_says_when_to_retry(app, client):
-    with StandInWorker(app.extensions["image_queue"], error=(503, "the image was prepared for another model")):
+    with StandInWorker(app_queue(app), error=(503, "the image was prepared for another model")):
         response = post_image(client)
     assert_json_error(response, 503, "another model")
     assert response.headers["Retry-After"] == "1"
@@ -168,7 +168,7 @@ def test_a_503_from_the_worker_says_when_to_retry(app, client):
 
 def test_a_full_queue_is_refused_before_the_upload_is_read(make_app, monkeypatch):
     app = make_app(QUEUE_MAX=1)
-    queue = app.extensions["image_queue"]
+    queue = app_queue(app)
     queue.heartbeat("busy-elsewhere", MODEL)
     queue.enqueue(b"waiting")
     monkeypatch.setattr(helpers, "open_image", lambda *a: pytest.fail("read an upload it could not queue"))
@@ -190,7 +190,7 @@ def test_decode_slots_bound_how_many_images_one_process_decodes_at_once(make_app
         return real(*args)
 
     monkeypatch.setattr(helpers, "prepare_image", slow_prepare)
-    with StandInWorker(app.extensions["image_queue"]), ThreadPoolExecutor(6) as pool:
+    with StandInWorker(app_queue(app)), ThreadPoolExecutor(6) as pool:
         statuses = list(pool.map(lambda _: post_image(app.test_client()).status_code, range(6)))
     assert statuses == [200] * 6 and most[0] == 2  # all served, never more than two decoding
 
@@ -246,8 +246,11 @@ def test_ready_once_a_worker_heartbeats(client, worker):
     assert (
         body["ready"] is True
         and body["workers"] == 1
-        and body["model"] == {"name": "StandIn", "width": 48, "height": 32}
+        and body["model"] == {"name": "StandIn", "width": 48, "height": 32, "classes": 2}
     )
+    assert body["models"] == {
+        "standin": {"ready": True, **{k: v for k, v in body.items() if k not in ("ready", "models")}}
+    }
 
 
 def test_the_web_side_never_imports_tensorflow_or_keras():
@@ -273,7 +276,7 @@ def test_decode_work_per_process_is_budgeted_a_flat_png_bomb_is_refused_undecode
     monkeypatch.setattr(
         helpers, "prepare_image", lambda image, size: decoded.append(image.size) or prepare(image, size)
     )
-    with StandInWorker(app.extensions["image_queue"]):
+    with StandInWorker(app_queue(app)):
         assert post_image(client, flat).status_code == 200
         refused = post_image(client, flat)
         assert post_image(client, CAT).status_code == 200  # 451 x 300 at most: within what is left

@@ -6,6 +6,7 @@ import uuid
 from pathlib import Path
 
 import stack
+from image_queue import ImageQueue, Keys, model_queue_name
 from support import IMAGENET_INDEX
 
 
@@ -17,6 +18,18 @@ class Stack:
         self.url = f"http://127.0.0.1:{env['WEB_PORT']}/"
         self.workers: list[stack.Service] = []
         self.web: stack.Service | None = None
+
+    def queue_name(self, model: str = "resnet50") -> str:
+        """The queue a model's workers serve on this stack (the workers' default MODEL_ID: resnet50)."""
+        return model_queue_name(self.env["IMAGE_QUEUE"], model)
+
+    def keys(self, model: str = "resnet50") -> Keys:
+        return Keys(self.queue_name(model))
+
+    def queue(self, client, model: str = "resnet50", **options) -> ImageQueue:
+        """A model's queue on this stack, registering the model as its workers do (for a stand-in worker)."""
+        registry = (Keys(self.env["IMAGE_QUEUE"]).models, model)
+        return ImageQueue(client, self.queue_name(model), registry=registry, **options)
 
     def start_worker(self, **env) -> stack.Service:
         log_path = self.logdir / f"worker{len(self.workers)}.log"

@@ -12,10 +12,23 @@ import numpy as np
 
 import helpers
 import image_queue
+from classifier import top_k
 from image_queue import Done, ImageQueue, ModelInfo
 from support.images import encode, photo
 
-MODEL = ModelInfo("StandIn", 32, 48)  # height, width: not square, so a transposed size would show
+TEST_MODEL = "standin"  # the model id the tests' hand-made workers serve
+MODEL = ModelInfo("StandIn", 32, 48, 2)  # height, width: not square, so a transposed size would show
+
+
+def served_queue(client, base: str, model: str = TEST_MODEL, **options) -> ImageQueue:
+    """Model `model`'s queue on IMAGE_QUEUE `base`, registering the model as its workers do, so the web finds it."""
+    registry = (image_queue.Keys(base).models, model)
+    return ImageQueue(client, image_queue.model_queue_name(base, model), registry=registry, **options)
+
+
+def app_queue(app, model: str = TEST_MODEL) -> ImageQueue:
+    """The queue of `model` on an app's Redis, as that model's workers serve it."""
+    return app.extensions["models"].queue_for(model)
 
 
 def post_concurrently(client, n: int) -> list:
@@ -45,8 +58,7 @@ class StandInClassifier:
         return np.stack([1 - bright, bright], axis=1)
 
     def top_k(self, probabilities, k):
-        order = np.argsort(-probabilities)[:k]
-        return [{"label": self.labels[i], "probability": float(probabilities[i])} for i in order]
+        return top_k(probabilities, self.labels, k)
 
 
 class StandInWorker:
@@ -72,8 +84,11 @@ class StandInWorker:
                     answer = image_queue.encode_error(*self.error)
                 else:
                     checksum = fingerprint(message.pixels)
-                    predictions = [{"label": checksum, "probability": 1.0}] * message.top
-                    answer = image_queue.encode_answer(predictions, len(claim.messages), 12.5, claim.server_time)
+                    predictions = [{"label": checksum, "probability": 1.0, "index": 0}] * message.top
+                    everything = np.array([1.0, 0.0]) if message.probabilities else None
+                    answer = image_queue.encode_answer(
+                        predictions, len(claim.messages), 12.5, claim.server_time, probabilities=everything
+                    )
                 done.append(Done(raw, message.request_id, answer, message.deadline))
             ran = 0 if self.error else len(claim.messages)  # counted in the stats hash as the real worker does
             self.queue.ack(self.worker_id, done, ran, 0.0125)
