@@ -45,10 +45,15 @@ def main(argv: list[str] | None = None) -> int:
     run = LoadRun(url, images, args.timeout)
     threading.Thread(target=run.print_progress, args=(args.count,), daemon=True).start()
     if args.concurrency:
-        print(f"stress test: {args.count} requests from {args.concurrency} clients in a closed loop", flush=True)
+        print(
+            f"stress test: {args.count} requests to {url} from {args.concurrency} clients in a closed loop", flush=True
+        )
         run.closed_loop(args.concurrency, count=args.count)
     else:
-        print(f"stress test: {args.count} requests, one every {args.spacing} s, each in its own thread", flush=True)
+        print(
+            f"stress test: {args.count} requests to {url}, one every {args.spacing} s, each in its own thread",
+            flush=True,
+        )
         run.open_loop(args.count, args.spacing)
     summary = summarize(run.results)
     print(format_summary(summary))

@@ -7,12 +7,15 @@ compared with its own model's direct answer for the same pixels.
 import base64
 import json
 import struct
+import subprocess
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 import requests
+from support import ROOT
 from support.images import distinct_photos, encode, photo
 from support.stand_in import CAT, MODEL, TEST_MODEL, StandInWorker, app_queue, expected_checksum, served_queue
 from support.traffic import PROBABILITY_TOLERANCE, batch_sizes, same_answer, wait_for
@@ -398,3 +401,28 @@ def test_two_models_under_32_way_concurrency_each_answer_is_its_own_models(two_m
     assert max(batch_sizes(two_models.worker_logs())) > 1  # v2's and /predict's images shared batches
     # the two models' answers differ: a mix-up would have shown
     assert any(not same_answer(expected["resnet50", i], expected["mobilenetv2", i]) for i in range(len(images)))
+
+
+@pytest.mark.slow
+def test_the_clients_name_the_model_and_speak_v2(two_models, direct, tmp_path):
+    def run(script, *args):
+        argv = [sys.executable, script, *args]
+        return subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+    data = (ROOT / "images" / "chelsea.jpg").read_bytes()
+    for model in MODELS:  # simple_request.py --model: that model's own top label
+        printed = run("simple_request.py", "images/chelsea.jpg", "--url", two_models.url + "predict", "--model", model)
+        assert printed.returncode == 0, printed.stderr
+        assert printed.stdout.startswith(f"1. {own_answer(direct[model], data)[1][0]['label']}: ")
+    unnamed = run("simple_request.py", "images/chelsea.jpg", "--url", two_models.url + "predict")
+    assert unnamed.returncode == 1 and "HTTP 400" in unnamed.stderr and "several models" in unnamed.stderr
+
+    summary = tmp_path / "v2.json"
+    stress = ["stress_test.py", "--url", two_models.url + "predict", "--count", "12", "--concurrency", "4"]
+    v2 = run(*stress, "--protocol", "v2", "--model", "mobilenetv2", "--json", str(summary))
+    assert v2.returncode == 0 and "/v2/models/mobilenetv2/infer" in v2.stdout, v2.stdout + v2.stderr
+    figures = json.loads(summary.read_text())
+    assert figures["succeeded"] == 12 and figures["time_split_ms"]["inference"] > 0  # v2 sends Server-Timing
+    assert run(*stress, "--model", "resnet50").returncode == 0
+    ambiguous = run(*stress, "--protocol", "v2")
+    assert ambiguous.returncode != 0 and "name the model with --model" in ambiguous.stderr
