@@ -213,7 +213,8 @@ def unauthorized(message: str):
 
 
 def rate_limiter(app: Flask) -> Limiter:
-    """Flask-Limiter applying RATE_LIMIT to /predict, per client, counted in the queue's own Redis.
+    """Flask-Limiter applying RATE_LIMIT to /predict and v2 infer, per client, one budget for both (an
+    application limit: a client cannot double it by switching protocols), counted in the queue's own Redis.
 
     The counters go through the queue's connection pool (same URL, password, TLS, timeouts, no
     retries) under "{IMAGE_QUEUE}:ratelimit:", so two services sharing a Redis count apart. When that
@@ -233,7 +234,7 @@ def rate_limiter(app: Flask) -> Limiter:
     limiter = Limiter(
         client_id,
         app=app,
-        default_limits=[app.config["RATE_LIMIT"]],
+        application_limits=[app.config["RATE_LIMIT"]],
         strategy="fixed-window",
         storage_uri=storage_uri,
         storage_options=storage_options,

@@ -17,7 +17,16 @@ import pytest
 import requests
 from support import ROOT
 from support.images import distinct_photos, encode, photo
-from support.stand_in import CAT, MODEL, TEST_MODEL, StandInWorker, app_queue, expected_checksum, served_queue
+from support.stand_in import (
+    CAT,
+    MODEL,
+    TEST_MODEL,
+    StandInWorker,
+    app_queue,
+    expected_checksum,
+    post_image,
+    served_queue,
+)
 from support.traffic import PROBABILITY_TOLERANCE, batch_sizes, same_answer, wait_for
 
 import helpers
@@ -262,6 +271,16 @@ def test_a_request_that_does_not_fit_the_queue_is_refused_whole_and_one_that_doe
     response = infer_json(client, [CAT, CAT])  # fits (8 of 8), and no worker answers by the deadline
     assert response.status_code == 504 and set(response.json) == {"error"}
     assert redis_client.llen(queue.keys.queue) == 8
+
+
+def test_the_rate_limit_is_one_budget_for_predict_and_v2(make_app, worker):
+    client = make_app(RATE_LIMIT="3/minute").test_client()
+    assert post_image(client).status_code == 200
+    assert [infer_json(client, [CAT]).status_code for _ in range(2)] == [200, 200]
+    limited = infer_json(client, [CAT])
+    assert limited.status_code == 429 and set(limited.json) == {"error"} and limited.headers["Retry-After"]
+    assert post_image(client).status_code == 429  # switching protocols does not reset the count
+    assert client.get(f"/v2/models/{TEST_MODEL}/ready").status_code == 200  # health is never limited
 
 
 # --- tritonclient against real processes: two models on one web tier --------------------------

@@ -239,7 +239,9 @@ def test_counters_live_in_the_queues_redis_under_its_prefix_and_two_services_cou
         counted = counters(redis_client, queue_name)
         assert on_first == [200, 200, 429] and on_second == 200
         [(key, count)] = counted.items()
-        assert key.startswith(f"{{{queue_name}}}:ratelimit:") and "api.predict" in key and count == 3
+        assert (
+            key.startswith(f"{{{queue_name}}}:ratelimit:") and "/global/" in key and count == 3
+        )  # one budget: /predict and v2
         assert 0 < redis_client.ttl(key) <= 60  # the window expires on its own
         assert KEY_A not in key
         assert list(counters(redis_client, other_queue).values()) == [1]
