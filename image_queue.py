@@ -625,16 +625,17 @@ redis.call('HSET', KEYS[2], 'name', ARGV[2], 'height', ARGV[3], 'width', ARGV[4]
 
 # The model registry ({IMAGE_QUEUE}:models), a key of its own slot: not in the heartbeat's script.
 # KEYS: models. ARGV: model id.
-_REGISTER_MODEL = _NOW + "redis.call('ZADD', KEYS[1], now, ARGV[1])"
-
-# KEYS: models. ARGV: forget after (s). -> ids of the models registered within it, oldest forgotten
-_KNOWN_MODELS = (
+_REGISTER_MODEL = (
     _NOW
     + """
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. (now - tonumber(ARGV[1])))
-return redis.call('ZRANGE', KEYS[1], 0, -1)
+redis.call('ZADD', KEYS[1], now, ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. (now - tonumber(ARGV[2])))
 """
 )
+
+# KEYS: models. ARGV: forget after (s). -> ids of the models registered within it (read-only: the workers'
+# registrations prune the set)
+_KNOWN_MODELS = _NOW + "return redis.call('ZRANGEBYSCORE', KEYS[1], now - tonumber(ARGV[1]), '+inf')"
 
 # KEYS: workers. ARGV: ttl. -> ids of workers silent for longer than ttl
 _DEAD = _NOW + "return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. (now - tonumber(ARGV[1])))"
@@ -770,6 +771,20 @@ class ImageQueue:
             raise QueueFull(f"the queue holds {self.queue_max} images")
         return held
 
+    def withdraw(self, messages: list[bytes], request_ids: list[str]) -> None:
+        """Take a failed request's messages off the queue where they still wait, and drop answers already
+        written: a v2 request one of whose images failed leaves nothing for the workers to run. Messages
+        already claimed are answered as usual, their answers expiring unread after result_ttl_s. Best effort:
+        a Redis failure here is logged, and the rest expires as any unread answer does."""
+        try:
+            with self.redis.pipeline(transaction=False) as pipe:
+                for message in messages:
+                    pipe.lrem(self.keys.queue, 1, message)
+                pipe.delete(*(self.keys.result(request_id) for request_id in request_ids))
+                pipe.execute()
+        except REDIS_ERRORS as exc:
+            log.warning("could not withdraw %d messages of a failed request (%s)", len(messages), exc)
+
     def _wait_for_replicas(self) -> None:
         """REDIS_WAIT_REPLICAS: hold the request until that many replicas have its message (Redis WAIT, at
         most REDIS_BLOCK_S). Fewer in time is logged and the request goes on: the message is queued on the
@@ -833,7 +848,7 @@ class ImageQueue:
         )
         if self.registry:
             key, model_id = self.registry
-            self._register_model(keys=[key], args=[model_id])
+            self._register_model(keys=[key], args=[model_id, MODEL_FORGET_S])
 
     def claim(self, worker_id: str, max_n: int, wait_s: float = 0.0) -> Claim:
         """Move up to max_n messages onto this worker's processing list, atomically.
@@ -1212,10 +1227,14 @@ class ModelDirectory:
     """The models served on a queue's Redis and each one's queue, as the web and admin.py see them.
 
     The models are the ids the workers registered in {IMAGE_QUEUE}:models (every heartbeat), read again
-    at most every refresh_s, and at once when a request names one not yet seen: starting a new model's
-    workers is all it takes to serve it, with no web configuration or restart. When Redis fails, the last
-    list read is kept (the requests then fail on their model's queue, with 503).
+    at most every refresh_s, and at once when a request names one not in the last list (such reads at most
+    every FORCED_S, so that made-up ids cannot drive Redis): starting a new model's workers is all it takes
+    to serve it, with no web configuration or restart. One thread reads while the others go on with the
+    last list, so a stalled Redis holds up one request, not all of them. When Redis fails, the last list
+    read is kept (requests then fail on their model's queue, with 503) until the next refresh.
     """
+
+    FORCED_S = 0.1  # the fewest seconds between reads forced by an id not in the list (made-up ids cost this)
 
     def __init__(self, config: Mapping, margin_s: float = WORKER_SOCKET_MARGIN_S, refresh_s: float = 1.0):
         self.config = config
@@ -1225,28 +1244,57 @@ class ModelDirectory:
         self.registry = Keys(config["IMAGE_QUEUE"]).models
         self._read_known = self.client.register_script(_KNOWN_MODELS)
         self._ids: list[str] = []
-        self._read_at = -float("inf")
+        self._read_at = -float("inf")  # when the last read began (time.monotonic()), whether or not it worked
+        self._forced_at = -float("inf")  # when the last read forced by an id not in the list began
+        self._ever_read = False
+        self._reading = threading.Lock()  # held by the one thread reading; waited on only for the first read
+        self.first_wait_s = config["REDIS_BLOCK_S"] + margin_s
         self._queues: dict[str, ImageQueue | ShardedQueue] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards _queues
 
     def ids(self, fresh: bool = False) -> list[str]:
-        """The model ids served, sorted. Raises QueueUnavailable only when Redis fails and none was ever read."""
-        with self._lock:
-            if fresh or time.monotonic() - self._read_at >= self.refresh_s:
-                try:
-                    self._ids = sorted(
-                        m.decode() for m in self._read_known(keys=[self.registry], args=[MODEL_FORGET_S])
-                    )
-                    self._read_at = time.monotonic()
-                except REDIS_ERRORS as exc:
-                    if self._read_at == -float("inf"):
-                        raise unavailable(exc) from exc
-                    log.warning("could not read the model registry (%s); keeping the last list", exc)
-            return list(self._ids)
+        """The model ids served, sorted: the last list read, read again when it is older than refresh_s (or
+        FORCED_S when fresh) unless another thread is reading it. The first read is waited for (up to a
+        Redis call's timeout: there is no list to go on); QueueUnavailable when it fails."""
+        if self._due(fresh) and self._take_read():
+            try:
+                if self._due(fresh):  # still: another thread may have read it while this one waited
+                    self._read(fresh)
+            finally:
+                self._reading.release()
+        elif not self._ever_read:
+            raise QueueUnavailable("the model registry could not be read yet")
+        return list(self._ids)
+
+    def _take_read(self) -> bool:
+        """The reading lock: at once or not at all once a list was read; before that, waited for."""
+        if self._ever_read:
+            return self._reading.acquire(blocking=False)
+        return self._reading.acquire(timeout=self.first_wait_s)
+
+    def _due(self, fresh: bool) -> bool:
+        now = time.monotonic()
+        stale = now - self._read_at >= self.refresh_s
+        return not self._ever_read or stale or (fresh and now - self._forced_at >= self.FORCED_S)
+
+    def _read(self, fresh: bool) -> None:
+        self._read_at = time.monotonic()
+        if fresh:
+            self._forced_at = self._read_at
+        try:
+            self._ids = sorted(m.decode() for m in self._read_known(keys=[self.registry], args=[MODEL_FORGET_S]))
+            self._ever_read = True
+        except REDIS_ERRORS as exc:
+            if not self._ever_read:
+                raise unavailable(exc) from exc
+            log.warning("could not read the model registry (%s); keeping the last list", exc)
 
     def queue(self, model_id: str) -> ImageQueue | ShardedQueue:
-        """The queue of a served model; UnknownModel when no worker of it has registered."""
-        if model_id not in self._queues and model_id not in self.ids() and model_id not in self.ids(fresh=True):
+        """The queue of a served model; UnknownModel when no worker of it registered within MODEL_FORGET_S
+        (NoWorker for DEFAULT_MODEL: the model this web is configured for has no worker yet, a 503)."""
+        if model_id not in self.ids() and model_id not in self.ids(fresh=True):
+            if self.default and model_id == self.default:
+                raise NoWorker(f"no worker of the default model {model_id!r} is running")
             served = ", ".join(self.ids()) or "none yet"
             raise UnknownModel(f"no model {model_id!r} is served (models: {served})")
         return self.queue_for(model_id)

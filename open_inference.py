@@ -17,6 +17,7 @@ little-endian length and the bytes; in JSON, a BYTES element is the image's byte
 import base64
 import binascii
 import json
+import math
 import struct
 from dataclasses import dataclass
 
@@ -26,6 +27,7 @@ IMAGE_INPUT, PIXELS_INPUT, OUTPUT = "image", "pixels", "probabilities"
 HEADER_LENGTH = "Inference-Header-Content-Length"
 EXTENSIONS = ["binary_tensor_data", "classification"]
 VERSION = "1"  # the one version of each model served
+PROTOCOL_VERSION = "2"  # what GET /v2 gives as the server's version: the protocol it speaks
 
 
 class ProtocolError(ValueError):
@@ -81,7 +83,7 @@ def parse_infer_request(body: bytes, header_length: str | None, size: tuple[int,
         if datatype != "BYTES":
             raise ProtocolError(f"input {IMAGE_INPUT!r} must be BYTES, got {datatype!r}")
         images = read_bytes_elements(tensor, data)
-        if len(images) != int(np.prod(shape)):
+        if len(images) != math.prod(shape):
             raise ProtocolError(f"input {IMAGE_INPUT!r}: {len(images)} elements do not fill shape {shape}")
     elif name == PIXELS_INPUT:
         if datatype != "UINT8":
@@ -104,7 +106,11 @@ def parse_infer_request(body: bytes, header_length: str | None, size: tuple[int,
 def split_body(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
     if header_length is None:
         return body, b""
-    if not header_length.isdecimal() or int(header_length) > len(body):
+    if (
+        not (header_length.isascii() and header_length.isdigit())
+        or len(header_length) > 19
+        or int(header_length) > len(body)
+    ):
         raise ProtocolError(f"{HEADER_LENGTH} must be the JSON's length in bytes, at most the body's ({len(body)})")
     return body[: int(header_length)], body[int(header_length) :]
 
@@ -149,12 +155,12 @@ def encode_bytes_elements(elements: list[bytes]) -> bytes:
 
 def read_uint8(tensor: dict, data: bytes | list, shape: list[int]) -> np.ndarray:
     if isinstance(data, bytes):
-        if len(data) != int(np.prod(shape)):
+        if len(data) != math.prod(shape):
             raise ProtocolError(f"input {PIXELS_INPUT!r}: {len(data)} bytes do not fill shape {shape}")
         return np.frombuffer(data, dtype=np.uint8).reshape(shape)
     flat = list(flatten(data))
-    if len(flat) != int(np.prod(shape)) or not all(isinstance(v, int) and 0 <= v <= 255 for v in flat):
-        raise ProtocolError(f"input {PIXELS_INPUT!r}: data must be {int(np.prod(shape))} whole numbers 0-255")
+    if len(flat) != math.prod(shape) or not all(isinstance(v, int) and 0 <= v <= 255 for v in flat):
+        raise ProtocolError(f"input {PIXELS_INPUT!r}: data must be {math.prod(shape)} whole numbers 0-255")
     return np.asarray(flat, dtype=np.uint8).reshape(shape)
 
 
@@ -171,7 +177,7 @@ def requested_output(request: dict, classes: int) -> tuple[int, bool]:
     parameters = request.get("parameters") or {}
     binary = bool(isinstance(parameters, dict) and parameters.get("binary_data_output"))
     outputs = request.get("outputs")
-    if outputs is None:
+    if outputs is None or outputs == []:  # none named: every output, as FP32
         return 0, binary
     if not isinstance(outputs, list) or len(outputs) != 1 or not isinstance(outputs[0], dict):
         raise ProtocolError(f"ask for one output, {OUTPUT!r}, or none")

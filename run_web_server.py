@@ -21,7 +21,14 @@ from urllib.parse import urlsplit
 import numpy as np
 from flask import Blueprint, Flask, Request, current_app, g, jsonify, request
 from flask_limiter import Limiter, RateLimitExceeded
-from werkzeug.exceptions import BadRequest, ClientDisconnected, HTTPException, NotFound, RequestEntityTooLarge
+from werkzeug.exceptions import (
+    BadRequest,
+    ClientDisconnected,
+    HTTPException,
+    NotFound,
+    RequestEntityTooLarge,
+    UnsupportedMediaType,
+)
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 import helpers
@@ -368,7 +375,7 @@ def predict():
 
 @bp.get("/v2")
 def v2_server_metadata():
-    return jsonify(name="keras-rest-api", version=open_inference.VERSION, extensions=open_inference.EXTENSIONS)
+    return jsonify(name="keras-rest-api", version=open_inference.PROTOCOL_VERSION, extensions=open_inference.EXTENSIONS)
 
 
 @bp.get("/v2/health/live")
@@ -406,6 +413,8 @@ def v2_infer(model_id: str, version: str | None = None):
     with /predict's; answered all together, or failed as a whole."""
     name_request()
     v2_version(version)
+    if request.headers.get("Content-Encoding", "identity").lower() != "identity":
+        raise UnsupportedMediaType("send the request uncompressed (no Content-Encoding: gzip or deflate)")
     trip = Trip(model_id)
     body = trip.read(read_body)
     try:
@@ -496,31 +505,37 @@ class Trip:
         # Each message's deadline on the Redis clock: the server time read, plus what is left of ours.
         deadline = self.status.server_time + self.timeout - (self.read_at - self.arrived)
         ids = [g.request_id] + [f"{g.request_id}-{n}" for n in range(1, len(images))]
-        self.shard.enqueue(
-            *(
-                image_queue.encode_message(i, deadline, top, image, probabilities)
-                for i, image in zip(ids, images, strict=True)
-            )
-        )
+        messages = [
+            image_queue.encode_message(i, deadline, top, image, probabilities)
+            for i, image in zip(ids, images, strict=True)
+        ]
+        self.shard.enqueue(*messages)
         self.queued = time.monotonic()
-        answers = []
-        for request_id in ids:
-            raw = self.shard.wait_for(request_id, self.deadline)
-            if raw is None:
-                raise Late(f"no answer within {self.timeout:g} s; the model workers are overloaded or stalled")
-            answer = image_queue.decode_answer(raw)
-            if "error" in answer:
-                if answer["status"] == 503:
-                    g.reject_reason = "worker_503"
-                raise Refused(answer["status"], answer["error"])
-            if probabilities and "probabilities" not in answer:  # a worker from before the v2 protocol
-                raise Refused(503, "the model's workers are too old to answer with every probability; upgrade them")
-            answers.append(answer)
+        try:
+            answers = [self.answer_to(request_id, probabilities) for request_id in ids]
+        except (Late, Refused):
+            if len(messages) > 1:  # the request fails as a whole: its other images need not run
+                self.shard.withdraw(messages, ids)
+            raise
         now = time.monotonic()
         metrics.observe_prediction(
             self.model_id, now - self.arrived, now - self.queued, answers[0]["inference_ms"] / 1000
         )
         return answers
+
+    def answer_to(self, request_id: str, probabilities: bool) -> dict:
+        """One message's answer by the deadline; Late, or Refused with the status the worker answered."""
+        raw = self.shard.wait_for(request_id, self.deadline)
+        if raw is None:
+            raise Late(f"no answer within {self.timeout:g} s; the model workers are overloaded or stalled")
+        answer = image_queue.decode_answer(raw)
+        if "error" in answer:
+            if answer["status"] == 503:
+                g.reject_reason = "worker_503"
+            raise Refused(answer["status"], answer["error"])
+        if probabilities and "probabilities" not in answer:  # a worker from before the v2 protocol
+            raise Refused(503, "the model's workers are too old to answer with every probability; upgrade them")
+        return answer
 
     def server_timing(self, answer: dict) -> str:
         queued_on_redis_clock = self.status.server_time + (self.queued - self.read_at)  # just after the push
@@ -616,7 +631,7 @@ def requested_model() -> str:
         model_id = request.args.get("model")
     except UnicodeDecodeError:
         model_id = None  # requested_top() says what is wrong with the query string
-    return model_id if model_id is not None else models().default_id()
+    return model_id or models().default_id()  # ?model= (empty) names none
 
 
 def requested_top() -> int:

@@ -6,7 +6,19 @@ import time
 import pytest
 from redis.crc import key_slot
 
-from image_queue import Done, ImageQueue, Keys, ModelInfo, QueueFull, connect
+from image_queue import (
+    MODEL_FORGET_S,
+    Done,
+    ImageQueue,
+    Keys,
+    ModelDirectory,
+    ModelInfo,
+    NoModelNamed,
+    NoWorker,
+    QueueFull,
+    UnknownModel,
+    connect,
+)
 
 MODEL = ModelInfo("TestNet", 8, 8)
 
@@ -353,3 +365,36 @@ def test_wait_replicas_holds_the_enqueue_for_the_replicas_then_goes_on_saying_so
     assert 0.25 <= time.monotonic() - started < 2  # WAIT held it up to REDIS_BLOCK_S, no longer
     assert queue.status().queue_depth == 1  # queued on the master either way
     assert "only 0 of 1 replicas had the message" in caplog.text
+
+
+# --- The model registry: ModelDirectory --------------------------------------------------------
+
+
+def test_the_directory_lists_registered_models_and_forgets_one_silent_for_model_forget_s(
+    make_queue, redis_url, queue_name, redis_client
+):
+    config = {"REDIS_URL": redis_url, "IMAGE_QUEUE": queue_name, "REDIS_BLOCK_S": 0.2, "QUEUE_MAX": 10}
+    config |= {"RESULT_TTL_S": 30, "WORKER_TTL_S": 2.0}
+    directory = ModelDirectory(config, 0.5, refresh_s=0.2)
+    assert directory.ids() == []
+    with pytest.raises(UnknownModel, match="none yet"):
+        directory.queue("alpha")
+    make_queue("alpha").heartbeat("w1", MODEL)
+    make_queue("beta").heartbeat("w2", MODEL)
+    time.sleep(ModelDirectory.FORCED_S)
+    assert directory.queue("alpha").keys.name == f"{queue_name}.alpha"  # a new id: read at once
+    assert directory.ids() == ["alpha", "beta"]
+    with pytest.raises(NoModelNamed, match="several models"):
+        directory.default_id()
+    registry = Keys(queue_name).models
+    now = float(redis_client.time()[0])
+    redis_client.zadd(registry, {"alpha": now - MODEL_FORGET_S - 5})  # alpha's workers went silent a day ago
+    time.sleep(0.2)  # the list is read again
+    with pytest.raises(UnknownModel, match="models: beta"):
+        directory.queue("alpha")  # known before, and its queue made: forgotten all the same
+    assert directory.default_id() == "beta"  # the only one now
+    make_queue("beta").heartbeat("w2", MODEL)  # a registration prunes the forgotten
+    assert redis_client.zrange(registry, 0, -1) == [b"beta"]
+    with_default = ModelDirectory(config | {"DEFAULT_MODEL": "gamma"}, 0.5)
+    with pytest.raises(NoWorker, match="default model 'gamma'"):  # 503, not 404: this web is meant to serve it
+        with_default.queue("gamma")

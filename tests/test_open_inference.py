@@ -10,6 +10,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -31,6 +32,7 @@ from support.traffic import PROBABILITY_TOLERANCE, batch_sizes, same_answer, wai
 
 import helpers
 import open_inference
+from image_queue import ModelDirectory
 from open_inference import HEADER_LENGTH, ProtocolError, infer_response, parse_infer_request
 
 SIZE = (MODEL.width, MODEL.height)
@@ -110,6 +112,13 @@ def test_binary_bytes_and_uint8_inputs_are_read_from_after_the_json():
             None,
             "no output",
         ),  # fmt: skip
+        (b"{}", "9" * 5000, HEADER_LENGTH),  # past int()'s digit limit: still a 400
+        (
+            b'{"inputs": [{"name": "pixels", "datatype": "UINT8", "shape": [' + str(2**54).encode() + b", 32, 48, 3], "
+            b'"data": []}]}',
+            None,
+            "whole numbers 0-255",
+        ),  # 2**54 x ...: numpy's product of that shape wraps to 0
         (b"{}", "99", HEADER_LENGTH),
         (
             b'{"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "parameters": {"binary_data_size": 9}}]}'
@@ -192,9 +201,12 @@ def test_unknown_models_and_versions_are_404_json_and_a_model_with_no_worker_is_
         response = client.get(path)
         assert response.status_code == 404 and set(response.json) == {"error"}, path
     assert infer_json(client, [CAT], model="nope").status_code == 404
+    assert post_image(client, query="?model=nope").status_code == 404
+    assert post_image(client, query="?model=").status_code == 200  # empty: names none, the only model
     sleeping = served_queue(redis_client, app.config["IMAGE_QUEUE"], "sleeping")
     sleeping.heartbeat("gone", MODEL)  # registered, then its only worker went away
     redis_client.delete(sleeping.keys.workers)
+    time.sleep(ModelDirectory.FORCED_S)  # the 404s above each forced a read of the registry: the next is due now
     for path in ["/v2/models/sleeping/ready", "/v2/models/sleeping"]:
         response = client.get(path)
         assert response.status_code == 503 and set(response.json) == {"error"}, path
@@ -211,7 +223,7 @@ def test_each_image_is_its_own_message_and_the_answers_come_back_in_order(client
     assert [s.split(":", 2)[2] for s in output["data"]] == [expected_checksum(i) for i in (dark, bright, CAT)]
     assert sum(worker.batches) == 3  # three queue messages
 
-    response = infer_json(client, [CAT])  # no output named: every probability, FP32
+    response = infer_json(client, [CAT], outputs=[])  # no output named: every probability, FP32
     assert response.json["outputs"][0] == {"name": "probabilities", "datatype": "FP32", "shape": [1, 2],
                                            "data": [1.0, 0.0]}  # fmt: skip
 
@@ -242,6 +254,8 @@ def test_a_bad_image_fails_the_whole_request_before_anything_is_queued(client, w
     assert response.status_code == 400 and "image" in response.json["error"] and set(response.json) == {"error"}
     assert worker.batches == []
     assert client.post(f"/v2/models/{TEST_MODEL}/infer", data=b"{").status_code == 400
+    gzipped = client.post(f"/v2/models/{TEST_MODEL}/infer", data=b"\x1f\x8b", headers={"Content-Encoding": "gzip"})
+    assert gzipped.status_code == 415 and "uncompressed" in gzipped.json["error"]
 
 
 def test_the_limits_of_predict_apply(make_app, client, app, worker):
@@ -270,7 +284,7 @@ def test_a_request_that_does_not_fit_the_queue_is_refused_whole_and_one_that_doe
     assert redis_client.llen(queue.keys.queue) == 6  # none of the three was pushed
     response = infer_json(client, [CAT, CAT])  # fits (8 of 8), and no worker answers by the deadline
     assert response.status_code == 504 and set(response.json) == {"error"}
-    assert redis_client.llen(queue.keys.queue) == 8
+    assert redis_client.llen(queue.keys.queue) == 6  # the failed request's two were withdrawn
 
 
 def test_the_rate_limit_is_one_budget_for_predict_and_v2(make_app, worker):
