@@ -4,6 +4,7 @@ A keras.applications model (ResNet50 by default) or your own saved Keras model p
 the worker sees a Classifier, hands it uint8 pixels and gets the top-k labels back.
 """
 
+import fcntl
 import glob
 import hashlib
 import importlib.util
@@ -309,7 +310,11 @@ def to_openvino(classifier: Classifier, precision: str, cache_dir: str, source: 
             os.replace(partial, path)
             how += f", saved to {path}"
     core.set_property({"CACHE_DIR": os.path.join(cache_dir, "compiled")})
-    compiled = core.compile_model(graph, "CPU", {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY"})
+    # One process compiles into CACHE_DIR at a time: two workers starting together on a cold cache raced on
+    # its blob file, and one died ("cannot set permissions: No such file"); the second now loads the blob.
+    with open(os.path.join(cache_dir, ".compile.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        compiled = core.compile_model(graph, "CPU", {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY"})
     took = time.perf_counter() - started
     log.info("OpenVINO %s: %s model %s and compiled in %.1f s", ov.__version__.split("-")[0], hint, how, took)
     model = OpenVINOModel(compiled, classifier.model.input_shape, classifier.model.output_shape)

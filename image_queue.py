@@ -1254,8 +1254,9 @@ class ModelDirectory:
 
     def ids(self, fresh: bool = False) -> list[str]:
         """The model ids served, sorted: the last list read, read again when it is older than refresh_s (or
-        FORCED_S when fresh) unless another thread is reading it. The first read is waited for (up to a
-        Redis call's timeout: there is no list to go on); QueueUnavailable when it fails."""
+        FORCED_S when fresh) unless another thread is reading it. While the list is empty, every call reads
+        it, waiting for another thread's read (up to a Redis call's timeout); QueueUnavailable when the
+        first read fails."""
         if self._due(fresh) and self._take_read():
             try:
                 if self._due(fresh):  # still: another thread may have read it while this one waited
@@ -1267,15 +1268,17 @@ class ModelDirectory:
         return list(self._ids)
 
     def _take_read(self) -> bool:
-        """The reading lock: at once or not at all once a list was read; before that, waited for."""
-        if self._ever_read:
+        """The reading lock: at once or not at all while there is a list to go on; waited for while it is empty."""
+        if self._ids:
             return self._reading.acquire(blocking=False)
         return self._reading.acquire(timeout=self.first_wait_s)
 
     def _due(self, fresh: bool) -> bool:
         now = time.monotonic()
         stale = now - self._read_at >= self.refresh_s
-        return not self._ever_read or stale or (fresh and now - self._forced_at >= self.FORCED_S)
+        # An empty list is read again at every call: nothing is served until a worker registers, and the first
+        # one must be seen at once (a web that read the registry just before would say "no worker" for 1 s).
+        return not self._ids or stale or (fresh and now - self._forced_at >= self.FORCED_S)
 
     def _read(self, fresh: bool) -> None:
         self._read_at = time.monotonic()
