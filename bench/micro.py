@@ -6,7 +6,9 @@ Loads ResNet50 with seeded random weights (speed does not depend on the weight v
 classifier.load_classifier, warms it up as the worker does (warm_up(32)), then measures:
   codec                the queue message (helpers: a JSON header, "\\n", the raw pixels) against the first format,
                        JSON + base64: bytes and encode/decode microseconds, also as a share of one image's inference;
-  jpeg_draft           helpers.prepare_image with and without JPEG draft decoding (a small and a 12 MP JPEG);
+  jpeg_draft           helpers.prepare_image with and without JPEG draft decoding (a small and a 12 MP JPEG),
+                       and libjpeg-turbo's DCT scaling through simplejpeg when it is installed (issue 12's
+                       candidate; not a dependency: pip install simplejpeg to include it);
   padding_vs_retracing whether a new batch size re-traces the model's function, and what padding the batch
                        up to a bucket (1, 2, 4, 8, 16, 32) would cost on every call instead;
   redis_round_trips    commands, round trips and milliseconds of one batch's claim + ack on a private
@@ -119,7 +121,7 @@ def encode_json_base64(request_id: str, deadline: float, top: int, pixels: np.nd
     return json.dumps(body, separators=(",", ":")).encode("utf-8")
 
 
-def decode_json_base64(raw: bytes) -> helpers.Message:
+def decode_json_base64(raw: bytes) -> image_queue.Message:
     """Parse the first format, as its decode_message did (checks aside)."""
     body = json.loads(raw)
     data = binascii.a2b_base64(body["data"], strict_mode=True)
@@ -174,6 +176,18 @@ def prepare_without_draft(image: Image.Image, size: tuple[int, int]) -> np.ndarr
     return np.asarray(helpers.to_rgb(image), dtype=np.uint8)
 
 
+def prepare_with_simplejpeg(data: bytes, size: tuple[int, int]) -> np.ndarray:
+    """The candidate: libjpeg-turbo decodes at the smallest DCT scale that still covers size, Pillow resizes
+    as helpers.prepare_image does. (No EXIF orientation: a real switch would have to add it.)"""
+    import simplejpeg
+
+    pixels = simplejpeg.decode_jpeg(data, colorspace="RGB", min_width=max(size), min_height=max(size))
+    image = Image.fromarray(pixels)
+    if image.size != size:
+        image = image.resize(size, Image.Resampling.BILINEAR, reducing_gap=3.0)
+    return np.asarray(image, dtype=np.uint8)
+
+
 def large_jpeg() -> bytes:
     """A 12-megapixel (4032x3024) quality-90 JPEG made from chelsea.jpg, in memory."""
     buffer = io.BytesIO()
@@ -185,6 +199,12 @@ def large_jpeg() -> bytes:
 def jpeg_draft(plan: Plan) -> dict:
     """prepare_image (draft decoding) against the same steps without draft, for a small and a 12 MP JPEG."""
     cases = {"chelsea": (IMAGE.read_bytes(), plan.jpeg_reps_small), "12mp": (large_jpeg(), plan.jpeg_reps_large)}
+    try:
+        import simplejpeg  # noqa: F401
+    except ImportError:
+        turbo = False
+    else:
+        turbo = True
     rows = {}
     for name, (data, reps) in cases.items():
         with_draft = lambda d=data: helpers.prepare_image(helpers.open_image(d, 10**8), SIZE)  # noqa: E731
@@ -192,10 +212,13 @@ def jpeg_draft(plan: Plan) -> dict:
         probe = helpers.open_image(data, 10**8)
         original = probe.size
         probe.draft(None, (max(SIZE), max(SIZE)))
-        draft_ms, plain_ms = [], []
-        for _ in range(reps):  # interleaved, so drift hits both alike
+        turbo_call = lambda d=data: prepare_with_simplejpeg(d, SIZE)  # noqa: E731
+        draft_ms, plain_ms, turbo_ms = [], [], []
+        for _ in range(reps):  # interleaved, so drift hits each alike
             draft_ms += timed(with_draft, 1)
             plain_ms += timed(without, 1)
+            if turbo:
+                turbo_ms += timed(turbo_call, 1)
         difference = np.abs(with_draft().astype(np.int16) - without().astype(np.int16))
         rows[name] = {
             "jpeg_bytes": len(data),
@@ -206,6 +229,13 @@ def jpeg_draft(plan: Plan) -> dict:
             "speedup": round(statistics.median(plain_ms) / statistics.median(draft_ms), 2),
             "mean_abs_pixel_difference": round(float(difference.mean()), 2),
         }
+        if turbo:
+            turbo_difference = np.abs(with_draft().astype(np.int16) - turbo_call().astype(np.int16))
+            rows[name] |= {
+                "simplejpeg_ms": median_ms(turbo_ms),
+                "simplejpeg_speedup_over_draft": round(statistics.median(draft_ms) / statistics.median(turbo_ms), 2),
+                "simplejpeg_mean_abs_pixel_difference": round(float(turbo_difference.mean()), 2),
+            }
     print("\n2. jpeg_draft (open_image + prepare_image to 224x224, median ms)")
     header = f"{'image':>8} {'size':>10} {'draft at':>9} {'draft ms':>9} {'no draft ms':>12} {'speedup':>8}"
     print(f"{header} {'pixel diff':>10}")
@@ -215,6 +245,12 @@ def jpeg_draft(plan: Plan) -> dict:
             f" {row['draft_ms']:>9.2f} {row['no_draft_ms']:>12.2f} {row['speedup']:>7.2f}x"
             f" {row['mean_abs_pixel_difference']:>10.2f}"
         )
+        if "simplejpeg_ms" in row:
+            print(
+                f"{'':>8} simplejpeg (DCT scaling): {row['simplejpeg_ms']:.2f} ms, "
+                f"{row['simplejpeg_speedup_over_draft']:.2f}x draft's, mean pixel difference from draft's "
+                f"{row['simplejpeg_mean_abs_pixel_difference']:.2f}"
+            )
     return rows
 
 
@@ -602,6 +638,10 @@ def summary_lines(results: dict) -> list[str]:
             f"{name} {r['draft_ms']:.1f} vs {r['no_draft_ms']:.1f} ms ({r['speedup']:.1f}x)" for name, r in d.items()
         ]
         lines.append("jpeg_draft: with vs without draft: " + "; ".join(parts))
+        turbo = [f"{n} {r['simplejpeg_ms']:.1f} ms ({r['simplejpeg_speedup_over_draft']:.2f}x draft)"
+                 for n, r in d.items() if "simplejpeg_ms" in r]  # fmt: skip
+        if turbo:
+            lines.append("jpeg_draft: simplejpeg DCT scaling: " + "; ".join(turbo))
     p = results.get("padding_vs_retracing")
     if p:
         lines.append("padding_vs_retracing: " + p["conclusion"].removeprefix("conclusion: "))

@@ -181,3 +181,17 @@ def test_the_path_ceiling_runs_the_stand_in_worker_behind_gunicorn_and_reports_c
     assert "failed 0" in line and float(line.split(": ")[1].split()[0]) > 0, result.stdout
     for process in ("web (gunicorn)", "Redis", "worker (stand-in)", "load generator"):
         assert float(line.split(process + " ")[1].split(",")[0].split(";")[0]) > 0, line  # each one measured
+
+
+@pytest.mark.slow
+def test_the_micro_benchmarks_jpeg_section_runs_and_reports_the_draft_speedup(tmp_path):
+    """bench.micro --quick --only jpeg_draft: a section of the lab that nothing else runs (it broke once, silently)."""
+    out = tmp_path / "micro.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.micro", "--quick", "--only", "jpeg_draft", "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads(out.read_text())["jpeg_draft"]
+    assert rows["12mp"]["draft_decodes_at"] == [504, 378] and rows["12mp"]["speedup"] > 2
+    assert rows["chelsea"]["mean_abs_pixel_difference"] == 0  # no scale below 1 covers 224: the same pixels
