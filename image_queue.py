@@ -1247,7 +1247,7 @@ class ModelDirectory:
         self._read_at = -float("inf")  # when the last read began (time.monotonic()), whether or not it worked
         self._forced_at = -float("inf")  # when the last read forced by an id not in the list began
         self._ever_read = False
-        self._reading = threading.Lock()  # held by the one thread reading; waited on only for the first read
+        self._reading = threading.Lock()  # held by the one thread reading; waited on only while the list is empty
         self.first_wait_s = config["REDIS_BLOCK_S"] + margin_s
         self._queues: dict[str, ImageQueue | ShardedQueue] = {}
         self._lock = threading.Lock()  # guards _queues
@@ -1314,7 +1314,7 @@ class ModelDirectory:
         NoWorker when none is served yet; NoModelNamed when several are and no default is set."""
         if self.default:
             return self.default
-        ids = self.ids() or self.ids(fresh=True)
+        ids = self.ids()  # an empty list is read again on every call
         if not ids:
             raise NoWorker("no model worker is running")
         if len(ids) > 1:

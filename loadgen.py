@@ -28,9 +28,14 @@ def is_v2(url: str) -> bool:
     return bool(V2_INFER.search(url.split("?", 1)[0]))
 
 
+def service_url(predict_url: str) -> str:
+    """The service's base URL, from its /predict URL."""
+    return predict_url.split("?", 1)[0].removesuffix("/predict")
+
+
 def infer_url(predict_url: str, model: str) -> str:
     """The v2 infer URL of a model, from the service's /predict URL."""
-    return f"{predict_url.split('?', 1)[0].removesuffix('/predict')}/v2/models/{model}/infer"
+    return f"{service_url(predict_url)}/v2/models/{model}/infer"
 
 
 def target_url(predict_url: str, model: str | None, protocol: str) -> str:
@@ -39,8 +44,7 @@ def target_url(predict_url: str, model: str | None, protocol: str) -> str:
     if protocol == "predict":
         return f"{predict_url}?{urlencode({'model': model})}" if model else predict_url
     if not model:
-        base = predict_url.split("?", 1)[0].removesuffix("/predict")
-        served = list(requests.get(f"{base}/readyz", timeout=10).json().get("models", {}))
+        served = list(requests.get(f"{service_url(predict_url)}/readyz", timeout=10).json().get("models", {}))
         if len(served) != 1:
             raise SystemExit(f"name the model with --model (the service lists {served or 'none'})")
         model = served[0]
@@ -54,15 +58,6 @@ def post_image(url: str, image: bytes, timeout_s: float = TIMEOUT_S, session=Non
         body, headers = open_inference.encode_infer_request([image], TOP)
         return post(url, data=body, headers=headers, timeout=timeout_s)
     return post(url, files={"image": ("image.jpg", image)}, timeout=timeout_s)
-
-
-def predictions(response: requests.Response) -> list[dict]:
-    """The predictions of a 200 answer from either protocol."""
-    if is_v2(response.request.url):
-        return open_inference.decode_classification(
-            response.content, response.headers.get(open_inference.HEADER_LENGTH)
-        )[0]
-    return response.json()["predictions"]
 
 
 @dataclass

@@ -309,9 +309,7 @@ def readyz():
     wanted = request.args.get("model")
     if wanted:
         models().queue(wanted)  # 404 for a model nobody serves
-    each = model_statuses([wanted] if wanted else models().ids())
-    if not any(isinstance(status, image_queue.Status) for status in each.values()):
-        raise next(iter(each.values()), image_queue.NoWorker("no model worker is running"))
+    each = ready_statuses([wanted] if wanted else models().ids())
     if api_key_refusal():
         return jsonify(ready=True)
     body = {"ready": True, "models": {model_id: describe(status) for model_id, status in each.items()}}
@@ -324,14 +322,17 @@ def readyz():
     return jsonify(body)
 
 
-def model_statuses(model_ids: list[str]) -> dict[str, image_queue.Status | Exception]:
-    """Each model's live status, or why it is not ready (no worker, draining, Redis failing)."""
+def ready_statuses(model_ids: list[str]) -> dict[str, image_queue.Status | Exception]:
+    """Each model's live status, or why it is not ready (no worker, draining, Redis failing); raises the first
+    model's reason (503) when none is ready."""
     each: dict[str, image_queue.Status | Exception] = {}
     for model_id in model_ids:
         try:
             each[model_id] = live_status(models().queue(model_id))
         except (image_queue.NoWorker, image_queue.Draining, image_queue.QueueUnavailable) as exc:
             each[model_id] = exc
+    if not any(isinstance(status, image_queue.Status) for status in each.values()):
+        raise next(iter(each.values()), image_queue.NoWorker("no model worker is running"))
     return each
 
 
@@ -386,9 +387,7 @@ def v2_live():
 @bp.get("/v2/health/ready")
 def v2_ready():
     """Ready when a model worker of any model is, as /readyz."""
-    each = model_statuses(models().ids())
-    if not any(isinstance(status, image_queue.Status) for status in each.values()):
-        raise next(iter(each.values()), image_queue.NoWorker("no model worker is running"))
+    ready_statuses(models().ids())
     return jsonify(ready=True)
 
 
@@ -458,7 +457,6 @@ class Trip:
         self.model_id, self.arrived = model_id, time.monotonic()
         self.timeout = current_app.config["REQUEST_TIMEOUT_S"]
         self.deadline = self.arrived + self.timeout  # time.monotonic()
-        g.model_id = model_id
         # No worker, no Redis or a full queue: 503 before the upload is even read, so that refusing is cheap
         # when it matters most, under overload. enqueue() re-checks the queue atomically.
         self.shard, self.status = live_shard(models().queue(model_id))
@@ -471,8 +469,8 @@ class Trip:
     def size(self) -> tuple[int, int]:
         return self.model.width, self.model.height
 
-    def late(self, what: str = "to upload and prepare") -> Late:
-        return Late(f"the image took longer than {self.timeout:g} s {what}")
+    def late(self) -> Late:
+        return Late(f"the image took longer than {self.timeout:g} s to upload and prepare")
 
     def read(self, read_body) -> bytes:
         """read_body() under the upload deadline: a body still arriving at the deadline ends with 504."""
