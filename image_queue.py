@@ -5,7 +5,9 @@ links here. Imports neither Flask nor a model runtime, and its tests run against
 Keys (IMAGE_QUEUE = "image_queue"; each built by Keys, nowhere else):
     {image_queue}:queue                 list of messages waiting; the web LPUSHes, workers take from the
                                         right (oldest first)
-    {image_queue}:processing:<worker>   list of the messages one worker has claimed and not yet answered
+    {image_queue}:processing:<worker>   list of the messages one worker has claimed and not yet answered, on
+                                        its first lane; ...:processing:<worker>/1 and /2 are its other lanes
+                                        (LANES): a pipelined worker holds one batch per lane (see claim())
     {image_queue}:workers               sorted set: worker id -> its last heartbeat (Redis TIME)
     {image_queue}:model                 hash: name, height, width, classes, runtime of the model served; the
                                         web resizes to its size
@@ -54,21 +56,23 @@ Steps, each one round trip (scripts and MULTI blocks are atomic):
                 answer there, so a reply lost on the way is read again), at most REDIS_BLOCK_S per
                 call, until the deadline (then 504); then DEL. No sleeping, no polling of a shared key.
     claim()     worker, one MULTI: a script registers the worker (ZADD workers) and reads TIME, then up to
-                BATCH_SIZE LMOVEs queue -> processing. On an empty queue the worker blocks in BLMOVE
-                (REDIS_BLOCK_S), so a lone request starts at once; MAX_BATCH_WAIT_MS > 0 holds a partial
-                batch that long once to let it fill.
+                BATCH_SIZE LMOVEs queue -> processing list of one of the worker's lanes. On an empty queue
+                the worker blocks in BLMOVE (REDIS_BLOCK_S), so a lone request starts at once;
+                MAX_BATCH_WAIT_MS > 0 holds a partial batch that long once to let it fill. top_up() is the
+                same MULTI without blocking: a pipelined worker fills its next batch while the model runs.
+                Each batch in flight has a lane of its own, so its list is exactly that batch.
     (predict)   worker: messages past their deadline are dropped unrun; unreadable ones are logged and
                 answered with a 500 when their id can be read (503 for a newer format version).
-    ack()       worker, one script: release the messages from the processing list (DEL when the list is
+    ack()       worker, one script: release the messages from the lane's processing list (DEL when the list is
                 exactly the batch, the usual case; else LREM each by its handle, its first ACK_PREFIX_BYTES
                 and its length, so an ack never carries pixels back) and, for each message that was still
                 there and whose deadline has not passed, RPUSH + EXPIRE its answer; count the batch in the
                 stats hash, once, by whoever answered it.
     heartbeat() worker, every WORKER_HEARTBEAT_S: ZADD workers <now>; HSET model. Then
-                requeue_dead_workers(): the processing list of every worker silent for WORKER_TTL_S goes
-                back to the head of the queue (the script re-checks the silence). Workers do this all the
-                time, not only at start-up, so a replacement that starts before a dead worker's heartbeat
-                goes stale still rescues its batch.
+                requeue_dead_workers(): the processing lists (every lane) of every worker silent for
+                WORKER_TTL_S go back to the head of the queue (the script re-checks the silence). Workers
+                do this all the time, not only at start-up, so a replacement that starts before a dead
+                worker's heartbeat goes stale still rescues its batches.
     No message passes through a Lua script on the way in or out: a script copies every value it touches
     into a Lua string (~0.4 ms of Redis's one thread per 200 KB message). The small scripts inside a MULTI
     are sent as source (EVAL), so a MULTI is one round trip and cannot meet an empty script cache.
@@ -104,7 +108,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from settings import MODEL_ID_PATTERN
+from settings import MAX_PIPELINE_DEPTH, MODEL_ID_PATTERN
 
 log = logging.getLogger(__name__)
 
@@ -276,8 +280,13 @@ class Keys:
     def paused(self) -> str:
         return f"{{{self.name}}}:paused"
 
-    def processing(self, worker_id: str) -> str:
-        return f"{{{self.name}}}:processing:{worker_id}"
+    def processing(self, worker_id: str, lane: int = 0) -> str:
+        """The processing list of one of a worker's lanes (a batch in flight each; see LANES)."""
+        return f"{{{self.name}}}:processing:{worker_id}" + (f"/{lane}" if lane else "")
+
+    def lanes(self, worker_id: str) -> list[str]:
+        """Every processing list a worker may hold messages on."""
+        return [self.processing(worker_id, lane) for lane in range(LANES)]
 
     def result(self, request_id: str) -> str:
         return f"{{{self.name}}}:result:{request_id}"
@@ -291,6 +300,7 @@ class Keys:
         return f"{{{self.name}}}:models"
 
 
+LANES = MAX_PIPELINE_DEPTH  # processing lists per worker: a pipelined worker acks N-1 and claims N+1 while N runs
 MODEL_FORGET_S = 24 * 3600  # a model none of whose workers registered for this long is unknown again (404)
 
 
@@ -485,16 +495,20 @@ ACK_PREFIX_BYTES = 64  # how much of a claimed message its ack sends back to nam
 
 _NOW = "local t = redis.call('TIME') local now = tonumber(t[1]) + tonumber(t[2]) / 1000000 "
 
-# Messages held for the queue: waiting, plus on the processing list of every registered worker.
-# The processing keys are built from the workers set; the {name} hash tag keeps them in one slot.
+# Messages held for the queue: waiting, plus on every processing list (each lane) of every registered worker.
+# The processing keys are built from the workers set as Keys.processing builds them; the {name} hash tag
+# keeps them in one slot.
 # KEYS: queue, workers. ARGV: processing key prefix.
 _HELD = """
 local function held()
   local n = redis.call('LLEN', KEYS[1])
-  for _, id in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do n = n + redis.call('LLEN', ARGV[1] .. id) end
+  for _, id in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
+    n = n + redis.call('LLEN', ARGV[1] .. id)
+    for lane = 1, LANES - 1 do n = n + redis.call('LLEN', ARGV[1] .. id .. '/' .. lane) end
+  end
   return n
 end
-"""
+""".replace("LANES", str(LANES))
 
 # KEYS: queue, workers, model, paused. ARGV: processing prefix, ttl.
 # -> {now sec, now usec, live workers, model hash, waiting, held, paused}
@@ -640,18 +654,20 @@ _KNOWN_MODELS = _NOW + "return redis.call('ZRANGEBYSCORE', KEYS[1], now - tonumb
 # KEYS: workers. ARGV: ttl. -> ids of workers silent for longer than ttl
 _DEAD = _NOW + "return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. (now - tonumber(ARGV[1])))"
 
-# KEYS: workers, processing, queue, stats. ARGV: worker id, min silence, forget (1: drop its heartbeat).
-# -> messages requeued (also added to the stats hash's "requeued"), or -1 if the worker has spoken
-# within min silence
+# KEYS: workers, queue, stats, then the processing lists to requeue (every lane, or one). ARGV: worker id,
+# min silence, forget (1: drop its heartbeat). -> messages requeued (also added to the stats hash's
+# "requeued"), or -1 if the worker has spoken within min silence
 _REQUEUE = (
     _NOW
     + """
 local beat = redis.call('ZSCORE', KEYS[1], ARGV[1])
 if beat and tonumber(beat) > now - tonumber(ARGV[2]) then return -1 end
 local n = 0
-while redis.call('LMOVE', KEYS[2], KEYS[3], 'LEFT', 'RIGHT') do n = n + 1 end
+for k = 4, #KEYS do
+  while redis.call('LMOVE', KEYS[k], KEYS[2], 'LEFT', 'RIGHT') do n = n + 1 end
+end
 if ARGV[3] == '1' then redis.call('ZREM', KEYS[1], ARGV[1]) end
-if n > 0 then redis.call('HINCRBY', KEYS[4], 'requeued', n) end
+if n > 0 then redis.call('HINCRBY', KEYS[3], 'requeued', n) end
 return n
 """
 )
@@ -850,16 +866,17 @@ class ImageQueue:
             key, model_id = self.registry
             self._register_model(keys=[key], args=[model_id, MODEL_FORGET_S])
 
-    def claim(self, worker_id: str, max_n: int, wait_s: float = 0.0) -> Claim:
-        """Move up to max_n messages onto this worker's processing list, atomically.
+    def claim(self, worker_id: str, max_n: int, wait_s: float = 0.0, lane: int = 0) -> Claim:
+        """Move up to max_n messages onto the processing list of this worker's lane, atomically.
 
         Takes what is queued at once; on an empty queue blocks up to REDIS_BLOCK_S for the first
         message. With wait_s > 0 a partial batch is held that long once to let it fill.
         """
-        now, messages = self._take_now(worker_id, max_n)
+        now, messages = self._take_now(worker_id, max_n, lane)
         blocked = False
         if not messages:
-            first = self.redis.blmove(self.keys.queue, self.keys.processing(worker_id), self.block_s, "RIGHT", "LEFT")
+            processing = self.keys.processing(worker_id, lane)
+            first = self.redis.blmove(self.keys.queue, processing, self.block_s, "RIGHT", "LEFT")
             if first is None:
                 return Claim(now, [])
             messages, blocked = [first], True
@@ -868,23 +885,30 @@ class ImageQueue:
                 time.sleep(wait_s)  # one bounded hold, not a poll: filling a partial batch
             # After a block, always: it re-registers this worker (a peer may have written it off while
             # it blocked or was stalled) and reads the clock that expiry is judged by.
-            now, more = self._take_now(worker_id, max_n - len(messages))
+            now, more = self._take_now(worker_id, max_n - len(messages), lane)
             messages += more
         return Claim(now, messages)
 
-    def _take_now(self, worker_id: str, count: int) -> tuple[float, list[bytes]]:
+    def top_up(self, worker_id: str, count: int, lane: int = 0) -> Claim:
+        """Add up to count messages to a lane's claimed batch, without blocking (a pipelined worker fills the
+        next batch while the model runs this one)."""
+        return Claim(*self._take_now(worker_id, count, lane))
+
+    def _take_now(self, worker_id: str, count: int, lane: int = 0) -> tuple[float, list[bytes]]:
         """Register, read the clock and move up to count messages, in one MULTI (one round trip)."""
+        processing = self.keys.processing(worker_id, lane)
         with self.redis.pipeline(transaction=True) as pipe:
             pipe.execute_command("EVAL", _REGISTER, 1, self.keys.workers, worker_id)
             for _ in range(count):
-                pipe.lmove(self.keys.queue, self.keys.processing(worker_id), "RIGHT", "LEFT")
+                pipe.lmove(self.keys.queue, processing, "RIGHT", "LEFT")
             (sec, usec), *moved = pipe.execute()
         return int(sec) + int(usec) / 1e6, [m for m in moved if m is not None]
 
     def ack(
-        self, worker_id: str, done: list[Done], batch_size: int = 0, inference_s: float = 0.0
+        self, worker_id: str, done: list[Done], batch_size: int = 0, inference_s: float = 0.0, lane: int = 0
     ) -> tuple[list[str], list[str]]:
-        """Write the answers and release the messages; returns the request ids (answered, too late).
+        """Write the answers and release the messages from the lane's list; returns the request ids (answered,
+        too late).
 
         A message no longer on this worker's processing list (a peer requeued it while this worker
         was silent) is neither answered nor counted: its new holder answers it. batch_size images that
@@ -892,7 +916,8 @@ class ImageQueue:
         """
         dropped = [d.raw for d in done if d.request_id is None or d.answer is None]
         answering = [d for d in done if d.request_id is not None and d.answer is not None]
-        keys = [self.keys.processing(worker_id), self.keys.stats] + [self.keys.result(d.request_id) for d in answering]
+        keys = [self.keys.processing(worker_id, lane), self.keys.stats]
+        keys += [self.keys.result(d.request_id) for d in answering]
         args: list = [self.result_ttl_s, batch_size, repr(float(inference_s)), len(dropped)]
         for raw in dropped:
             args += [raw[:ACK_PREFIX_BYTES], len(raw)]
@@ -912,20 +937,21 @@ class ImageQueue:
                 requeued += n
         return requeued
 
-    def requeue_own(self, worker_id: str) -> int:
-        """Between batches a worker holds nothing: put back what a failed call left on its list.
+    def requeue_own(self, worker_id: str, lane: int | None = None) -> int:
+        """Put back what a failed call left on a lane's list (None: every lane) that holds no batch in hand.
 
         A claim whose reply was lost, or an ack that could not be written, leaves messages on the
         worker's processing list that it does not have in hand; no peer looks there while it lives.
         """
-        return self._requeue_worker(worker_id, 0, forget=False)
+        return self._requeue_worker(worker_id, 0, forget=False, lane=lane)
 
     def unregister(self, worker_id: str) -> int:
         """A worker leaving: requeue whatever it still holds and drop its heartbeat."""
         return self._requeue_worker(worker_id, 0, forget=True)
 
-    def _requeue_worker(self, worker_id: str, min_silence_s: float, forget: bool) -> int:
-        keys = [self.keys.workers, self.keys.processing(worker_id), self.keys.queue, self.keys.stats]
+    def _requeue_worker(self, worker_id: str, min_silence_s: float, forget: bool, lane: int | None = None) -> int:
+        lists = self.keys.lanes(worker_id) if lane is None else [self.keys.processing(worker_id, lane)]
+        keys = [self.keys.workers, self.keys.queue, self.keys.stats, *lists]
         return int(self._requeue(keys=keys, args=[worker_id, min_silence_s, int(forget)]))
 
 
@@ -965,8 +991,10 @@ class ShardedQueue:
     waits behind another's backlog; when every shard is empty it blocks on all of them at once (one BLMOVE
     per shard, each from its own thread), so an idle worker polls nothing and a lone request on any shard
     starts at once. A blocked move still running when the claim returns keeps its message on this worker's
-    processing list of that shard, and the next claim takes it; unregister waits for it, so nothing is
-    stranded. Status, stats, drain, purge and requeues act on every shard and add up.
+    processing list of that shard (of the lane it was started for), and the next claim takes it; a claim
+    for another lane first moves it onto its own lane's list (_RELANE: the rare case that passes a message
+    through Lua), so a batch's messages all lie on its lane's lists. unregister waits for the blocking
+    takes, so nothing is stranded. Status, stats, drain, purge and requeues act on every shard and add up.
     """
 
     def __init__(self, shards: list[ImageQueue]):
@@ -979,8 +1007,10 @@ class ShardedQueue:
         self._turn = itertools.count()  # the web's round-robin
         self._first = itertools.count()  # the shard a worker's next take starts from
         self._pool = ThreadPoolExecutor(len(shards), thread_name_prefix="blocking-take")
-        self._blocked: dict[int, object] = {}  # shard -> its blocking take (a Future) still running
-        self._origin: dict[int, int] = {}  # id() of each message of the current claim -> its shard
+        self._blocked: dict[int, tuple[int, object]] = {}  # shard -> (lane, its blocking take: a Future) running
+        # id() of each claimed message not yet acked -> (its shard, lane, the message: so the id stays its own)
+        self._origin: dict[int, tuple[int, int, bytes]] = {}
+        self._relane = [shard.redis.register_script(_RELANE) for shard in shards]
         self._down: dict[int, tuple[Backoff, float]] = {}  # shards whose Redis failed -> backoff, next try
 
     def pick(self) -> ImageQueue:
@@ -1038,13 +1068,16 @@ class ShardedQueue:
     def requeue_dead_workers(self) -> int:
         return sum(n or 0 for n in self._on_each(lambda shard: shard.requeue_dead_workers()))
 
-    def requeue_own(self, worker_id: str) -> int:
-        return sum(n or 0 for n in self._on_each(lambda shard: shard.requeue_own(worker_id)))
+    def requeue_own(self, worker_id: str, lane: int | None = None) -> int:
+        for key, (_, origin_lane, _) in list(self._origin.items()):  # those messages are not in hand any more
+            if lane is None or origin_lane == lane:
+                self._origin.pop(key, None)
+        return sum(n or 0 for n in self._on_each(lambda shard: shard.requeue_own(worker_id, lane)))
 
     def unregister(self, worker_id: str) -> int:
         """Requeue what this worker holds on every shard, once its blocking takes have ended (they end
         within REDIS_BLOCK_S), so a message one of them moves cannot be left on an unwatched list."""
-        for future in self._blocked.values():
+        for _, future in self._blocked.values():
             try:
                 future.result()
             except REDIS_ERRORS:
@@ -1052,48 +1085,59 @@ class ShardedQueue:
         self._blocked.clear()
         return sum(n or 0 for n in self._on_each(lambda shard: shard.unregister(worker_id)))
 
-    def claim(self, worker_id: str, max_n: int, wait_s: float = 0.0) -> Claim:
+    def claim(self, worker_id: str, max_n: int, wait_s: float = 0.0, lane: int = 0) -> Claim:
         """Up to max_n messages from the shards, each shard first in turn; see the class docstring."""
-        self._origin = {}
-        taken = self._finished_blocking_takes()
-        now, more = self._take_round(worker_id, max_n - len(taken))
+        taken = self._finished_blocking_takes(worker_id, lane)
+        now, more = self._take_round(worker_id, max_n - len(taken), lane)
         taken += more
         if not taken:
-            self._block_on_every_shard(worker_id)
-            taken = self._finished_blocking_takes()
+            self._block_on_every_shard(worker_id, lane)
+            taken = self._finished_blocking_takes(worker_id, lane)
             if not taken:
                 return Claim(now, [])
-            now, more = self._take_round(worker_id, max_n - len(taken))  # re-registers, reads the clock
+            now, more = self._take_round(worker_id, max_n - len(taken), lane)  # re-registers, reads the clock
             taken += more
         elif wait_s > 0 and len(taken) < max_n:
             time.sleep(wait_s)  # one bounded hold, not a poll: filling a partial batch
-            now, more = self._take_round(worker_id, max_n - len(taken))
+            now, more = self._take_round(worker_id, max_n - len(taken), lane)
             taken += more
-        self._origin = {id(raw): s for s, raw in taken}
-        return Claim(now, [raw for _, raw in taken])
+        return self._claimed(now, taken)
+
+    def top_up(self, worker_id: str, count: int, lane: int = 0) -> Claim:
+        return self._claimed(*self._take_round(worker_id, count, lane))
+
+    def _claimed(self, now: float, taken: list[tuple[int, int, bytes]]) -> Claim:
+        self._origin.update((id(raw), (s, lane, raw)) for s, lane, raw in taken)
+        return Claim(now, [raw for _, _, raw in taken])
 
     def ack(
-        self, worker_id: str, done: list[Done], batch_size: int = 0, inference_s: float = 0.0
+        self, worker_id: str, done: list[Done], batch_size: int = 0, inference_s: float = 0.0, lane: int = 0
     ) -> tuple[list[str], list[str]]:
-        """Each shard's part of the batch acked on that shard (Done.raw is the claimed message itself); the
-        batch is counted once, in the stats of the shard that held most of it. A shard that fails does not
-        keep the others' answers back; the worker's retry then acks every part again, and a part already
-        acked finds its messages gone and writes nothing twice."""
-        parts: dict[int, list[Done]] = {}
+        """Each part of the batch acked on the shard and lane it was claimed on (Done.raw is the claimed message
+        itself); the batch is counted once, in the stats of the shard that held most of it. A shard that fails
+        does not keep the others' answers back; the worker's retry then acks every part again, and a part
+        already acked finds its messages gone and writes nothing twice."""
+        parts: dict[tuple[int, int], list[Done]] = {}
         for d in done:
-            parts.setdefault(self._origin.get(id(d.raw), 0), []).append(d)
-        counted = max(parts, key=lambda s: len(parts[s]), default=0)
+            part = self._origin.get(id(d.raw), (0, lane, b""))[:2]
+            parts.setdefault(part, []).append(d)
+        counted = max(parts, key=lambda part: len(parts[part]), default=None)
 
-        def ack_part(shard: ImageQueue):
-            s = self.shards.index(shard)
-            if s in parts:
-                return shard.ack(worker_id, parts[s], *((batch_size, inference_s) if s == counted else (0, 0.0)))
+        def ack_parts(shard: ImageQueue):
+            s, results = self.shards.index(shard), []
+            for (part_shard, part_lane), part in parts.items():
+                if part_shard == s:
+                    counts = (batch_size, inference_s) if (s, part_lane) == counted else (0, 0.0)
+                    results.append(shard.ack(worker_id, part, *counts, lane=part_lane))
+            return results
 
         answered, late = [], []
-        for result in self._on_each(ack_part):
-            if result:
+        for results in self._on_each(ack_parts):
+            for result in results or ():
                 answered += result[0]
                 late += result[1]
+        for d in done:  # acked (a failed ack raised above, and its retry needs the origins)
+            self._origin.pop(id(d.raw), None)
         return answered, late
 
     def _on_each(self, call) -> list:
@@ -1110,7 +1154,7 @@ class ShardedQueue:
             raise error
         return results
 
-    def _take_round(self, worker_id: str, count: int) -> tuple[float, list[tuple[int, bytes]]]:
+    def _take_round(self, worker_id: str, count: int, lane: int) -> tuple[float, list[tuple[int, int, bytes]]]:
         """One take on every shard (each registers this worker there), the next shard first each time.
 
         A shard whose Redis fails is skipped for a backoff while the others go on serving (a Cluster master
@@ -1126,7 +1170,7 @@ class ShardedQueue:
             try:
                 if s in self._down:
                     self.shards[s].requeue_own(worker_id)
-                now, messages = self.shards[s]._take_now(worker_id, max(0, count - len(taken)))
+                now, messages = self.shards[s]._take_now(worker_id, max(0, count - len(taken)), lane)
             except REDIS_ERRORS as exc:
                 self._shard_failed(s, exc)
                 error = exc
@@ -1134,7 +1178,7 @@ class ShardedQueue:
             if s in self._down:
                 log.info("queue shard %s answers again", self.shards[s].keys.name)
                 del self._down[s]
-            taken += [(s, m) for m in messages]
+            taken += [(s, lane, m) for m in messages]
         if not now and error is not None:  # no shard answered
             raise error
         return now, taken
@@ -1148,23 +1192,25 @@ class ShardedQueue:
             log.warning("queue shard %s: Redis unavailable (%s); serving the others", self.shards[s].keys.name, exc)
         self._down[s] = (backoff, time.monotonic() + delay)
 
-    def _block_on_every_shard(self, worker_id: str) -> None:
+    def _block_on_every_shard(self, worker_id: str, lane: int) -> None:
         """Wait until a blocking take on some shard has moved a message, or REDIS_BLOCK_S has passed."""
         from concurrent.futures import FIRST_COMPLETED, wait
 
         for s, shard in enumerate(self.shards):
             if s not in self._blocked and s not in self._down:
                 move = shard.redis.blmove
-                args = (shard.keys.queue, shard.keys.processing(worker_id), shard.block_s, "RIGHT", "LEFT")
-                self._blocked[s] = self._pool.submit(move, *args)
+                args = (shard.keys.queue, shard.keys.processing(worker_id, lane), shard.block_s, "RIGHT", "LEFT")
+                self._blocked[s] = (lane, self._pool.submit(move, *args))
         if self._blocked:
-            wait(list(self._blocked.values()), return_when=FIRST_COMPLETED)  # each ends within its block_s
+            futures = [future for _, future in self._blocked.values()]
+            wait(futures, return_when=FIRST_COMPLETED)  # each ends within its block_s
         else:  # every shard that answered the take is backing off: wait for the first to be due
             time.sleep(max(0.0, min(due for _, due in self._down.values()) - time.monotonic()))
 
-    def _finished_blocking_takes(self) -> list[tuple[int, bytes]]:
+    def _finished_blocking_takes(self, worker_id: str, lane: int) -> list[tuple[int, int, bytes]]:
+        """The messages the blocking takes moved, each on this lane's list of its shard."""
         taken = []
-        for s, future in list(self._blocked.items()):
+        for s, (took_on, future) in list(self._blocked.items()):
             if future.done():
                 del self._blocked[s]
                 try:
@@ -1172,9 +1218,29 @@ class ShardedQueue:
                 except REDIS_ERRORS as exc:
                     self._shard_failed(s, exc)
                     continue
+                if message is not None and took_on != lane:
+                    keys = self.shards[s].keys
+                    lists = [keys.processing(worker_id, took_on), keys.processing(worker_id, lane)]
+                    try:
+                        if not self._relane[s](keys=lists, args=[message]):
+                            continue  # requeued meanwhile (this worker recovering): not ours to answer
+                    except REDIS_ERRORS as exc:
+                        self._shard_failed(s, exc)
+                        continue  # left on its list: the recovery's requeue_own hands it back
                 if message is not None:
-                    taken.append((s, message))
+                    taken.append((s, lane, message))
         return taken
+
+
+# A message a blocking take moved onto one lane's list, moved onto another's (ShardedQueue: rare, so it may
+# pass through Lua). KEYS: from, to. ARGV: the message. -> 1 moved, 0 no longer there
+_RELANE = """
+if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 1 then
+  redis.call('LPUSH', KEYS[2], ARGV[1])
+  return 1
+end
+return 0
+"""
 
 
 def queue_from_config(

@@ -6,6 +6,7 @@ SIGTERM or SIGINT: finish the batch in hand, write its answers, leave, exit 0. A
 
 import logging
 import os
+import queue as stdlib_queue
 import signal
 import socket
 import sys
@@ -20,11 +21,13 @@ import logs
 import settings
 from image_queue import (
     CONFIGURATION_ERRORS,
+    LANES,
     REDIS_ERRORS,
     Backoff,
     Claim,
     Done,
     ImageQueue,
+    Message,
     MessageError,
     ModelInfo,
     decode_message,
@@ -38,11 +41,65 @@ log = logging.getLogger("model_server")
 
 
 class Answered(NamedTuple):
-    """What answer_batch made of a claimed batch."""
+    """What a batch came to once run: an answer (or a drop) for each claimed message."""
 
     done: list[Done]  # one per claimed message
     batch_size: int  # images the model ran (0: it ran none, or failed)
     inference_s: float  # seconds the model took for them
+
+
+class Batch:
+    """One batch in flight on one lane: its messages as claimed (and topped up), decoded and sorted into
+    those answered without the model (unreadable, expired, the wrong size) and those to run."""
+
+    def __init__(self, classifier, lane: int = 0):
+        self.classifier, self.lane = classifier, lane
+        self.claimed = 0  # messages taken onto the lane's list
+        self.done: list[Done] = []  # answered without the model
+        self.runs: list[tuple[bytes, Message, float]] = []  # for the model, each with when it was claimed
+        self.dirty = False  # a call on its lane failed: the lane's list may hold messages not in hand
+
+    def add(self, messages: list[bytes], now: float) -> None:
+        """Decode claimed messages; expiry is judged by now, the Redis clock read when they were taken."""
+        height, width = self.classifier.input_size
+        self.claimed += len(messages)
+        for raw in messages:
+            try:
+                message = decode_message(raw)
+            except MessageError as exc:
+                log.error("dropping an unusable queue message (%s), request id %s", exc, exc.request_id)
+                reason = str(exc) if exc.status == 503 else f"the queued request was unusable: {exc}"
+                answer = encode_error(exc.status, reason) if exc.request_id else None
+                self.done.append(Done(raw, exc.request_id, answer))
+                continue
+            if message.deadline < now:
+                self.done.append(Done(raw, message.request_id, None, message.deadline))  # nobody is waiting
+            elif message.pixels.shape[:2] != (height, width):
+                got_height, got_width, _ = message.pixels.shape
+                error = f"the image was prepared as {got_width}x{got_height} but the model takes {width}x{height}"
+                error += "; retry"
+                self.done.append(Done(raw, message.request_id, encode_error(503, error), message.deadline))
+            else:
+                self.runs.append((raw, message, now))
+
+    def run(self) -> Answered:
+        """Predict every image to run at once; a batch that raises yields error answers for its requests only."""
+        if not self.runs:
+            return Answered(self.done, 0, 0.0)
+        try:
+            started = time.perf_counter()
+            probabilities = self.classifier.predict(np.stack([m.pixels for _, m, _ in self.runs]))
+            took_s, ran = time.perf_counter() - started, len(self.runs)
+            answers = [
+                encode_answer(self.classifier.top_k(p, m.top), ran, took_s * 1000, at, p if m.probabilities else None)
+                for (_, m, at), p in zip(self.runs, probabilities, strict=True)
+            ]
+        except Exception:
+            log.exception("the model failed on a batch of %d; answering 500 for each", len(self.runs))
+            failed = encode_error(500, "the model failed on this request's batch")
+            answers, ran, took_s = [failed] * len(self.runs), 0, 0
+        done = [Done(raw, m.request_id, a, m.deadline) for (raw, m, _), a in zip(self.runs, answers, strict=True)]
+        return Answered(self.done + done, ran, took_s)
 
 
 def answer_batch(classifier, messages: list[bytes], now: float) -> Answered:
@@ -50,40 +107,9 @@ def answer_batch(classifier, messages: list[bytes], now: float) -> Answered:
 
     One bad message, or one batch that raises, yields error answers for those requests only.
     """
-    done, batch, ran, took_ms = [], [], 0, 0.0
-    height, width = classifier.input_size
-    for raw in messages:
-        try:
-            message = decode_message(raw)
-        except MessageError as exc:
-            log.error("dropping an unusable queue message (%s), request id %s", exc, exc.request_id)
-            reason = str(exc) if exc.status == 503 else f"the queued request was unusable: {exc}"
-            answer = encode_error(exc.status, reason) if exc.request_id else None
-            done.append(Done(raw, exc.request_id, answer))
-            continue
-        if message.deadline < now:
-            done.append(Done(raw, message.request_id, None, message.deadline))  # nobody is waiting
-        elif message.pixels.shape[:2] != (height, width):
-            got_height, got_width, _ = message.pixels.shape
-            error = f"the image was prepared as {got_width}x{got_height} but the model takes {width}x{height}; retry"
-            done.append(Done(raw, message.request_id, encode_error(503, error), message.deadline))
-        else:
-            batch.append((raw, message))
-    if batch:
-        try:
-            started = time.perf_counter()
-            probabilities = classifier.predict(np.stack([m.pixels for _, m in batch]))
-            took_ms = (time.perf_counter() - started) * 1000
-            answers = [
-                encode_answer(classifier.top_k(p, m.top), len(batch), took_ms, now, p if m.probabilities else None)
-                for (_, m), p in zip(batch, probabilities, strict=True)
-            ]
-            ran = len(batch)
-        except Exception:
-            log.exception("the model failed on a batch of %d; answering 500 for each", len(batch))
-            answers = [encode_error(500, "the model failed on this request's batch")] * len(batch)
-        done += [Done(raw, m.request_id, answer, m.deadline) for (raw, m), answer in zip(batch, answers, strict=True)]
-    return Answered(done, ran, took_ms / 1000)
+    batch = Batch(classifier)
+    batch.add(messages, now)
+    return batch.run()
 
 
 class Heartbeat:
@@ -126,60 +152,120 @@ class Heartbeat:
                     )
 
 
-class ModelWorker:
-    """The worker loop: claim, predict, acknowledge; a Heartbeat thread beside it."""
+class Handoff:
+    """The next batch, passed from the feeder thread to the model thread: the feeder keeps topping it up
+    from the queue while the model runs the batch before it, and hands it over the moment the model asks."""
 
-    def __init__(self, queue: ImageQueue, classifier, *, batch_size: int, max_wait_s: float, heartbeat_s: float):
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._batch: Batch | None = None
+        self._asked = False
+        self._closed = False
+
+    def take(self, poll_s: float) -> Batch | None:
+        """The model thread: the next batch, or None once the feeder has closed (it waits poll_s at a time,
+        so a signal handler runs between waits)."""
+        with self._cond:
+            self._asked = True
+            self._cond.notify_all()
+            while self._batch is None and not self._closed:
+                self._cond.wait(poll_s)
+            batch, self._batch, self._asked = self._batch, None, False
+            self._cond.notify_all()
+            return batch
+
+    def asked(self, wait_s: float = 0.0) -> bool:
+        """The feeder: has the model asked for the next batch (waiting up to wait_s for it to)?"""
+        with self._cond:
+            if not self._asked and wait_s > 0:
+                self._cond.wait(wait_s)
+            return self._asked
+
+    def give(self, batch: Batch) -> None:
+        """The feeder: hand the batch over, and return once the model has taken it (so the feeder holds one
+        batch at most: a dead peer's requeued messages wait behind two batches of a survivor, not more)."""
+        with self._cond:
+            self._batch = batch
+            self._cond.notify_all()
+            while self._batch is not None:
+                self._cond.wait()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+
+class ModelWorker:
+    """The worker: a pipeline of three threads around the model, and a Heartbeat thread beside them.
+
+    feeder  claims batch N+1 onto a free lane (its own processing list) and decodes it, topping it up from
+            the queue while the model runs batch N, until the model asks for it;
+    model   (the thread that calls run()) runs batch N;
+    acker   writes batch N-1's answers and releases its lane.
+    With depth lanes (PIPELINE_DEPTH, at most image_queue.LANES) a worker holds at most that many batches;
+    depth 1 is the serial loop: claim, run, ack, one after another. Every lane's list is a processing list
+    of this worker id, so the whole-list ack and a dead worker's requeue cover each batch it held.
+    """
+
+    def __init__(
+        self,
+        queue: ImageQueue,
+        classifier,
+        *,
+        batch_size: int,
+        max_wait_s: float,
+        heartbeat_s: float,
+        depth: int = LANES,
+    ):
         self.queue = queue
         self.classifier = classifier
         self.batch_size = batch_size
         self.max_wait_s = max_wait_s
         self.heartbeat_s = heartbeat_s
+        self.depth = max(1, min(depth, LANES))
         self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         height, width = classifier.input_size
         runtime = getattr(classifier, "runtime", "")
         self.model_info = ModelInfo(classifier.name, height, width, len(classifier.labels), runtime)
         self.stopping = False
         self.exit_code = 0  # 2: Redis refused this worker's credentials or permissions
+        self._lanes: stdlib_queue.Queue[tuple[int, bool]] = stdlib_queue.Queue()  # free lanes: (lane, dirty)
+        self._handoff = Handoff()
+        self._acks: stdlib_queue.Queue[tuple[Batch, Answered, float] | None] = stdlib_queue.Queue()
+        self._batch_s = 0.0  # how long the model's last batch took: the feeder tops up a few times per batch
 
     def request_stop(self, signum=None, frame=None) -> None:
-        """Signal handler: the first asks to stop after the batch in hand, the second stops now."""
+        """Signal handler: the first asks to stop after the batches in hand, the second stops now."""
         if self.stopping:
             raise KeyboardInterrupt
         log.info("worker %s: stopping after the batch in hand", self.worker_id)
         self.stopping = True
 
     def run(self) -> None:
-        backoff = Backoff()
-        heartbeat = Heartbeat(self.queue, self.worker_id, self.model_info, self.heartbeat_s)
+        heartbeat = self._heartbeat = Heartbeat(self.queue, self.worker_id, self.model_info, self.heartbeat_s)
         log.info(
-            "worker %s serving queue %r in batches of up to %d", self.worker_id, self.queue.keys.name, self.batch_size
+            "worker %s serving queue %r in batches of up to %d, %d in flight",
+            self.worker_id,
+            self.queue.keys.name,
+            self.batch_size,
+            self.depth,
         )
+        for lane in range(self.depth):
+            self._lanes.put((lane, False))
         heartbeat.start()
-        while not self.stopping:
-            try:
-                if backoff.failures:
-                    # A failed call may have left messages on our list that we do not hold: hand them back.
-                    left = self.queue.requeue_own(self.worker_id)
-                    heartbeat.beat()  # at once: Redis may have lost us and the model hash (a restart without AOF)
-                    log.info("worker %s: Redis is back (%d messages handed back)", self.worker_id, left)
-                    backoff.reset()
-                claim = self.queue.claim(self.worker_id, self.batch_size, self.max_wait_s)
-                if claim.messages:
-                    self.process(claim)
-            except REDIS_ERRORS as exc:
-                kind, delay = redis_trouble(exc), backoff.next_delay()
-                if kind == "configuration":  # retrying cannot help: say so once and leave
-                    log.error(
-                        "worker %s: Redis refused it (%s): check REDIS_URL and the ACL; exiting", self.worker_id, exc
-                    )
-                    self.exit_code = 2
-                    break
-                if kind == "unexpected":  # logged in full; its batch goes back on the queue once Redis answers
-                    log.error("worker %s: unexpected Redis reply %r; retrying in %.2f s", self.worker_id, exc, delay)
-                else:
-                    log.warning("worker %s: Redis unavailable (%s); retrying in %.2f s", self.worker_id, exc, delay)
-                time.sleep(delay)
+        feeder = threading.Thread(target=self._feed, name="feeder", daemon=True)
+        acker = threading.Thread(target=self._acknowledge, name="acker", daemon=True)
+        feeder.start()
+        acker.start()
+        while (batch := self._handoff.take(poll_s=0.5)) is not None:  # the feeder closes it once stopping
+            started = time.perf_counter()
+            answered = batch.run()
+            self._batch_s = time.perf_counter() - started
+            self._acks.put((batch, answered, started))
+        self._acks.put(None)
+        feeder.join()
+        acker.join()
         heartbeat.stop()
         try:
             left = self.queue.unregister(self.worker_id)
@@ -187,18 +273,138 @@ class ModelWorker:
         except REDIS_ERRORS as exc:
             log.warning("worker %s stopped without unregistering: %s", self.worker_id, exc)
 
+    # --- feeder: claim and decode the next batch, topped up until the model takes it -------------------
+
+    def _feed(self) -> None:
+        backoff = Backoff()
+        try:
+            while not self.stopping:
+                lane, dirty = self._free_lane()
+                if lane is None:
+                    continue
+                batch = Batch(self.classifier, lane)
+                try:
+                    if backoff.failures:
+                        left = self._hand_back(lane)
+                        self._heartbeat.beat()  # at once: Redis may have lost us and the model hash (no AOF)
+                        log.info("worker %s: Redis is back (%d messages handed back)", self.worker_id, left)
+                        backoff.reset()
+                    elif dirty:  # a failed call may have left messages on this lane's list that we do not hold
+                        self.queue.requeue_own(self.worker_id, lane)
+                    claim = self.queue.claim(self.worker_id, self.batch_size, self.max_wait_s, lane)
+                    batch.add(claim.messages, claim.server_time)
+                    if batch.claimed:
+                        self._top_up(batch)
+                except REDIS_ERRORS as exc:
+                    batch.dirty = True
+                    if not self._redis_failed(exc, backoff):
+                        break
+                if batch.claimed:
+                    self._handoff.give(batch)
+                else:
+                    self._lanes.put((lane, batch.dirty))
+        finally:
+            self._handoff.close()
+
+    def _hand_back(self, lane: int) -> int:
+        """After an outage: requeue what this lane's list and every other free lane's hold (batches in flight
+        keep theirs: their acks release them, or mark their lanes to be handed back in turn)."""
+        free = [lane]
+        while True:
+            try:
+                free.append(self._lanes.get_nowait()[0])
+            except stdlib_queue.Empty:
+                break
+        handed_back = 0
+        try:
+            while len(free) > 1:
+                handed_back += self.queue.requeue_own(self.worker_id, free[-1])
+                self._lanes.put((free.pop(), False))
+            return handed_back + self.queue.requeue_own(self.worker_id, lane)
+        finally:
+            for other in free[1:]:  # not yet handed back: they stay marked
+                self._lanes.put((other, True))
+
+    def _free_lane(self) -> tuple[int | None, bool]:
+        try:
+            return self._lanes.get(timeout=0.5)
+        except stdlib_queue.Empty:  # every lane in flight: look at self.stopping again
+            return None, False
+
+    def _top_up(self, batch: Batch) -> None:
+        """Until the model asks for it, fill the batch from the queue a few times per model batch; then once
+        more, unless it was just claimed (what a claim finds queued it takes at once)."""
+        last_take = time.monotonic()
+        while batch.claimed < self.batch_size and not self.stopping:
+            every_s = min(max(self._batch_s / 4, 0.002), 0.05)
+            if self._handoff.asked(every_s):
+                if time.monotonic() - last_take < 0.001:
+                    return
+                self._take_more(batch)
+                return
+            self._take_more(batch)
+            last_take = time.monotonic()
+
+    def _take_more(self, batch: Batch) -> None:
+        more = self.queue.top_up(self.worker_id, self.batch_size - batch.claimed, batch.lane)
+        batch.add(more.messages, more.server_time)
+
+    def _redis_failed(self, exc: Exception, backoff: Backoff) -> bool:
+        """Log a Redis error and back off; False when it is a configuration error (the worker exits 2)."""
+        kind, delay = redis_trouble(exc), backoff.next_delay()
+        if kind == "configuration":  # retrying cannot help: say so once and leave
+            log.error("worker %s: Redis refused it (%s): check REDIS_URL and the ACL; exiting", self.worker_id, exc)
+            self.exit_code = 2
+            self.stopping = True
+            return False
+        if kind == "unexpected":  # logged in full; its batch goes back on the queue once Redis answers
+            log.error("worker %s: unexpected Redis reply %r; retrying in %.2f s", self.worker_id, exc, delay)
+        else:
+            log.warning("worker %s: Redis unavailable (%s); retrying in %.2f s", self.worker_id, exc, delay)
+        time.sleep(delay)
+        return True
+
     def process(self, claim: Claim) -> None:
-        """Run and answer one batch; one INFO line names its requests (ids=...), so the web's lines join it."""
-        start = time.perf_counter()
-        result = answer_batch(self.classifier, claim.messages, claim.server_time)
-        inferred = time.perf_counter()
-        answered, late = self._ack(result)
+        """Run and answer one claimed batch (lane 0) in the calling thread: the pipeline's stages in a row."""
+        batch = Batch(self.classifier)
+        batch.add(claim.messages, claim.server_time)
+        started = time.perf_counter()
+        answered = batch.run()
+        self._log_batch(batch, answered, started, *self._ack(batch, answered))
+
+    # --- acker: write a batch's answers and free its lane ----------------------------------------------
+
+    def _acknowledge(self) -> None:
+        while (item := self._acks.get()) is not None:
+            batch, answered, started = item
+            try:
+                self._log_batch(batch, answered, started, *self._ack(batch, answered))
+            except REDIS_ERRORS as exc:  # its messages stay on the lane's list, which is handed back first
+                batch.dirty = True
+                log.warning("worker %s: could not answer a batch of %d (%s)", self.worker_id, batch.claimed, exc)
+            self._lanes.put((batch.lane, batch.dirty))
+
+    def _ack(self, batch: Batch, result: Answered) -> tuple[list[str], list[str]]:
+        """Acknowledge, retrying through a short Redis outage; then give up and let the lane be handed back."""
+        backoff, give_up = Backoff(), time.monotonic() + self.queue.worker_ttl_s
+        while True:
+            try:
+                return self.queue.ack(self.worker_id, result.done, result.batch_size, result.inference_s, batch.lane)
+            except REDIS_ERRORS as exc:
+                if redis_trouble(exc) != "transient" or time.monotonic() > give_up:
+                    raise
+                delay = backoff.next_delay()
+                log.warning("worker %s: could not answer (%s); retrying in %.2f s", self.worker_id, exc, delay)
+                time.sleep(delay)
+
+    def _log_batch(self, batch: Batch, result: Answered, started: float, answered: list[str], late: list[str]):
+        """One INFO line names a batch's requests (ids=...), so the web's lines join it."""
         expired = sum(1 for d in result.done if d.answer is None and d.request_id is not None)
         log.info(
             "batch of %d in %.1f ms (+%.1f ms to answer): %d answered, %d expired in queue, %d too late; ids=%s",
-            len(claim.messages),
-            (inferred - start) * 1000,
-            (time.perf_counter() - inferred) * 1000,
+            batch.claimed,
+            result.inference_s * 1000,
+            (time.perf_counter() - started - result.inference_s) * 1000,
             len(answered),
             expired,
             len(late),
@@ -207,19 +413,6 @@ class ModelWorker:
         )
         for request_id in answered:
             log.debug("answered %s", request_id, extra={"request_id": request_id})
-
-    def _ack(self, result: Answered) -> tuple[list[str], list[str]]:
-        """Acknowledge, retrying through a short Redis outage; then give up and let run() requeue the batch."""
-        backoff, give_up = Backoff(), time.monotonic() + self.queue.worker_ttl_s
-        while True:
-            try:
-                return self.queue.ack(self.worker_id, result.done, result.batch_size, result.inference_s)
-            except REDIS_ERRORS as exc:
-                if redis_trouble(exc) != "transient" or time.monotonic() > give_up:
-                    raise
-                delay = backoff.next_delay()
-                log.warning("worker %s: could not answer (%s); retrying in %.2f s", self.worker_id, exc, delay)
-                time.sleep(delay)
 
 
 def credentials_accepted(queue: ImageQueue) -> bool:
@@ -261,7 +454,7 @@ def batch_size_in_takeover(classifier, timings: dict[int, float]) -> int:
     classifier.buckets = tuple(b for b in classifier.buckets if b <= size)
     log.warning(
         "BATCH_SIZE %d lowered to %d: a batch of %d takes %.2f s here (of %d: %.2f s), and WORKER_TTL_S (%g s) + "
-        "WORKER_HEARTBEAT_S (%g s) + 2 x the largest batch must stay under REQUEST_TIMEOUT_S (%g s) for a "
+        "WORKER_HEARTBEAT_S (%g s) + %d x the largest batch must stay under REQUEST_TIMEOUT_S (%g s) for a "
         "dead worker's requests to be answered in time (set BATCH_SIZE=%d to start without this step, or raise "
         "REQUEST_TIMEOUT_S for larger batches)",
         config.BATCH_SIZE,
@@ -272,6 +465,7 @@ def batch_size_in_takeover(classifier, timings: dict[int, float]) -> int:
         timings[size],
         config.WORKER_TTL_S,
         config.WORKER_HEARTBEAT_S,
+        config.takeover_batches,
         config.REQUEST_TIMEOUT_S,
         size,
     )
@@ -325,6 +519,7 @@ def serve(queue, classifier, batch_size: int) -> int:
         batch_size=batch_size,
         max_wait_s=settings.MAX_BATCH_WAIT_MS / 1000,
         heartbeat_s=settings.WORKER_HEARTBEAT_S,
+        depth=settings.PIPELINE_DEPTH,
     )
     signal.signal(signal.SIGTERM, worker.request_stop)
     signal.signal(signal.SIGINT, worker.request_stop)

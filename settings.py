@@ -26,6 +26,7 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"  # o
 MODEL_PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
 MODEL_RUNTIMES = ("auto", "keras", "openvino")
 BATCH_BUCKET_MODES = ("auto", "on", "off")
+MAX_PIPELINE_DEPTH = 3  # a model worker's lanes: the queue protocol's processing lists per worker (image_queue.LANES)
 MODEL_ID_PATTERN = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")  # a model id: lower case, safe in URLs and Redis keys
 
 
@@ -135,6 +136,7 @@ class Settings:
     QUEUE_SHARDS: int
     BATCH_SIZE: int
     MAX_BATCH_WAIT_MS: float
+    PIPELINE_DEPTH: int
     QUEUE_MAX: int
     REQUEST_TIMEOUT_S: float
     RESULT_TTL_S: int
@@ -172,6 +174,11 @@ class Settings:
 
     def __post_init__(self):
         """The checks between settings, all here: a combination that breaks the timeouts' order fails at start."""
+        if self.PIPELINE_DEPTH > MAX_PIPELINE_DEPTH:
+            raise SettingError(
+                f"PIPELINE_DEPTH must be 1 to {MAX_PIPELINE_DEPTH} (batches a worker holds at once), "
+                f"got {self.PIPELINE_DEPTH}"
+            )
         if self.REDIS_CLUSTER and self.REDIS_SENTINELS:
             raise SettingError("set REDIS_CLUSTER or REDIS_SENTINELS, not both: a cluster fails over by itself")
         for name in ("MODEL_ID", "DEFAULT_MODEL"):
@@ -198,14 +205,21 @@ class Settings:
                 f"({self.WORKER_TTL_S:g} s), or live workers would count as dead between heartbeats"
             )
 
+    @property
+    def takeover_batches(self) -> int:
+        """Batches a survivor runs until a dead peer's requeued messages are answered, at worst: the one it is
+        running, the next it has claimed (pipelined, PIPELINE_DEPTH > 1), then theirs."""
+        return 2 if self.PIPELINE_DEPTH == 1 else 3
+
     def takeover_s(self, longest_batch_s: float) -> float:
         """Seconds from a worker's death until a survivor has answered the batch it held, at worst.
 
         Its last heartbeat may have come just before it died; it counts as dead WORKER_TTL_S later; the
         next peer heartbeat (within WORKER_HEARTBEAT_S) requeues its batch; a survivor may be mid-batch
-        (one longest batch) before it runs the requeued messages (another).
+        (one longest batch) with the next batch claimed (another, when pipelined) before it runs the
+        requeued messages (one more).
         """
-        return self.WORKER_TTL_S + self.WORKER_HEARTBEAT_S + 2 * longest_batch_s
+        return self.WORKER_TTL_S + self.WORKER_HEARTBEAT_S + self.takeover_batches * longest_batch_s
 
     def fits_takeover(self, longest_batch_s: float) -> bool:
         """Whether a killed worker's requests are answered by a survivor before their deadline, when its
@@ -227,7 +241,7 @@ class Settings:
         above = next((n for n in sizes if n > below), None)
         if above is None or timings[above] <= timings[below]:
             return below
-        budget_s = (self.REQUEST_TIMEOUT_S - self.WORKER_TTL_S - self.WORKER_HEARTBEAT_S) / 2
+        budget_s = (self.REQUEST_TIMEOUT_S - self.WORKER_TTL_S - self.WORKER_HEARTBEAT_S) / self.takeover_batches
         per_image_s = (timings[above] - timings[below]) / (above - below)
         return min(above - 1, below + int((budget_s - timings[below]) / per_image_s))
 
@@ -237,7 +251,8 @@ class Settings:
         if not self.fits_takeover(longest_batch_s):
             raise SettingError(
                 f"a dead worker's requests would expire before a survivor answers them: WORKER_TTL_S "
-                f"({self.WORKER_TTL_S:g} s) + WORKER_HEARTBEAT_S ({self.WORKER_HEARTBEAT_S:g} s) + 2 x the largest "
+                f"({self.WORKER_TTL_S:g} s) + WORKER_HEARTBEAT_S ({self.WORKER_HEARTBEAT_S:g} s) + "
+                f"{self.takeover_batches} x the largest "
                 f"batch ({longest_batch_s:.2f} s here) must be under REQUEST_TIMEOUT_S ({self.REQUEST_TIMEOUT_S:g} s): "
                 "lower WORKER_TTL_S or BATCH_SIZE, or raise REQUEST_TIMEOUT_S"
             )
@@ -288,6 +303,9 @@ class Settings:
             QUEUE_SHARDS=read.whole("QUEUE_SHARDS", 1, 1),
             BATCH_SIZE=read.whole("BATCH_SIZE", 32, 1),  # images: the most one forward pass takes
             MAX_BATCH_WAIT_MS=read.number("MAX_BATCH_WAIT_MS", 0.0),  # ms a worker holds a partial batch to fill it
+            # Batches a model worker holds at once (1-3): 3 claims and decodes batch N+1 and acks N-1 while the
+            # model runs N, each on a processing list of its own; 1 is the serial loop (claim, run, ack).
+            PIPELINE_DEPTH=read.whole("PIPELINE_DEPTH", 3, 1),
             QUEUE_MAX=read.whole("QUEUE_MAX", 128, 1),  # messages: /predict answers 503 once the queue holds this many
             REQUEST_TIMEOUT_S=read.number("REQUEST_TIMEOUT_S", 10.0, 0.5),  # seconds from arrival to 504
             RESULT_TTL_S=read.whole("RESULT_TTL_S", 60, 1),  # seconds an unread answer stays in Redis
@@ -295,7 +313,7 @@ class Settings:
             # delay them); each also requeues the batches of peers silent for WORKER_TTL_S.
             WORKER_HEARTBEAT_S=read.number("WORKER_HEARTBEAT_S", 0.5, 0.1),
             # Seconds without a heartbeat before a worker counts as dead: /predict then answers 503 and peers
-            # requeue its claimed messages. A worker keeps WORKER_TTL_S + WORKER_HEARTBEAT_S + 2 x its largest
+            # requeue its claimed messages. A worker keeps WORKER_TTL_S + WORKER_HEARTBEAT_S + 3 x its largest
             # batch < REQUEST_TIMEOUT_S (lowering its batch size where needed; refusing to start if one image
             # breaks it), so a dead worker's requests are answered in time. Too short, and a worker starved of
             # CPU for that long (a niced one under a decode flood) counts as dead; its late answers are then

@@ -87,7 +87,12 @@ def worker_id(service) -> str:
 
 
 def holds_a_batch(redis_client, keys: Keys, worker: str = "*") -> bool:
-    return any(redis_client.llen(k) for k in redis_client.scan_iter(match=keys.processing(worker)))
+    """Whether the worker (any, by default) holds messages on any of its lanes' processing lists."""
+    return any(redis_client.llen(k) for k in redis_client.scan_iter(match=keys.processing(worker) + "*"))
+
+
+def held_by(redis_client, keys: Keys, worker: str) -> int:
+    return sum(redis_client.llen(k) for k in keys.lanes(worker))
 
 
 def expired_or_late(log: str) -> int:
@@ -134,16 +139,16 @@ def test_with_the_shipped_timeouts_one_of_two_workers_killed_mid_batch_its_reque
     keys = s.keys()
     with Traffic(s.url, *photos, rate=RATE) as traffic:
         traffic.wait_for_answers(60, 60)
-        victim_list = keys.processing(worker_id(victim))
+        victim_id = worker_id(victim)
         for worker in (survivor, victim):  # 2 s of requests queue up (under WORKER_TTL_S: both stay live) ...
             worker.process.send_signal(signal.SIGSTOP)
         time.sleep(2)
         victim.process.send_signal(signal.SIGCONT)  # ... the victim claims them all as one batch ...
-        wait_for(lambda: redis_client.llen(victim_list) >= 6, 5)
+        wait_for(lambda: held_by(redis_client, keys, victim_id) >= 6, 5)
         victim.process.send_signal(signal.SIGKILL)  # ... and dies running it
         survivor.process.send_signal(signal.SIGCONT)
         killed_at = time.monotonic()
-        held = redis_client.llen(victim_list)
+        held = held_by(redis_client, keys, victim_id)
         victim.process.wait()
         traffic.wait_for_answers(100, 120)
 

@@ -398,3 +398,49 @@ def test_the_directory_lists_registered_models_and_forgets_one_silent_for_model_
     with_default = ModelDirectory(config | {"DEFAULT_MODEL": "gamma"}, 0.5)
     with pytest.raises(NoWorker, match="default model 'gamma'"):  # 503, not 404: this web is meant to serve it
         with_default.queue("gamma")
+
+
+# --- Lanes: a pipelined worker holds a batch on each of its processing lists -----------------------
+
+
+def test_each_lane_is_a_processing_list_of_its_own_acked_whole_and_counted_as_held(make_queue, redis_client):
+    queue = make_queue(queue_max=6)
+    assert queue.keys.lanes("w1") == [f"{{{queue.keys.name}}}:processing:w1" + s for s in ("", "/1", "/2")]
+    for i in range(6):
+        queue.enqueue(f"m{i}".encode())
+    first, second = queue.claim("w1", 2, lane=0), queue.claim("w1", 2, lane=1)
+    third = queue.top_up("w1", 2, lane=2)
+    assert (first.messages, second.messages, third.messages) == ([b"m0", b"m1"], [b"m2", b"m3"], [b"m4", b"m5"])
+    assert [redis_client.llen(k) for k in queue.keys.lanes("w1")] == [2, 2, 2]
+    with pytest.raises(QueueFull):  # every lane's messages are held: the bound counts them all
+        queue.enqueue(b"one-too-many")
+    done = [Done(m, m.decode(), b"answer:" + m, 1e18) for m in second.messages]
+    assert queue.ack("w1", done, lane=1) == (["m2", "m3"], [])  # whole-list: DEL of lane 1 only
+    assert [redis_client.llen(k) for k in queue.keys.lanes("w1")] == [2, 0, 2]
+    assert queue.status().held == 4
+
+
+def test_a_dead_workers_batches_on_every_lane_go_back_on_the_queue(make_queue, redis_client):
+    queue = make_queue(worker_ttl_s=1.0)
+    for i in range(6):
+        queue.enqueue(f"m{i}".encode())
+    queue.heartbeat("dead", MODEL)
+    queue.claim("dead", 2, lane=0)  # being acked
+    queue.claim("dead", 2, lane=1)  # running
+    queue.claim("dead", 1, lane=2)  # the next batch, claimed
+    time.sleep(1.2)
+    queue.heartbeat("alive", MODEL)
+    assert queue.requeue_dead_workers() == 5
+    assert not any(redis_client.llen(k) for k in queue.keys.lanes("dead"))
+    assert sorted(queue.claim("alive", 10).messages) == [f"m{i}".encode() for i in range(6)]
+
+
+def test_a_lane_handed_back_alone_leaves_the_others_in_hand(make_queue, redis_client):
+    queue = make_queue()
+    for i in range(4):
+        queue.enqueue(f"m{i}".encode())
+    queue.claim("w1", 2, lane=0)
+    queue.claim("w1", 2, lane=2)
+    assert queue.requeue_own("w1", lane=2) == 2  # the lane whose call failed
+    assert redis_client.llen(queue.keys.processing("w1", 0)) == 2 and redis_client.llen(queue.keys.queue) == 2
+    assert queue.requeue_own("w1") == 2  # every lane

@@ -501,9 +501,9 @@ def test_under_load_with_two_model_workers_the_numbers_add_up(make_stack, redis_
         victim_id = wait_for(lambda: re.findall(r"worker (\S+) serving queue", victim.log_text()), 30)[0]
         with Traffic(s.url, images, [None] * len(images), rate=5) as tail:
             while True:  # stopped while it holds a batch: its ack has not run (nor, so, been counted)
-                wait_for(lambda: redis_client.llen(keys.processing(victim_id)), 60)
+                wait_for(lambda: any(redis_client.llen(k) for k in keys.lanes(victim_id)), 60)
                 victim.process.send_signal(signal.SIGSTOP)
-                if redis_client.llen(keys.processing(victim_id)):
+                if any(redis_client.llen(k) for k in keys.lanes(victim_id)):
                     break
                 victim.process.send_signal(signal.SIGCONT)
             victim.process.send_signal(signal.SIGKILL)

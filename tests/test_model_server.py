@@ -125,7 +125,7 @@ class TimedClassifier:
     "per_image_s, buckets, noise_s, expected",
     [
         (0.03, (), 0.0, 32),  # 1.0 s at 32: the configured batch fits
-        (0.105, (), 0.0, 30),  # the slow CI machine (3.4 s at 32): interpolated, timed, kept
+        (0.105, (), 0.0, 20),  # the slow CI machine (3.4 s at 32): interpolated (3 batches in 6.5 s), timed, kept
         (0.105, (), 0.5, 2),  # the interpolated batch timed slower than the line said: the largest timed fit
         (0.105, (1, 2, 4, 8, 16, 32), 0.0, 16),  # padded batches: the largest bucket that fits
     ],
@@ -454,3 +454,95 @@ def test_a_busy_worker_requeues_a_dead_peers_batch_within_ttl_plus_a_heartbeat(r
     finally:
         survivor.request_stop()
         thread.join(10)
+
+
+# --- The pipeline: claim N+1 and ack N-1 while the model runs N ----------------------------------
+
+
+class RecordingClassifier(SlowClassifier):
+    """A slow model that records, at each batch it starts, what every lane of its worker holds."""
+
+    def __init__(self, seconds: float, queue, worker):
+        super().__init__(seconds)
+        self.queue, self.worker, self.seen = queue, worker, []
+
+    def predict(self, pixels):
+        time.sleep(0.05)  # let the feeder claim the next batch
+        self.seen.append([self.queue.redis.llen(k) for k in self.queue.keys.lanes(self.worker.worker_id)])
+        return super().predict(pixels)
+
+
+def test_the_next_batch_is_claimed_on_its_own_lane_while_the_model_runs_and_each_is_answered_once(
+    redis_url, queue_name
+):
+    import threading
+
+    from image_queue import ImageQueue, connect
+
+    queue = ImageQueue(connect(redis_url, 0.2), queue_name, block_s=0.2, worker_ttl_s=2.0)
+    worker = ModelWorker(queue, StandInClassifier(), batch_size=4, max_wait_s=0, heartbeat_s=0.2)
+    worker.classifier = RecordingClassifier(0.2, queue, worker)
+    ids = [f"p{i}" for i in range(16)]
+    for request_id in ids:
+        queue.enqueue(message(request_id, deadline=time.time() + 30))
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
+    try:
+        got = {request_id: queue.wait_for(request_id, time.monotonic() + 15) for request_id in ids}
+    finally:
+        worker.request_stop()
+        thread.join(10)
+    assert all(a is not None and "predictions" in image_queue.decode_answer(a) for a in got.values())
+    # while a batch ran, the next one was already held on another lane
+    assert any(sum(1 for n in lanes if n) >= 2 for lanes in worker.classifier.seen), worker.classifier.seen
+    assert max(max(lanes) for lanes in worker.classifier.seen) <= 4
+    assert queue.stats().batch_sizes == {4: 4}  # 16 images in 4 full batches, each counted once
+    assert not thread.is_alive() and queue.status().held == 0
+    assert all(queue.redis.llen(key) == 0 for key in queue.keys.lanes(worker.worker_id))
+
+
+def test_the_next_batch_fills_while_the_model_runs_rather_than_leaving_with_the_first_arrival(redis_url, queue_name):
+    """Requests arriving one by one during a long batch all go in the next one, not one per batch."""
+    import threading
+
+    from image_queue import ImageQueue, connect
+
+    queue = ImageQueue(connect(redis_url, 0.2), queue_name, block_s=0.2, worker_ttl_s=2.0)
+    worker = ModelWorker(queue, SlowClassifier(0.6), batch_size=8, max_wait_s=0, heartbeat_s=0.2)
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
+    try:
+        queue.enqueue(message("first", deadline=time.time() + 30))
+        time.sleep(0.2)  # the model is running "first"
+        for i in range(5):
+            queue.enqueue(message(f"later-{i}", deadline=time.time() + 30))
+            time.sleep(0.05)
+        answers_ = [queue.wait_for(f"later-{i}", time.monotonic() + 10) for i in range(5)]
+    finally:
+        worker.request_stop()
+        thread.join(10)
+    sizes = {image_queue.decode_answer(a)["batch_size"] for a in answers_}
+    assert sizes == {5}  # all five in one batch: the claimed batch was topped up until the model took it
+
+
+@pytest.mark.parametrize("depth", [1, 3])
+def test_a_stop_request_answers_every_batch_in_flight_and_hands_nothing_back(redis_url, queue_name, caplog, depth):
+    import threading
+
+    from image_queue import ImageQueue, connect
+
+    queue = ImageQueue(connect(redis_url, 0.2), queue_name, block_s=0.2, worker_ttl_s=2.0)
+    worker = ModelWorker(queue, SlowClassifier(0.3), batch_size=2, max_wait_s=0, heartbeat_s=0.2, depth=depth)
+    for i in range(12):
+        queue.enqueue(message(f"s{i}", deadline=time.time() + 30))
+    thread = threading.Thread(target=worker.run, daemon=True)
+    with caplog.at_level(logging.INFO, logger="model_server"):
+        thread.start()
+        time.sleep(0.45)  # mid-batch, with the next one claimed where pipelined
+        worker.request_stop()
+        thread.join(10)
+    answered = [i for i in range(12) if queue.redis.llen(queue.keys.result(f"s{i}"))]
+    assert not thread.is_alive() and "stopped (0 messages handed back)" in caplog.text
+    assert answered == list(range(len(answered))) and 4 <= len(answered) <= 6  # whole batches, in order
+    status = queue.status()  # the rest wait on the queue; no lane holds any
+    assert status.queue_depth == 12 - len(answered) and status.held == status.queue_depth

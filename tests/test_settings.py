@@ -15,6 +15,7 @@ def test_defaults_are_the_documented_ones():
     s = Settings.from_env({})
     assert s.REDIS_URL == "redis://localhost:6379/0" and s.REDIS_CONFIGURED is False
     assert s.IMAGE_QUEUE == "image_queue" and s.BATCH_SIZE == 32 and s.MAX_BATCH_WAIT_MS == 0
+    assert s.PIPELINE_DEPTH == 3
     assert s.MODEL_NAME == "ResNet50" and s.MODEL_WEIGHTS == "imagenet" and s.TOP_K == 5
     assert s.WEB_HOST == "127.0.0.1" and s.MODEL_PRECISION == "auto" and s.BATCH_BUCKETS == "auto"
     assert s.MODEL_RUNTIME == "auto" and s.MODEL_CACHE_DIR == ""
@@ -70,6 +71,8 @@ def test_every_setting_is_read_from_its_variable():
         ({"REQUEST_TIMEOUT_S": "nan"}, "REQUEST_TIMEOUT_S must be finite"),
         ({"REQUEST_TIMEOUT_S": "-inf"}, "REQUEST_TIMEOUT_S must be finite"),
         ({"WORKER_NICE": "20"}, "WORKER_NICE must be 0 to 19"),
+        ({"PIPELINE_DEPTH": "4"}, "PIPELINE_DEPTH must be 1 to 3"),
+        ({"PIPELINE_DEPTH": "0"}, "PIPELINE_DEPTH must be at least 1"),
         ({"LOG_JSON": "maybe"}, "LOG_JSON must be 1/true/yes/on"),
     ],
 )
@@ -118,17 +121,24 @@ def test_the_module_reads_the_environment_once_and_a_bad_value_stops_the_process
 def test_a_worker_refuses_settings_under_which_a_dead_workers_requests_expire_before_takeover():
     defaults = Settings.from_env({})
     assert (defaults.WORKER_TTL_S, defaults.WORKER_HEARTBEAT_S, defaults.REQUEST_TIMEOUT_S) == (3.0, 0.5, 10.0)
-    assert defaults.takeover_s(1.1) == pytest.approx(5.7)  # ResNet50, batch 32, on 2 cores: room to spare
+    # pipelined (PIPELINE_DEPTH 3): the batch a survivor runs, the one it has claimed, then the dead one's
+    assert defaults.takeover_s(1.1) == pytest.approx(6.8)  # ResNet50, batch 32, on 2 cores: room to spare
     defaults.check_takeover(1.1)
-    with pytest.raises(SettingError, match=r"WORKER_TTL_S \(3 s\).*2 x the largest batch \(3.40 s here\)"):
-        defaults.check_takeover(3.4)  # 3 + 0.5 + 6.8 >= 10
-    Settings.from_env({"REQUEST_TIMEOUT_S": "12"}).check_takeover(3.4)
+    with pytest.raises(SettingError, match=r"WORKER_TTL_S \(3 s\).*3 x the largest batch \(2.50 s here\)"):
+        defaults.check_takeover(2.5)  # 3 + 0.5 + 7.5 >= 10
+    serial = Settings.from_env({"PIPELINE_DEPTH": "1"})
+    assert serial.takeover_s(1.1) == pytest.approx(5.7)
+    serial.check_takeover(2.5)  # 3 + 0.5 + 5 < 10
+    with pytest.raises(SettingError, match=r"2 x the largest batch \(3.40 s here\)"):
+        serial.check_takeover(3.4)  # 3 + 0.5 + 6.8 >= 10
+    Settings.from_env({"REQUEST_TIMEOUT_S": "14"}).check_takeover(3.4)
     with pytest.raises(SettingError, match="lower WORKER_TTL_S or BATCH_SIZE, or raise REQUEST_TIMEOUT_S"):
         Settings.from_env({"WORKER_TTL_S": "10"}).check_takeover(0.1)  # the old default TTL: 504s, not takeover
 
 
 def test_the_largest_batch_in_the_takeover_order_is_interpolated_between_timed_sizes():
-    defaults = Settings.from_env({})  # a batch may take up to (10 - 3 - 0.5) / 2 = 3.25 s
+    assert Settings.from_env({}).largest_batch_in_takeover({1: 0.167, 2: 0.282, 32: 3.436}) == 19  # (10-3.5)/3 s
+    defaults = Settings.from_env({"PIPELINE_DEPTH": "1"})  # serial: a batch may take up to (10 - 3 - 0.5) / 2 s
     assert defaults.largest_batch_in_takeover({1: 0.1, 2: 0.2, 32: 1.1}) == 32  # all fit
     # the slow CI machine's warm-up with two workers warming at once: 0.105 s more per image after batch 2
     assert defaults.largest_batch_in_takeover({1: 0.167, 2: 0.282, 32: 3.436}) == 30

@@ -254,3 +254,29 @@ def test_the_web_passes_over_a_shard_whose_redis_is_down_and_every_request_is_se
         worker.request_stop()
         thread.join(10)
     assert not thread.is_alive()
+
+
+def test_a_blocking_take_that_lands_after_its_claim_is_moved_to_the_lane_that_claims_it(sharded, redis_client):
+    """An idle worker blocks on every shard for lane 0; the claim returns with one message while the other
+    shards' takes still wait. A message one of them moves later is taken by the next claim, on lane 1: it is
+    moved onto lane 1's list first, so lane 1's ack releases it and lane 0's list is left empty."""
+    queue = sharded(3, REDIS_BLOCK_S=1.0)
+    queue.heartbeat("w1", MODEL)
+    first = {}
+    thread = threading.Thread(target=lambda: first.update(claim=queue.claim("w1", 8, lane=0)))
+    thread.start()
+    time.sleep(0.2)  # blocked on all three shards
+    queue.shards[0].enqueue(message("a"))
+    thread.join(5)
+    assert [m.split(b",")[0] for m in first["claim"].messages] == [b'{"id":"a"']
+    queue.shards[1].enqueue(message("b"))  # a still-blocked take on shard 1 moves it onto lane 0's list
+    wait_for(lambda: redis_client.llen(queue.shards[1].keys.processing("w1", 0)), 2)
+    time.sleep(0.05)
+    second = queue.claim("w1", 8, lane=1)
+    assert len(second.messages) == 1 and redis_client.llen(queue.shards[1].keys.processing("w1", 0)) == 0
+    assert redis_client.llen(queue.shards[1].keys.processing("w1", 1)) == 1
+    done = [Done(m, "b", b"answer:b", 1e18) for m in second.messages]
+    assert queue.ack("w1", done, lane=1) == (["b"], [])
+    assert queue.ack("w1", [Done(m, "a", b"answer:a", 1e18) for m in first["claim"].messages], lane=0)[0] == ["a"]
+    assert not any(redis_client.llen(k) for s in queue.shards for k in s.keys.lanes("w1"))
+    queue.unregister("w1")
