@@ -291,8 +291,7 @@ def to_openvino(classifier: Classifier, precision: str, cache_dir: str, source: 
     core = ov.Core()
     hint = openvino_hint(precision, core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
     os.makedirs(cache_dir, exist_ok=True)
-    key = hashlib.sha256(f"{source}|keras-{keras_version()}|openvino-{ov.__version__}".encode()).hexdigest()[:16]
-    path = os.path.join(cache_dir, f"{classifier.name}-{key}.xml")
+    path = openvino_cache_path(cache_dir, classifier.name, source)
     started = time.perf_counter()
     if source and os.path.exists(path):
         graph, how = path, f"from {path}"
@@ -304,7 +303,7 @@ def to_openvino(classifier: Classifier, precision: str, cache_dir: str, source: 
             shutil.rmtree(folder, ignore_errors=True)
         how = "converted from Keras"
         if source:  # written whole under another name, then renamed: a worker starting beside it never reads half
-            partial = os.path.join(cache_dir, f".{os.getpid()}-{classifier.name}-{key}.xml")
+            partial = os.path.join(cache_dir, f".{os.getpid()}-{os.path.basename(path)}")
             ov.save_model(graph, partial, compress_to_fp16=False)
             os.replace(partial[:-4] + ".bin", path[:-4] + ".bin")
             os.replace(partial, path)
@@ -319,6 +318,16 @@ def to_openvino(classifier: Classifier, precision: str, cache_dir: str, source: 
     log.info("OpenVINO %s: %s model %s and compiled in %.1f s", ov.__version__.split("-")[0], hint, how, took)
     model = OpenVINOModel(compiled, classifier.model.input_shape, classifier.model.output_shape)
     return Classifier(classifier.name, model, lambda x: x, classifier.labels, (), True, "openvino", hint)
+
+
+def openvino_cache_path(cache_dir: str, name: str, source: str) -> str:
+    """Where to_openvino keeps the converted model (an IR .xml, its weights in the .bin beside it): named by
+    source, the Keras and the OpenVINO versions. Exists only once a model with a non-empty source was loaded;
+    the benchmark's peers (bench/peers) load it from there."""
+    import openvino as ov
+
+    key = hashlib.sha256(f"{source}|keras-{keras_version()}|openvino-{ov.__version__}".encode()).hexdigest()[:16]
+    return os.path.join(cache_dir, f"{name}-{key}.xml")
 
 
 def openvino_hint(precision: str, capabilities: list[str]) -> str:

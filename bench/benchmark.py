@@ -3,6 +3,7 @@
     python -m bench.benchmark [--quick] [--out DIR]                  the suite (~10 min; --quick ~4 min)
     python -m bench.benchmark tune --vary NAME=V1,V2 [--vary ...]     the service under settings variants
     python -m bench.benchmark protocols [--rounds 3]                  /predict vs v2 infer, same service
+    python -m bench.benchmark peers [--quick] [--peers bentoml,litserve]  the service vs BentoML and LitServe
     ... --protocol v2                                                the service over v2 (suite and tune)
 
 The suite starts, on free ports: redis-server, one model worker and gunicorn (this service, its
@@ -30,6 +31,14 @@ binary, the top 5 as Triton's classification: as tritonclient does) instead of /
 answers check keep /predict's form. `protocols` starts one service and measures /predict and v2 in turn at 8
 and 32 clients, round after round, with each round's ratio of their throughputs.
 
+`peers` puts the same model behind BentoML and LitServe (bench/peers: each in its own virtual environment, pip
+installed there on first use), each loading the OpenVINO IR this process's classifier converted and compiling it
+with the same precision hint, preparing images with helpers.py as the web does. After checking every system's
+answers against the model's own, it measures the raw model, the service (its shipped settings) and each peer at
+1, 8 and 32 clients, round after round (--rounds; who goes first rotates), with each system's process-tree memory
+(RSS and PSS, the peak during each run), and writes DIR/benchmark-peers.json: medians, served/ceiling and
+service/peer throughput at 8 and 32 clients, and the p99s.
+
 `tune` starts one service stack per variant (each --vary NAME=V1,V2 gives one variant per value, the
 other settings at their defaults) and measures them in turn, round after round: one client, 8 and 32
 clients in a closed loop, with the raw ceiling between rounds.
@@ -41,6 +50,7 @@ import os
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -50,7 +60,7 @@ import requests
 
 import helpers
 import stack
-from loadgen import LoadRun, infer_url, summarize
+from loadgen import LoadRun, infer_url, post_image, summarize
 
 ROOT = Path(__file__).resolve().parent.parent  # the repository
 IMAGES = sorted((ROOT / "images").glob("*.jpg"))
@@ -161,6 +171,65 @@ def children(pid: int) -> list[int]:
     return found
 
 
+def descendants(pid: int) -> list[int]:
+    """A process's children, their children, and so on (one pass over /proc)."""
+    parents: dict[int, list[int]] = {}
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            ppid = next(line for line in status.read_text().splitlines() if line.startswith("PPid:"))
+        except (OSError, StopIteration):
+            continue
+        parents.setdefault(int(ppid.split()[1]), []).append(int(status.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        kids = parents.get(todo.pop(), [])
+        found += kids
+        todo += kids
+    return found
+
+
+def tree_memory_mb(pids: list[int]) -> dict[str, float]:
+    """Resident (RSS) and proportional (PSS: shared pages divided among their sharers) memory of the processes,
+    MB, summed; processes that have exited count 0. RSS sums count a page every process shares once per process."""
+    rss = pss = 0.0
+    for pid in pids:
+        for name, field in (("status", "VmRSS:"), ("smaps_rollup", "Pss:")):
+            try:
+                line = next(x for x in Path(f"/proc/{pid}/{name}").read_text().splitlines() if x.startswith(field))
+            except (OSError, StopIteration):
+                continue
+            if field == "VmRSS:":
+                rss += int(line.split()[1]) / 1024
+            else:
+                pss += int(line.split()[1]) / 1024
+    return {"rss_mb": round(rss, 1), "pss_mb": round(pss, 1)}
+
+
+class PeakMemory:
+    """Samples tree_memory_mb(pids) every interval_s on a thread while in the with block; .peak: the largest."""
+
+    def __init__(self, pids: list[int], interval_s: float = 0.5):
+        self.pids, self.interval_s = pids, interval_s
+        self.peak = {"rss_mb": 0.0, "pss_mb": 0.0}
+        self._done = threading.Event()
+
+    def _sample(self) -> None:
+        while True:
+            now = tree_memory_mb(self.pids)
+            self.peak = {k: max(v, now[k]) for k, v in self.peak.items()}
+            if self._done.wait(self.interval_s):
+                return
+
+    def __enter__(self) -> "PeakMemory":
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+        self._thread.join()
+
+
 # --- the processes ----------------------------------------------------------------------------------
 
 
@@ -212,6 +281,7 @@ class Lab:
         return {
             "url": url + "predict" if protocol == "predict" else infer_url(url + "predict", "resnet50"),
             "pids": {"model worker": [worker.pid], "web": children(web.pid), "redis": [redis.pid]},
+            "processes": [redis.pid, worker.pid, web.pid],  # the heads of its process trees
         }
 
     def baseline(self, name: str = "baseline", **settings) -> dict:
@@ -229,6 +299,21 @@ class Lab:
                 raise RuntimeError(f"{name}: not every gunicorn worker loaded the model:\n{web.log_text()[-3000:]}")
             time.sleep(0.2)
         return {"url": url + "predict", "pids": {"web + model": children(web.pid)}}
+
+    def openvino_ir(self) -> Path:
+        """The OpenVINO IR (.xml) load_model's classifier was converted to and cached as, for the peers to load."""
+        from classifier import cache_source, default_cache_dir, openvino_cache_path
+
+        source = cache_source(self.classifier.name, self.weights, "", "")
+        cache_dir = os.environ.get("MODEL_CACHE_DIR") or default_cache_dir()
+        path = Path(openvino_cache_path(cache_dir, self.classifier.name, source))
+        if self.classifier.runtime != "openvino" or not path.exists():
+            raise SystemExit(
+                f"the peers load the OpenVINO model the suite converts; there is none at {path} (runtime "
+                f"{self.classifier.runtime}): run with OpenVINO installed, MODEL_RUNTIME auto or openvino, and "
+                "MODEL_WEIGHTS unset or a weights file"
+            )
+        return path
 
     def _keep(self, service: stack.Service) -> stack.Service:
         self.services.append(service)
@@ -634,9 +719,248 @@ def protocols(args) -> int:
     return 0 if errors == 0 else 1
 
 
+# --- peers -----------------------------------------------------------------------------------------
+
+PEER_CLIENTS = (1, 8, 32)  # closed-loop clients per level of the peers command
+ANSWER_TOLERANCE = 1e-4  # largest probability difference from the model's own answer (same runtime, same hint)
+
+
+def compare_answer(got: list[dict], own: list[dict], tolerance: float = ANSWER_TOLERANCE) -> tuple[bool, float]:
+    """A system's top 5 against the model's own: (the same labels in the same order with every probability within
+    tolerance, the largest probability difference; nan when the lists differ in length)."""
+    if len(got) != len(own):
+        return False, float("nan")
+    worst = max((abs(g["probability"] - o["probability"]) for g, o in zip(got, own, strict=True)), default=0.0)
+    return [g["label"] for g in got] == [o["label"] for o in own] and worst <= tolerance, worst
+
+
+def peer_answers(classifier, urls: dict[str, str], images: list[bytes]) -> dict:
+    """Each photo through each system as loadgen sends it: the model's own top 5? And how close, at worst."""
+    from bench.peers import answer_predictions
+
+    height, width = classifier.input_size
+    pixels = [helpers.prepare_image(helpers.open_image(image, 10**8), (width, height)) for image in images]
+    own = [classifier.top_k(classifier.predict(p[None])[0], 5) for p in pixels]
+    result = {}
+    for name, url in urls.items():
+        checks = []
+        for image, expected in zip(images, own, strict=True):
+            response = post_image(url, image, CLIENT_TIMEOUT_S)
+            response.raise_for_status()
+            checks.append(compare_answer(answer_predictions(response.json()), expected))
+        result[name] = {
+            "agree": all(same for same, _ in checks),
+            "max_probability_difference": max(diff for _, diff in checks),
+            "top1": answer_predictions(response.json())[0]["label"],
+        }
+    return result
+
+
+def raw_figure(classifier, clients: int, seconds: float) -> dict:
+    """The raw model in this process: at one client its batch-1 rate and call time, else its ceiling (the best of
+    batch 8 and 32)."""
+    if clients == 1:
+        one = raw_rate(classifier, 1, "predict_on_batch", seconds)
+        return {"images_per_s": one["images_per_s"], "call_ms": one["call_ms"]}
+    return {"ceiling_per_s": ceiling(classifier, [8, 32], seconds)}
+
+
+def mean_figure(a: dict, b: dict) -> dict:
+    return {key: round((a[key] + b[key]) / 2, 2) for key in a}
+
+
+def ratio(a: float, b: float) -> float | None:
+    return round(a / b, 3) if b else None
+
+
+def median_of(values: list) -> float | None:
+    present = [v for v in values if v is not None]
+    return round(statistics.median(present), 3) if present else None
+
+
+def over(levels: list[dict], peer: str, figure: str) -> float | None:
+    """The service's figure (throughput, p50 or p99) over the peer's, per round; the median of those."""
+
+    def value(f: dict) -> float:
+        return f["throughput_per_s"] if figure == "throughput" else f["latency_ms"][figure]
+
+    return median_of([ratio(value(lv["service"]), value(lv[peer])) for lv in levels])
+
+
+def peers_summary(rounds: list[dict], systems: list[str]) -> dict:
+    """Medians over the rounds per level and system (throughput, p50, p99; memory: the peak of any run), and the
+    ratios each taken within a round, then their median: served/ceiling and service/peer at 8 and 32 clients,
+    the service's p99 (and at one client its p50) over each peer's."""
+    peers = [name for name in systems if name != "service"]
+    summary: dict = {"levels": {}}
+    for clients in PEER_CLIENTS:
+        levels = [lv for lv in rounds if lv["clients"] == clients]
+        if not levels:
+            continue
+        level: dict = {"raw": {key: median_of([lv["raw"][key] for lv in levels]) for key in levels[0]["raw"]}}
+        for name in systems:
+            runs = [lv[name] for lv in levels]
+            level[name] = {
+                "throughput_per_s": median_of([r["throughput_per_s"] for r in runs]),
+                "p50_ms": median_of([r["latency_ms"]["p50"] for r in runs]),
+                "p99_ms": median_of([r["latency_ms"]["p99"] for r in runs]),
+                "peak_rss_mb": max(r["memory_mb"]["rss_mb"] for r in runs),
+                "peak_pss_mb": max(r["memory_mb"]["pss_mb"] for r in runs),
+                "failed": sum(sum(r["failed"].values()) for r in runs),
+            }
+            if clients > 1:
+                level[name]["over_ceiling"] = median_of(
+                    [ratio(lv[name]["throughput_per_s"], lv["raw"]["ceiling_per_s"]) for lv in levels]
+                )
+        summary["levels"][str(clients)] = level
+        if clients == 1:
+            summary["service_p50_over_peer_p50_1"] = {peer: over(levels, peer, "p50") for peer in peers}
+            continue
+        summary[f"served_over_ceiling_{clients}"] = {name: level[name]["over_ceiling"] for name in systems}
+        summary[f"service_over_peer_{clients}"] = {peer: over(levels, peer, "throughput") for peer in peers}
+        summary[f"p99_ms_{clients}"] = {name: level[name]["p99_ms"] for name in systems}
+        summary[f"service_p99_over_peer_p99_{clients}"] = {peer: over(levels, peer, "p99") for peer in peers}
+    return summary
+
+
+def peers_command(args) -> int:
+    """The raw model, the service (its shipped defaults) and each peer, at 1, 8 and 32 clients, round after round,
+    who goes first rotating; each system's answers checked first. Writes DIR/benchmark-peers.json."""
+    from bench import peers as peer_lab
+
+    names = peer_lab.peer_names(args.peers)
+    for name in names:  # before anything is loaded: an install is pip's work, not a measurement's neighbour
+        peer_lab.install(name, say)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    images = [path.read_bytes() for path in IMAGES]
+    args.out.mkdir(parents=True, exist_ok=True)
+    report: dict = {
+        "cpu": cpu_name(),
+        "cpus": os.cpu_count(),
+        "clients": list(PEER_CLIENTS),
+        "seconds": args.seconds,
+        "rounds_asked": args.rounds,
+        "peers": {
+            name: {
+                "settings": peer_lab.PEERS[name].settings,
+                "requirements": [
+                    line.split("#")[0].strip()
+                    for line in (peer_lab.PEERS[name].folder / "requirements.txt").read_text().splitlines()
+                    if line.split("#")[0].strip()
+                ],
+            }
+            for name in names
+        },
+    }
+    out = args.out / "benchmark-peers.json"
+    with tempfile.TemporaryDirectory(prefix="peers-") as tmp, ExitStack() as cleanup:
+        lab = Lab(Path(tmp))
+        cleanup.callback(lab.stop)
+        say("loading the model here (converted to OpenVINO, as the service's worker loads it) ...")
+        classifier = lab.load_model()
+        model_xml = lab.openvino_ir()
+        report["runtime"] = f"{classifier.runtime} {classifier.precision}"
+        say("starting the service (its shipped settings) ...")
+        service = lab.service("service")
+        urls, heads = {"service": service["url"]}, {"service": service["processes"]}
+        for name in names:
+            say(f"starting {name} (its own venv; the model from {model_xml.name}) ...")
+            peer = peer_lab.start(name, model_xml, classifier.precision, LABELS, Path(tmp))
+            cleanup.callback(peer.stop)
+            urls[name], heads[name] = peer.url, [peer.pid]
+        report["answers"] = peer_answers(classifier, urls, images)
+        agree = {name: "same" if a["agree"] else "DIFFERENT" for name, a in report["answers"].items()}
+        say(f"answers (the model's own top 5?): {agree}")
+        if not all(a["agree"] for a in report["answers"].values()):
+            out.write_text(json.dumps(report, indent=1))
+            say(f"not measured: a system's answers differ from the model's own ({out})")
+            return 1
+        trees = {name: [*pids, *(d for pid in pids for d in descendants(pid))] for name, pids in heads.items()}
+        report["processes"] = {name: len(pids) for name, pids in trees.items()}
+        # One client before any load has been: BentoML's dispatcher learns how long to hold a batch open from its
+        # last 50 batches, so after a burst it keeps waiting at one client for a while (the rounds show that).
+        report["one_client_fresh"] = {}
+        for name in urls:
+            sequential(urls[name], images, 8)  # first requests: allocations, BentoML's dispatcher's training
+            report["one_client_fresh"][name] = figures(closed(urls[name], images, 1, args.seconds))
+        say("  one client, before any load: " + ", ".join(
+            f"{name} {f['throughput_per_s']:.1f}/s p50 {f['latency_ms']['p50']:.0f} ms"
+            for name, f in report["one_client_fresh"].items()
+        ))  # fmt: skip
+        report["idle_memory_mb"] = {name: tree_memory_mb(pids) for name, pids in trees.items()}
+        for url in urls.values():  # a full batch's memory, before the rounds
+            closed(url, images, 32, min(args.seconds, 3))
+        report["rounds"] = []
+        for r in range(args.rounds):
+            for i, clients in enumerate(PEER_CLIENTS):
+                level: dict = {"round": r + 1, "clients": clients}
+                before = raw_figure(classifier, clients, args.raw_seconds)
+                for name in ordered(urls, r * len(PEER_CLIENTS) + i):
+                    with PeakMemory(trees[name]) as memory:
+                        run = closed(urls[name], images, clients, args.seconds)
+                    level[name] = {**figures(run), "memory_mb": memory.peak}
+                level["raw"] = mean_figure(before, raw_figure(classifier, clients, args.raw_seconds))
+                say(f"  round {r + 1}, {clients:>2} clients: " + ", ".join(
+                    f"{name} {level[name]['throughput_per_s']:.1f}/s p99 {level[name]['latency_ms']['p99']:.0f} ms"
+                    + (f" ({sum(level[name]['failed'].values())} failed)" if level[name]["failed"] else "")
+                    for name in urls
+                ) + f", raw {next(iter(level['raw'].values())):.1f}/s")  # fmt: skip
+                report["rounds"].append(level)
+        report["logs_tail"] = {name: (Path(tmp) / f"{name}.log").read_text(errors="replace")[-1500:] for name in names}
+    report["summary"] = peers_summary(report["rounds"], list(urls))
+    out.write_text(json.dumps(report, indent=1))
+    print_peers(report)
+    print(f"\nwritten: {out}")
+    levels = report["summary"]["levels"].values()
+    return 0 if all(f["failed"] == 0 for level in levels for name, f in level.items() if name != "raw") else 1
+
+
+RATIOS = (
+    "served_over_ceiling_8",
+    "served_over_ceiling_32",
+    "service_over_peer_8",
+    "service_over_peer_32",
+    "service_p99_over_peer_p99_8",
+    "service_p99_over_peer_p99_32",
+    "service_p50_over_peer_p50_1",
+)
+
+
+def print_peers(report: dict) -> None:
+    summary = report["summary"]
+    print(f"\n{report['cpu']}, {report['cpus']} CPUs, {report['runtime']}; medians of {len(report['rounds']) // 3} "
+          f"round(s) of {report['seconds']:g} s per system and level")  # fmt: skip
+    print(f"\n{'clients':>7}  {'system':<10}{'answers/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'x ceiling':>11}"
+          f"{'peak RSS MB':>13}{'peak PSS MB':>13}{'failed':>8}")  # fmt: skip
+    for clients, level in summary["levels"].items():
+        raw = level["raw"]
+        if "call_ms" in raw:
+            print(f"{clients:>7}  {'raw':<10}{raw['images_per_s']:>10.1f}{raw['call_ms']:>9.1f}  (batch 1: one call)")
+        else:
+            print(f"{clients:>7}  {'raw':<10}{raw['ceiling_per_s']:>10.1f}{'':>18}{1:>11.3f}  (best of batch 8, 32)")
+        for name, f in level.items():
+            if name == "raw":
+                continue
+            x = f"{f['over_ceiling']:.3f}" if f.get("over_ceiling") is not None else ""
+            print(
+                f"{clients:>7}  {name:<10}{f['throughput_per_s']:>10.1f}{f['p50_ms']:>9.0f}{f['p99_ms']:>9.0f}{x:>11}"
+                f"{f['peak_rss_mb']:>13.0f}{f['peak_pss_mb']:>13.0f}{f['failed']:>8}"
+            )
+    print("\none client before any load (one run each):")
+    for name, f in report["one_client_fresh"].items():
+        lat = f["latency_ms"]
+        print(f"  {name:<10}{f['throughput_per_s']:>8.1f}/s  p50 {lat['p50']:.0f} ms  p99 {lat['p99']:.0f} ms")
+    print("\nratios (each taken within a round, then the median):")
+    for key in RATIOS:
+        if key in summary:
+            print(f"  {key}: " + ", ".join(f"{n} {v}" for n, v in summary[key].items()))
+    print("  memory: RSS sums each process's resident pages (shared ones once per process); PSS divides them")
+    print(f"  processes per system: {report['processes']}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", nargs="?", choices=("suite", "tune", "protocols"), default="suite")
+    parser.add_argument("command", nargs="?", choices=("suite", "tune", "protocols", "peers"), default="suite")
     parser.add_argument("--protocol", choices=("predict", "v2"), default="predict", help="the service's requests")
     parser.add_argument("--quick", action="store_true", help="shorter runs (~4 min): a check, not the figures")
     parser.add_argument("--out", type=Path, default=Path("benchmark-results"), help="where to write JSON and PNG")
@@ -651,6 +975,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, help="rounds at 8 and 32 clients (default 3; quick 1)")
     parser.add_argument("--single", type=int, help="requests in a row for one-client latency (default 40; quick 15)")
     parser.add_argument("--vary", action="append", default=[], help="tune: NAME=V1,V2 (repeat for more settings)")
+    parser.add_argument("--peers", default="bentoml,litserve", help="peers: which, comma-separated (bench/peers)")
     args = parser.parse_args(argv)
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # JAX: several model processes share a GPU
     defaults = {"seconds": (10, 4), "raw_seconds": (2, 1), "open_seconds": (15, 5), "seed_seconds": (25, 8),
@@ -664,6 +989,8 @@ def main(argv: list[str] | None = None) -> int:
         return tune(args)
     if args.command == "protocols":
         return protocols(args)
+    if args.command == "peers":
+        return peers_command(args)
     return suite(args)
 
 
