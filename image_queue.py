@@ -891,8 +891,10 @@ class ImageQueue:
 
     def top_up(self, worker_id: str, count: int, lane: int = 0) -> Claim:
         """Add up to count messages to a lane's claimed batch, without blocking (a pipelined worker fills the
-        next batch while the model runs this one)."""
-        return Claim(*self._take_now(worker_id, count, lane))
+        next batch while the model runs this one). It looks first (LLEN): a look at an empty queue is one small
+        command, where a take is a MULTI of count moves. Nothing waiting: Claim(0, [])."""
+        waiting = self.redis.llen(self.keys.queue)
+        return Claim(*self._take_now(worker_id, min(count, waiting), lane)) if waiting else Claim(0.0, [])
 
     def _take_now(self, worker_id: str, count: int, lane: int = 0) -> tuple[float, list[bytes]]:
         """Register, read the clock and move up to count messages, in one MULTI (one round trip)."""

@@ -174,6 +174,11 @@ class Handoff:
             self._cond.notify_all()
             return batch
 
+    def waiting(self) -> bool:
+        """The model thread: is the next batch already handed over (so answering this one inline would delay it)?"""
+        with self._cond:
+            return self._batch is not None
+
     def asked(self, wait_s: float = 0.0) -> bool:
         """The feeder: has the model asked for the next batch (waiting up to wait_s for it to)?"""
         with self._cond:
@@ -262,7 +267,10 @@ class ModelWorker:
             started = time.perf_counter()
             answered = batch.run()
             self._batch_s = time.perf_counter() - started
-            self._acks.put((batch, answered, started))
+            if self._handoff.waiting():  # the next batch is ready: the acker answers this one meanwhile
+                self._acks.put((batch, answered, started))
+            else:  # the model would wait anyway: answer at once, without a hop to another thread
+                self._finish(batch, answered, started)
         self._acks.put(None)
         feeder.join()
         acker.join()
@@ -347,7 +355,8 @@ class ModelWorker:
 
     def _take_more(self, batch: Batch) -> None:
         more = self.queue.top_up(self.worker_id, self.batch_size - batch.claimed, batch.lane)
-        batch.add(more.messages, more.server_time)
+        if more.messages:
+            batch.add(more.messages, more.server_time)
 
     def _redis_failed(self, exc: Exception, backoff: Backoff) -> bool:
         """Log a Redis error and back off; False when it is a configuration error (the worker exits 2)."""
@@ -376,13 +385,16 @@ class ModelWorker:
 
     def _acknowledge(self) -> None:
         while (item := self._acks.get()) is not None:
-            batch, answered, started = item
-            try:
-                self._log_batch(batch, answered, started, *self._ack(batch, answered))
-            except REDIS_ERRORS as exc:  # its messages stay on the lane's list, which is handed back first
-                batch.dirty = True
-                log.warning("worker %s: could not answer a batch of %d (%s)", self.worker_id, batch.claimed, exc)
-            self._lanes.put((batch.lane, batch.dirty))
+            self._finish(*item)
+
+    def _finish(self, batch: Batch, answered: Answered, started: float) -> None:
+        """Write a batch's answers and free its lane."""
+        try:
+            self._log_batch(batch, answered, started, *self._ack(batch, answered))
+        except REDIS_ERRORS as exc:  # its messages stay on the lane's list, which is handed back first
+            batch.dirty = True
+            log.warning("worker %s: could not answer a batch of %d (%s)", self.worker_id, batch.claimed, exc)
+        self._lanes.put((batch.lane, batch.dirty))
 
     def _ack(self, batch: Batch, result: Answered) -> tuple[list[str], list[str]]:
         """Acknowledge, retrying through a short Redis outage; then give up and let the lane be handed back."""

@@ -13,6 +13,10 @@ classifier.load_classifier, warms it up as the worker does (warm_up(32)), then m
                        up to a bucket (1, 2, 4, 8, 16, 32) would cost on every call instead;
   redis_round_trips    commands, round trips and milliseconds of one batch's claim + ack on a private
                        redis-server, against answering with plain commands, one by one or pipelined;
+  reply_wait           the web's CPU to receive one answer: today's per-request blocking read of its own result
+                       key (ImageQueue.wait_for: BLMOVE onto itself, then DEL) against issue 12's candidate, one
+                       reply listener per web process reading a reply list that workers push to (a blocking wake,
+                       then LRANGE + LTRIM of every answer there), with 1, 8 and 32 answers per wake;
   xla_and_precision    images/s of the default model, the model compiled with XLA (jit_compile=True), and a
                        mixed_bfloat16 model, measured interleaved (A B C A B C): this machine's speed drifts.
 Every loop is bounded by a count or a number of seconds, so the script stops by itself. Each section
@@ -61,13 +65,14 @@ class Plan:
     pad_sizes: tuple[int, ...]
     pad_reps: int
     redis_reps: int
+    reply_reps: int
     xla_batches: tuple[int, ...]
     xla_rounds: int
     xla_seconds: float
 
 
-FULL = Plan(500, 30, 8, 3, (3, 5, 7, 12, 17, 25), 3, 10, (8, 32), 2, 2.0)
-QUICK = Plan(100, 10, 3, 1, (3, 12), 1, 3, (8,), 2, 1.0)
+FULL = Plan(500, 30, 8, 3, (3, 5, 7, 12, 17, 25), 3, 10, 2000, (8, 32), 2, 2.0)
+QUICK = Plan(100, 10, 3, 1, (3, 12), 1, 3, 300, (8,), 2, 1.0)
 
 
 # --- Timing helpers -----------------------------------------------------------------------------
@@ -460,6 +465,41 @@ def redis_round_trips(plan: Plan, tmp: str, batch_s: float, classifier) -> dict:
 # --- 5. xla_and_precision -----------------------------------------------------------------------
 
 
+def reply_wait(plan: Plan, tmp: str) -> dict:
+    """Client CPU (this thread) per answer received: the per-request read against a reply listener's batched read."""
+    port = stack.free_port()
+    server = stack.start_redis(port, tmp)
+    try:
+        client = image_queue.connect(f"redis://127.0.0.1:{port}/0", 1.0)
+        queue = ImageQueue(client, "micro-replies")
+        answer = image_queue.encode_answer([{"label": "tabby", "probability": 0.9, "index": 281}] * 5, 8, 20.0, 1.0)
+        per_request = []
+        for i in range(plan.reply_reps):
+            request_id = f"r{i}"
+            client.rpush(queue.keys.result(request_id), answer)  # the worker's ack, already done
+            started = time.thread_time()
+            queue.wait_for(request_id, time.monotonic() + 5)
+            per_request.append(time.thread_time() - started)
+        rows = {"per_request_wait_for": {"cpu_us_per_answer": round(statistics.median(per_request) * 1e6, 1)}}
+        replies = "{micro-replies}:replies:web-1"
+        for per_wake in (1, 8, 32):
+            times = []
+            for _ in range(max(1, plan.reply_reps // per_wake)):
+                client.rpush(replies, *[b"r " + answer] * per_wake)  # one ack script's pushes
+                started = time.thread_time()
+                client.blmove(replies, replies, 1, "RIGHT", "RIGHT")  # wake: something is there (left in place)
+                got = client.lrange(replies, 0, 255)
+                client.ltrim(replies, len(got), -1)
+                times.append((time.thread_time() - started) / len(got))
+            rows[f"listener_{per_wake}_per_wake"] = {"cpu_us_per_answer": round(statistics.median(times) * 1e6, 1)}
+    finally:
+        server.stop()
+    print("\nreply_wait: the web's CPU to receive one answer (this thread, median)")
+    for name, row in rows.items():
+        print(f"  {name:<24} {row['cpu_us_per_answer']:>7.1f} µs")
+    return rows
+
+
 def xla_classifier(weights: str):
     """A second copy of the classifier, its model compiled with jit_compile=True (XLA)."""
     from classifier import load_classifier
@@ -656,6 +696,13 @@ def summary_lines(results: dict) -> list[str]:
             f"{paths['plain']['round_trips']} round trips, pipelined {paths['pipelined']['median_ms']:.1f} ms / "
             f"{paths['pipelined']['round_trips']}"
         )
+    w = results.get("reply_wait")
+    if w:
+        lines.append(
+            "reply_wait: µs of web CPU per answer: per-request wait_for "
+            + f"{w['per_request_wait_for']['cpu_us_per_answer']:.0f}; reply listener at 1 / 8 / 32 answers per wake "
+            + " / ".join(f"{w[f'listener_{n}_per_wake']['cpu_us_per_answer']:.0f}" for n in (1, 8, 32))
+        )
     x = results.get("xla_and_precision")
     if x:
         parts = []
@@ -693,11 +740,11 @@ def machine_info() -> dict:
     }
 
 
-SECTIONS = ("codec", "jpeg_draft", "padding_vs_retracing", "redis_round_trips", "xla_and_precision")
+SECTIONS = ("codec", "jpeg_draft", "padding_vs_retracing", "redis_round_trips", "reply_wait", "xla_and_precision")
 
 
 def main() -> int:
-    """Build and warm the model, run the five sections in order (or --only some), print the summary, write --json."""
+    """Build and warm the model, run the six sections in order (or --only some), print the summary, write --json."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer repetitions and sizes (about 1 minute)")
     parser.add_argument("--json", type=Path, metavar="FILE", help="write all results here as JSON")
@@ -725,6 +772,8 @@ def main() -> int:
             results["padding_vs_retracing"] = padding_vs_retracing(plan, classifier)
         if "redis_round_trips" in only:
             results["redis_round_trips"] = redis_round_trips(plan, tmp, batch_s, classifier)
+        if "reply_wait" in only:
+            results["reply_wait"] = reply_wait(plan, tmp)
         if "xla_and_precision" in only:
             results["xla_and_precision"] = xla_and_precision(plan, classifier, weights)
     results["machine"]["load_average_end"] = [round(x, 2) for x in os.getloadavg()]

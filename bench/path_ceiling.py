@@ -2,7 +2,11 @@
 time (the stand-in worker, bench/stand_in_worker.py), and the CPU each process spends per answered request.
 This is the figure that says whether the service could feed a faster model or a GPU from these cores.
 
-    python -m bench.path_ceiling [--clients 8,32,64] [--seconds 10] [--batch-ms 0]
+    python -m bench.path_ceiling [--clients 8,32,64] [--seconds 10] [--batch-ms 0] [--depths 1,3 --rounds 3]
+
+--depths alternates the worker's PIPELINE_DEPTH (a fresh stand-in worker per turn, the same Redis and web),
+so serial and pipelined workers are compared in one run; with --batch-ms > 0 the stand-in behaves like an
+accelerator that takes that long per batch on cores of its own (it sleeps).
 
 It starts its own redis-server, gunicorn (the shipped web settings) and one stand-in worker on free ports,
 then runs closed loops of the README's photos (images/, full size, as a client sends them) from this
@@ -30,8 +34,13 @@ def main() -> None:
     parser.add_argument("--clients", default="8,32,64", help="closed-loop concurrencies, comma-separated")
     parser.add_argument("--seconds", type=float, default=10.0, help="per concurrency")
     parser.add_argument("--batch-ms", type=float, default=0.0, help="the stand-in model's time per batch")
+    parser.add_argument(
+        "--depths", default="", help="PIPELINE_DEPTH values to alternate, comma-separated (default: the setting's)"
+    )
+    parser.add_argument("--rounds", type=int, default=1, help="rounds over the depths, who goes first alternating")
     args = parser.parse_args()
     images = [path.read_bytes() for path in sorted((ROOT / "images").glob("*.jpg"))]
+    depths = [d for d in args.depths.split(",") if d] or [None]
     with tempfile.TemporaryDirectory() as workdir:
         redis_port, web_port = stack.free_port(), stack.free_port()
         env = {"REDIS_URL": f"redis://127.0.0.1:{redis_port}/0", "WEB_PORT": str(web_port), "LOG_LEVEL": "WARNING"}
@@ -39,40 +48,52 @@ def main() -> None:
         services = [stack.start_redis(redis_port, workdir, logs / "redis.log")]
         try:
             services.append(stack.start_web(env, logs / "web.log"))
-            argv = [sys.executable, "-m", "bench.stand_in_worker", "--batch-ms", str(args.batch_ms)]
-            services.append(stack._start("stand-in worker", argv, env, logs / "worker.log"))
             url = stack.web_url("127.0.0.1", web_port)
-            stack.wait_until_ready(url, services, 60)
-            redis_pid, web_pid, worker_pid = (s.pid for s in services)
-            processes = {
-                "web (gunicorn)": lambda: [web_pid, *children(web_pid)],
-                "Redis": lambda: [redis_pid],
-                "worker (stand-in)": lambda: [worker_pid],
-                "load generator": lambda: [os.getpid()],
-            }
-            LoadRun(url + "predict", images).closed_loop(8, duration_s=2)  # warm: connections, first requests
             print(f"stand-in model at {args.batch_ms:g} ms per batch, {os.cpu_count()} CPUs, photos: "
                   f"{', '.join(f'{len(i) // 1024} KB' for i in images)}")  # fmt: skip
-            for clients in (int(c) for c in args.clients.split(",")):
-                before = {name: cpu_seconds(pids()) for name, pids in processes.items()}
-                started = time.monotonic()
-                run = LoadRun(url + "predict", images)
-                run.closed_loop(clients, duration_s=args.seconds)
-                summary = summarize(run.results)
-                ok = max(1, summary["succeeded"])
-                cpu = {name: (cpu_seconds(pids()) - before[name]) * 1000 / ok for name, pids in processes.items()}
-                service_cpu = sum(v for k, v in cpu.items() if k != "load generator")
-                print(
-                    f"{clients:>3} clients: {summary['throughput_per_s']:.0f} images/s, p50 "
-                    f"{summary['latency_ms']['p50']:.0f} ms, p99 {summary['latency_ms']['p99']:.0f} ms, "
-                    f"failed {summary['failed'] or 0}, {time.monotonic() - started:.0f} s; CPU ms per answer: "
-                    + ", ".join(f"{name} {ms:.2f}" for name, ms in cpu.items())
-                    + f"; service {service_cpu:.2f}",
-                    flush=True,
-                )
+            for r in range(args.rounds):
+                for depth in depths[r % len(depths) :] + depths[: r % len(depths)]:
+                    worker_env = env | ({"PIPELINE_DEPTH": depth} if depth else {})
+                    argv = [sys.executable, "-m", "bench.stand_in_worker", "--batch-ms", str(args.batch_ms)]
+                    worker = stack._start("stand-in worker", argv, worker_env, logs / "worker.log")
+                    try:
+                        stack.wait_until_ready(url, [*services, worker], 60)
+                        print(f"round {r + 1}, PIPELINE_DEPTH {depth or 'as set'}:", flush=True)
+                        measure(url, images, args, {"Redis": services[0].pid, "web": services[1].pid}, worker.pid)
+                    finally:
+                        worker.stop()
         finally:
             for service in reversed(services):
                 service.stop()
+
+
+def measure(url: str, images: list[bytes], args, pids: dict, worker_pid: int) -> None:
+    """Closed loops at each concurrency: images/s, latency, and each process's CPU per answered request."""
+    redis_pid, web_pid = pids["Redis"], pids["web"]
+    processes = {
+        "web (gunicorn)": lambda: [web_pid, *children(web_pid)],
+        "Redis": lambda: [redis_pid],
+        "worker (stand-in)": lambda: [worker_pid],
+        "load generator": lambda: [os.getpid()],
+    }
+    LoadRun(url + "predict", images).closed_loop(8, duration_s=2)  # warm: connections, first requests
+    for clients in (int(c) for c in args.clients.split(",")):
+        before = {name: cpu_seconds(pids()) for name, pids in processes.items()}
+        started = time.monotonic()
+        run = LoadRun(url + "predict", images)
+        run.closed_loop(clients, duration_s=args.seconds)
+        summary = summarize(run.results)
+        ok = max(1, summary["succeeded"])
+        cpu = {name: (cpu_seconds(pids()) - before[name]) * 1000 / ok for name, pids in processes.items()}
+        service_cpu = sum(v for k, v in cpu.items() if k != "load generator")
+        print(
+            f"{clients:>3} clients: {summary['throughput_per_s']:.0f} images/s, p50 "
+            f"{summary['latency_ms']['p50']:.0f} ms, p99 {summary['latency_ms']['p99']:.0f} ms, "
+            f"failed {summary['failed'] or 0}, {time.monotonic() - started:.0f} s; CPU ms per answer: "
+            + ", ".join(f"{name} {ms:.2f}" for name, ms in cpu.items())
+            + f"; service {service_cpu:.2f}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

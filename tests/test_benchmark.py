@@ -172,15 +172,19 @@ def test_the_shards_benchmark_runs_both_layouts_and_the_busiest_master_carries_l
 
 
 def test_the_path_ceiling_runs_the_stand_in_worker_behind_gunicorn_and_reports_cpu_per_process():
+    """Serial and pipelined workers in turn (--depths), each measured: images/s and every process's CPU."""
     result = subprocess.run(
-        [sys.executable, "-m", "bench.path_ceiling", "--seconds", "2", "--clients", "4"],
-        cwd=ROOT, capture_output=True, text=True, timeout=180,
+        [sys.executable, "-m", "bench.path_ceiling", "--seconds", "2", "--clients", "4", "--depths", "1,3"],
+        cwd=ROOT, capture_output=True, text=True, timeout=240,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    line = next(line for line in result.stdout.splitlines() if line.lstrip().startswith("4 clients"))
-    assert "failed 0" in line and float(line.split(": ")[1].split()[0]) > 0, result.stdout
-    for process in ("web (gunicorn)", "Redis", "worker (stand-in)", "load generator"):
-        assert float(line.split(process + " ")[1].split(",")[0].split(";")[0]) > 0, line  # each one measured
+    assert "PIPELINE_DEPTH 1:" in result.stdout and "PIPELINE_DEPTH 3:" in result.stdout, result.stdout
+    lines = [line for line in result.stdout.splitlines() if line.lstrip().startswith("4 clients")]
+    assert len(lines) == 2, result.stdout
+    for line in lines:
+        assert "failed 0" in line and float(line.split(": ")[1].split()[0]) > 0, result.stdout
+        for process in ("web (gunicorn)", "Redis", "worker (stand-in)", "load generator"):
+            assert float(line.split(process + " ")[1].split(",")[0].split(";")[0]) > 0, line  # each one measured
 
 
 @pytest.mark.slow
@@ -188,10 +192,28 @@ def test_the_micro_benchmarks_jpeg_section_runs_and_reports_the_draft_speedup(tm
     """bench.micro --quick --only jpeg_draft: a section of the lab that nothing else runs (it broke once, silently)."""
     out = tmp_path / "micro.json"
     result = subprocess.run(
-        [sys.executable, "-m", "bench.micro", "--quick", "--only", "jpeg_draft", "--json", str(out)],
+        [sys.executable, "-m", "bench.micro", "--quick", "--only", "jpeg_draft", "--only", "reply_wait",
+         "--json", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
+    waits = json.loads(out.read_text())["reply_wait"]  # each way of receiving an answer measured
+    assert set(waits) == {"per_request_wait_for", "listener_1_per_wake", "listener_8_per_wake", "listener_32_per_wake"}
+    assert all(row["cpu_us_per_answer"] > 0 for row in waits.values()), waits
     rows = json.loads(out.read_text())["jpeg_draft"]
     assert rows["12mp"]["draft_decodes_at"] == [504, 378] and rows["12mp"]["speedup"] > 2
     assert rows["chelsea"]["mean_abs_pixel_difference"] == 0  # no scale below 1 covers 224: the same pixels
+
+
+def test_the_worker_feed_benchmark_runs_serial_and_pipelined_workers_in_turn():
+    """bench.worker_feed: the worker alone, the queue kept full, a stand-in model of fixed batch time; each depth
+    measured (its figures are the benchmark's to judge, not this test's)."""
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.worker_feed", "--batch-ms", "5", "--rounds", "1", "--seconds", "1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line.split() for line in result.stdout.splitlines() if line.strip().startswith("5 ")]
+    assert [row[1] for row in rows] == ["1", "3"], result.stdout
+    for row in rows:
+        assert float(row[2]) > 0 and 0 < float(row[3]) <= 1.2 and float(row[4]) > 0, result.stdout
