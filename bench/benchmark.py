@@ -35,9 +35,9 @@ and 32 clients, round after round, with each round's ratio of their throughputs.
 installed there on first use), each loading the OpenVINO IR this process's classifier converted and compiling it
 with the same precision hint, preparing images with helpers.py as the web does. After checking every system's
 answers against the model's own, it measures the raw model, the service (its shipped settings) and each peer at
-1, 8 and 32 clients, round after round (--rounds; who goes first rotates), with each system's process-tree memory
-(RSS and PSS, the peak during each run), and writes DIR/benchmark-peers.json: medians, served/ceiling and
-service/peer throughput at 8 and 32 clients, and the p99s.
+1, 8 and 32 clients, round after round (--rounds; who goes first rotates; the peers not being measured are paused),
+with each system's process-tree memory (RSS and PSS, the peak during each run) and CPU time, and writes
+DIR/benchmark-peers.json: medians, served/ceiling and service/peer throughput at 8 and 32 clients, and the p99s.
 
 `tune` starts one service stack per variant (each --vary NAME=V1,V2 gives one variant per value, the
 other settings at their defaults) and measures them in turn, round after round: one client, 8 and 32
@@ -743,15 +743,17 @@ def peer_answers(classifier, urls: dict[str, str], images: list[bytes]) -> dict:
     own = [classifier.top_k(classifier.predict(p[None])[0], 5) for p in pixels]
     result = {}
     for name, url in urls.items():
-        checks = []
+        checks, top1 = [], []
         for image, expected in zip(images, own, strict=True):
             response = post_image(url, image, CLIENT_TIMEOUT_S)
             response.raise_for_status()
-            checks.append(compare_answer(answer_predictions(response.json()), expected))
+            got = answer_predictions(response.json())
+            checks.append(compare_answer(got, expected))
+            top1.append(got[0]["label"])
         result[name] = {
             "agree": all(same for same, _ in checks),
             "max_probability_difference": max(diff for _, diff in checks),
-            "top1": answer_predictions(response.json())[0]["label"],
+            "top1": top1,  # per photo, in IMAGES' order
         }
     return result
 
@@ -812,6 +814,11 @@ def peers_summary(rounds: list[dict], systems: list[str]) -> dict:
                 level[name]["over_ceiling"] = median_of(
                     [ratio(lv[name]["throughput_per_s"], lv["raw"]["ceiling_per_s"]) for lv in levels]
                 )
+        for name in systems:
+            if all("cpu_s" in lv[name] for lv in levels):
+                level[name]["cpu_ms_per_answer"] = median_of(
+                    [lv[name]["cpu_s"][name] * 1000 / max(1, lv[name]["succeeded"]) for lv in levels]
+                )
         summary["levels"][str(clients)] = level
         if clients == 1:
             summary["service_p50_over_peer_p50_1"] = {peer: over(levels, peer, "p50") for peer in peers}
@@ -820,7 +827,19 @@ def peers_summary(rounds: list[dict], systems: list[str]) -> dict:
         summary[f"service_over_peer_{clients}"] = {peer: over(levels, peer, "throughput") for peer in peers}
         summary[f"p99_ms_{clients}"] = {name: level[name]["p99_ms"] for name in systems}
         summary[f"service_p99_over_peer_p99_{clients}"] = {peer: over(levels, peer, "p99") for peer in peers}
+    runs = [(name, lv[name]) for lv in rounds for name in systems if "cpu_s" in lv.get(name, {})]
+    if runs:  # the CPU an idle system takes while another is measured: it slows that one down
+        summary["idle_cpu_share"] = {
+            name: median_of([run["cpu_s"][name] / run["wall_s"] for measured, run in runs if measured != name])
+            for name in systems
+        }
     return summary
+
+
+def log_tail(path: Path, chars: int = 1500) -> str:
+    """The end of a peer's log without its line per request: its start-up, warnings and errors."""
+    lines = [line for line in path.read_text(errors="replace").splitlines() if "/predict" not in line]
+    return "\n".join(lines)[-chars:]
 
 
 def peers_command(args) -> int:
@@ -863,11 +882,12 @@ def peers_command(args) -> int:
         say("starting the service (its shipped settings) ...")
         service = lab.service("service")
         urls, heads = {"service": service["url"]}, {"service": service["processes"]}
+        running: dict[str, peer_lab.Running] = {}
         for name in names:
             say(f"starting {name} (its own venv; the model from {model_xml.name}) ...")
             peer = peer_lab.start(name, model_xml, classifier.precision, LABELS, Path(tmp))
             cleanup.callback(peer.stop)
-            urls[name], heads[name] = peer.url, [peer.pid]
+            urls[name], heads[name], running[name] = peer.url, [peer.pid], peer
         report["answers"] = peer_answers(classifier, urls, images)
         agree = {name: "same" if a["agree"] else "DIFFERENT" for name, a in report["answers"].items()}
         say(f"answers (the model's own top 5?): {agree}")
@@ -877,12 +897,20 @@ def peers_command(args) -> int:
             return 1
         trees = {name: [*pids, *(d for pid in pids for d in descendants(pid))] for name, pids in heads.items()}
         report["processes"] = {name: len(pids) for name, pids in trees.items()}
+
         # One client before any load has been: BentoML's dispatcher learns how long to hold a batch open from its
         # last 50 batches, so after a burst it keeps waiting at one client for a while (the rounds show that).
+        # While one system is measured the other peers are paused (SIGSTOP): idle, LitServe polls its queue
+        # every millisecond, ~0.15 of a core here. The service is never paused (its worker's heartbeat has a TTL);
+        # idle it takes ~0.01 of a core (idle_cpu_share shows what each took).
+        def others(name: str) -> list:
+            return [peer for other, peer in running.items() if other != name]
+
         report["one_client_fresh"] = {}
         for name in urls:
-            sequential(urls[name], images, 8)  # first requests: allocations, BentoML's dispatcher's training
-            report["one_client_fresh"][name] = figures(closed(urls[name], images, 1, args.seconds))
+            with peer_lab.paused(others(name)):
+                sequential(urls[name], images, 8)  # first requests: allocations, BentoML's dispatcher's training
+                report["one_client_fresh"][name] = figures(closed(urls[name], images, 1, args.seconds))
         say("  one client, before any load: " + ", ".join(
             f"{name} {f['throughput_per_s']:.1f}/s p50 {f['latency_ms']['p50']:.0f} ms"
             for name, f in report["one_client_fresh"].items()
@@ -890,23 +918,29 @@ def peers_command(args) -> int:
         report["idle_memory_mb"] = {name: tree_memory_mb(pids) for name, pids in trees.items()}
         for url in urls.values():  # a full batch's memory, before the rounds
             closed(url, images, 32, min(args.seconds, 3))
+        # CPU seconds of every system during each run: the one measured, and what the idle ones take meanwhile
+        cpu_trees = {**trees, "load generator and raw model (this process)": [os.getpid()]}
         report["rounds"] = []
         for r in range(args.rounds):
             for i, clients in enumerate(PEER_CLIENTS):
                 level: dict = {"round": r + 1, "clients": clients}
-                before = raw_figure(classifier, clients, args.raw_seconds)
+                with peer_lab.paused(list(running.values())):
+                    before = raw_figure(classifier, clients, args.raw_seconds)
                 for name in ordered(urls, r * len(PEER_CLIENTS) + i):
-                    with PeakMemory(trees[name]) as memory:
+                    cpu_before = {system: cpu_seconds(pids) for system, pids in cpu_trees.items()}
+                    with peer_lab.paused(others(name)), PeakMemory(trees[name]) as memory:
                         run = closed(urls[name], images, clients, args.seconds)
-                    level[name] = {**figures(run), "memory_mb": memory.peak}
-                level["raw"] = mean_figure(before, raw_figure(classifier, clients, args.raw_seconds))
+                    cpu = {system: round(cpu_seconds(p) - cpu_before[system], 2) for system, p in cpu_trees.items()}
+                    level[name] = {**figures(run), "memory_mb": memory.peak, "cpu_s": cpu}
+                with peer_lab.paused(list(running.values())):
+                    level["raw"] = mean_figure(before, raw_figure(classifier, clients, args.raw_seconds))
                 say(f"  round {r + 1}, {clients:>2} clients: " + ", ".join(
                     f"{name} {level[name]['throughput_per_s']:.1f}/s p99 {level[name]['latency_ms']['p99']:.0f} ms"
                     + (f" ({sum(level[name]['failed'].values())} failed)" if level[name]["failed"] else "")
                     for name in urls
                 ) + f", raw {next(iter(level['raw'].values())):.1f}/s")  # fmt: skip
                 report["rounds"].append(level)
-        report["logs_tail"] = {name: (Path(tmp) / f"{name}.log").read_text(errors="replace")[-1500:] for name in names}
+        report["logs_tail"] = {name: log_tail(Path(tmp) / f"{name}.log") for name in names}
     report["summary"] = peers_summary(report["rounds"], list(urls))
     out.write_text(json.dumps(report, indent=1))
     print_peers(report)
@@ -931,7 +965,7 @@ def print_peers(report: dict) -> None:
     print(f"\n{report['cpu']}, {report['cpus']} CPUs, {report['runtime']}; medians of {len(report['rounds']) // 3} "
           f"round(s) of {report['seconds']:g} s per system and level")  # fmt: skip
     print(f"\n{'clients':>7}  {'system':<10}{'answers/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'x ceiling':>11}"
-          f"{'peak RSS MB':>13}{'peak PSS MB':>13}{'failed':>8}")  # fmt: skip
+          f"{'peak RSS MB':>13}{'peak PSS MB':>13}{'CPU ms/answer':>15}{'failed':>8}")  # fmt: skip
     for clients, level in summary["levels"].items():
         raw = level["raw"]
         if "call_ms" in raw:
@@ -942,9 +976,10 @@ def print_peers(report: dict) -> None:
             if name == "raw":
                 continue
             x = f"{f['over_ceiling']:.3f}" if f.get("over_ceiling") is not None else ""
+            cpu = f.get("cpu_ms_per_answer") or float("nan")
             print(
                 f"{clients:>7}  {name:<10}{f['throughput_per_s']:>10.1f}{f['p50_ms']:>9.0f}{f['p99_ms']:>9.0f}{x:>11}"
-                f"{f['peak_rss_mb']:>13.0f}{f['peak_pss_mb']:>13.0f}{f['failed']:>8}"
+                f"{f['peak_rss_mb']:>13.0f}{f['peak_pss_mb']:>13.0f}{cpu:>15.1f}{f['failed']:>8}"
             )
     print("\none client before any load (one run each):")
     for name, f in report["one_client_fresh"].items():
@@ -956,6 +991,8 @@ def print_peers(report: dict) -> None:
             print(f"  {key}: " + ", ".join(f"{n} {v}" for n, v in summary[key].items()))
     print("  memory: RSS sums each process's resident pages (shared ones once per process); PSS divides them")
     print(f"  processes per system: {report['processes']}")
+    if "idle_cpu_share" in summary:
+        print(f"  CPU an idle system takes while another is measured (cores): {summary['idle_cpu_share']}")
 
 
 def main(argv: list[str] | None = None) -> int:
