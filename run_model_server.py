@@ -192,7 +192,7 @@ class Handoff:
         with self._cond:
             self._batch = batch
             self._cond.notify_all()
-            while self._batch is not None:
+            while self._batch is not None and not self._closed:  # closed: the model thread has stopped
                 self._cond.wait()
 
     def close(self) -> None:
@@ -239,6 +239,7 @@ class ModelWorker:
         self._handoff = Handoff()
         self._acks: stdlib_queue.Queue[tuple[Batch, Answered, float] | None] = stdlib_queue.Queue()
         self._batch_s = 0.0  # how long the model's last batch took: the feeder tops up a few times per batch
+        self._failure: BaseException | None = None  # what ended the feeder or the acker unexpectedly
 
     def request_stop(self, signum=None, frame=None) -> None:
         """Signal handler: the first asks to stop after the batches in hand, the second stops now."""
@@ -259,18 +260,23 @@ class ModelWorker:
         for lane in range(self.depth):
             self._lanes.put((lane, False))
         heartbeat.start()
-        feeder = threading.Thread(target=self._feed, name="feeder", daemon=True)
-        acker = threading.Thread(target=self._acknowledge, name="acker", daemon=True)
+        feeder = threading.Thread(target=self._stage, args=(self._feed,), name="feeder", daemon=True)
+        acker = threading.Thread(target=self._stage, args=(self._acknowledge,), name="acker", daemon=True)
         feeder.start()
         acker.start()
-        while (batch := self._handoff.take(poll_s=0.5)) is not None:  # the feeder closes it once stopping
-            started = time.perf_counter()
-            answered = batch.run()
-            self._batch_s = time.perf_counter() - started
-            if self._handoff.waiting():  # the next batch is ready: the acker answers this one meanwhile
-                self._acks.put((batch, answered, started))
-            else:  # the model would wait anyway: answer at once, without a hop to another thread
-                self._finish(batch, answered, started)
+        try:
+            while (batch := self._handoff.take(poll_s=0.5)) is not None:  # the feeder closes it once stopping
+                started = time.perf_counter()
+                answered = batch.run()
+                self._batch_s = time.perf_counter() - started
+                if self._handoff.waiting():  # the next batch is ready: the acker answers this one meanwhile
+                    self._acks.put((batch, answered, started))
+                else:  # the model would wait anyway: answer at once, without a hop to another thread
+                    self._finish(batch, answered, started)
+        except Exception as exc:  # as a failed feeder or acker: leave, handing back what is held, exit 1
+            log.exception("worker %s: the model thread failed; stopping", self.worker_id)
+            self._failure, self.stopping = exc, True
+            self._handoff.close()
         self._acks.put(None)
         feeder.join()
         acker.join()
@@ -280,6 +286,18 @@ class ModelWorker:
             log.info("worker %s stopped (%d messages handed back)", self.worker_id, left)
         except REDIS_ERRORS as exc:
             log.warning("worker %s stopped without unregistering: %s", self.worker_id, exc)
+        if self._failure is not None:  # the process exits non-zero, for its supervisor to restart it
+            raise self._failure
+
+    def _stage(self, run) -> None:
+        """Run the feeder or the acker; anything unexpected stops the whole worker (its batches are handed
+        back as it leaves) rather than leaving a worker that beats but never answers."""
+        try:
+            run()
+        except Exception as exc:
+            log.exception("worker %s: the %s failed; stopping", self.worker_id, threading.current_thread().name)
+            self._failure = exc
+            self.stopping = True
 
     # --- feeder: claim and decode the next batch, topped up until the model takes it -------------------
 

@@ -546,3 +546,28 @@ def test_a_stop_request_answers_every_batch_in_flight_and_hands_nothing_back(red
     assert answered == list(range(len(answered))) and 4 <= len(answered) <= 6  # whole batches, in order
     status = queue.status()  # the rest wait on the queue; no lane holds any
     assert status.queue_depth == 12 - len(answered) and status.held == status.queue_depth
+
+
+def test_an_unexpected_failure_in_the_acker_stops_the_worker_and_hands_its_batches_back(redis_url, queue_name, caplog):
+    """Not a worker that beats but never answers: it leaves, requeueing what it held, and run() raises (exit 1)."""
+    import threading
+
+    from image_queue import ImageQueue, connect
+
+    queue = ImageQueue(connect(redis_url, 0.2), queue_name, block_s=0.2, worker_ttl_s=2.0)
+    worker = ModelWorker(queue, StandInClassifier(), batch_size=2, max_wait_s=0, heartbeat_s=0.2)
+
+    def broken_ack(*args, **kwargs):
+        raise RuntimeError("a bug in the ack")
+
+    queue.ack = broken_ack
+    for i in range(4):
+        queue.enqueue(message(f"b{i}", deadline=time.time() + 30))
+    raised = []
+    thread = threading.Thread(target=lambda: raised.append(pytest.raises(RuntimeError, worker.run)), daemon=True)
+    with caplog.at_level(logging.INFO, logger="model_server"):
+        thread.start()
+        thread.join(10)
+    assert not thread.is_alive() and raised and "a bug in the ack" in caplog.text
+    status = queue.status()
+    assert status.live_workers == 0 and status.queue_depth == 4 and status.held == 4  # all back on the queue
