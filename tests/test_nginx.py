@@ -90,7 +90,9 @@ class Nginx:
             return False
 
     def access_log(self) -> str:
-        return (self.dir / "keras-rest-api.access.log").read_text()
+        """The whole lines written so far (a line being written is read only once it is complete)."""
+        text = (self.dir / "keras-rest-api.access.log").read_text()
+        return text[: text.rfind("\n") + 1]
 
     def stop(self) -> None:
         self.service.stop(timeout_s=10)
