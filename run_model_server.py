@@ -362,13 +362,12 @@ class ModelWorker:
         more, unless it was just claimed (what a claim finds queued it takes at once)."""
         last_take = time.monotonic()
         while batch.claimed < self.batch_size and not self.stopping:
-            every_s = min(max(self._batch_s / 4, 0.002), 0.05)
-            if self._handoff.asked(every_s):
-                if time.monotonic() - last_take < 0.001:
-                    return
-                self._take_more(batch)
+            asked = self._handoff.asked(min(max(self._batch_s / 4, 0.002), 0.05))
+            if asked and time.monotonic() - last_take < 0.001:
                 return
             self._take_more(batch)
+            if asked:
+                return
             last_take = time.monotonic()
 
     def _take_more(self, batch: Batch) -> None:
