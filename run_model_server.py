@@ -4,6 +4,7 @@ One process per GPU (CUDA_VISIBLE_DEVICES picks it); on CPU one per machine is u
 SIGTERM or SIGINT: finish the batch in hand, write its answers, leave, exit 0. A second signal: now.
 """
 
+import dataclasses
 import logging
 import os
 import queue as stdlib_queue
@@ -460,7 +461,7 @@ def credentials_accepted(queue: ImageQueue) -> bool:
     return True
 
 
-def batch_size_in_takeover(classifier, timings: dict[int, float]) -> int:
+def batch_size_in_takeover(classifier, timings: dict[int, float], config: settings.Settings | None = None) -> int:
     """BATCH_SIZE, or less where a batch that large is too slow on this machine for the takeover order.
 
     A dead worker's requests must be answered by a survivor before their deadline (Settings.takeover_s).
@@ -468,7 +469,7 @@ def batch_size_in_takeover(classifier, timings: dict[int, float]) -> int:
     than refusing to start with the shipped defaults; it refuses (SettingError) only when even its
     smallest batch is too slow.
     """
-    config = settings.current
+    config = config or settings.current
     if config.fits_takeover(max(timings.values())):
         return config.BATCH_SIZE
     size = config.largest_batch_in_takeover(timings)
@@ -509,7 +510,7 @@ def main() -> int:
     queue = queue_from_config(settings.current.as_dict(), model_id=settings.MODEL_ID)
     if not credentials_accepted(queue):
         return 2
-    from classifier import ModelConfigError, choose_buckets, load_configured_classifier
+    from classifier import ModelConfigError, choose_buckets, load_configured_classifier, runs_on_host_cpu
 
     started = time.perf_counter()
     try:
@@ -519,9 +520,12 @@ def main() -> int:
         return 1
     classifier.buckets = choose_buckets(classifier.model, settings.BATCH_SIZE, settings.BATCH_BUCKETS)
     timings = classifier.warm_up(settings.BATCH_SIZE)
+    on_host_cpu = runs_on_host_cpu(classifier.runtime)
+    depth = settings.current.pipeline_depth(on_host_cpu)
     height, width = classifier.input_size
     log.info(
-        "model %s loaded and warmed in %.1f s: input %dx%d, %d classes, %s, batches padded to %s; %s",
+        "model %s loaded and warmed in %.1f s: input %dx%d, %d classes, %s, batches padded to %s; %s; "
+        "PIPELINE_DEPTH %d%s",
         classifier.name,
         time.perf_counter() - started,
         width,
@@ -530,25 +534,28 @@ def main() -> int:
         f"{classifier.runtime} {classifier.precision}",
         list(classifier.buckets) or "none",
         ", ".join(f"batch {n}: {s * 1000:.0f} ms" for n, s in timings.items()),
+        depth,
+        "" if settings.PIPELINE_DEPTH else f" (auto: the model runs on {'this host' if on_host_cpu else 'a GPU'})",
     )
-    try:
-        batch_size = batch_size_in_takeover(classifier, timings)
+    try:  # the takeover order with this worker's own depth: a serial survivor answers a dead peer's batch sooner
+        config = dataclasses.replace(settings.current, PIPELINE_DEPTH=depth)
+        batch_size = batch_size_in_takeover(classifier, timings, config)
     except settings.SettingError as exc:
         log.error("cannot serve with these settings: %s", exc)
         return 1
-    return serve(queue, classifier, batch_size)
+    return serve(queue, classifier, batch_size, depth)
 
 
-def serve(queue, classifier, batch_size: int) -> int:
-    """Run the worker loop with the settings' batch wait and heartbeat until SIGTERM or SIGINT; its exit code.
-    (bench/stand_in_worker.py serves the stand-in model through here too.)"""
+def serve(queue, classifier, batch_size: int, depth: int) -> int:
+    """Run the worker loop (depth: PIPELINE_DEPTH resolved) with the settings' batch wait and heartbeat until
+    SIGTERM or SIGINT; its exit code. (bench/stand_in_worker.py serves the stand-in model through here too.)"""
     worker = ModelWorker(
         queue,
         classifier,
         batch_size=batch_size,
         max_wait_s=settings.MAX_BATCH_WAIT_MS / 1000,
         heartbeat_s=settings.WORKER_HEARTBEAT_S,
-        depth=settings.PIPELINE_DEPTH,
+        depth=depth,
     )
     signal.signal(signal.SIGTERM, worker.request_stop)
     signal.signal(signal.SIGINT, worker.request_stop)

@@ -60,6 +60,12 @@ class _Reader:
     def whole(self, name: str, default: int, minimum: int = 0) -> int:
         return self._parse(name, default, minimum, int, "a whole number")
 
+    def whole_or_auto(self, name: str, minimum: int) -> int:
+        """A whole number, or auto (the default), read as 0."""
+        if self.text(name, "auto").lower() == "auto":
+            return 0
+        return self._parse(name, 0, minimum, int, "a whole number or auto")
+
     def number(self, name: str, default: float, minimum: float = 0.0) -> float:
         return self._parse(name, default, minimum, float, "a number")
 
@@ -136,7 +142,7 @@ class Settings:
     QUEUE_SHARDS: int
     BATCH_SIZE: int
     MAX_BATCH_WAIT_MS: float
-    PIPELINE_DEPTH: int
+    PIPELINE_DEPTH: int  # 1 to MAX_PIPELINE_DEPTH, or 0 for auto (pipeline_depth resolves it)
     QUEUE_MAX: int
     REQUEST_TIMEOUT_S: float
     RESULT_TTL_S: int
@@ -205,10 +211,18 @@ class Settings:
                 f"({self.WORKER_TTL_S:g} s), or live workers would count as dead between heartbeats"
             )
 
+    def pipeline_depth(self, model_on_host_cpu: bool) -> int:
+        """PIPELINE_DEPTH for a worker whose model runs on the host's own cores, or not (an accelerator). auto:
+        pipelined (MAX_PIPELINE_DEPTH) for an accelerator, serial (1) on the host's cores, where the model
+        already keeps every core busy and a pipeline only adds latency (the README's Performance section)."""
+        if self.PIPELINE_DEPTH:
+            return self.PIPELINE_DEPTH
+        return 1 if model_on_host_cpu else MAX_PIPELINE_DEPTH
+
     @property
     def takeover_batches(self) -> int:
         """Batches a survivor runs until a dead peer's requeued messages are answered, at worst: the one it is
-        running, the next it has claimed (pipelined, PIPELINE_DEPTH > 1), then theirs."""
+        running, the next it has claimed (pipelined, PIPELINE_DEPTH > 1, or auto unresolved), then theirs."""
         return 2 if self.PIPELINE_DEPTH == 1 else 3
 
     def takeover_s(self, longest_batch_s: float) -> float:
@@ -304,8 +318,10 @@ class Settings:
             BATCH_SIZE=read.whole("BATCH_SIZE", 32, 1),  # images: the most one forward pass takes
             MAX_BATCH_WAIT_MS=read.number("MAX_BATCH_WAIT_MS", 0.0),  # ms a worker holds a partial batch to fill it
             # Batches a model worker holds at once (1-3): 3 claims and decodes batch N+1 and acks N-1 while the
-            # model runs N, each on a processing list of its own; 1 is the serial loop (claim, run, ack).
-            PIPELINE_DEPTH=read.whole("PIPELINE_DEPTH", 3, 1),
+            # model runs N, each on a processing list of its own; 1 is the serial loop (claim, run, ack). auto:
+            # 3 where the model runs on an accelerator, 1 where it runs on the host's cores (OpenVINO, or Keras
+            # without a GPU), which it already keeps busy.
+            PIPELINE_DEPTH=read.whole_or_auto("PIPELINE_DEPTH", 1),
             QUEUE_MAX=read.whole("QUEUE_MAX", 128, 1),  # messages: /predict answers 503 once the queue holds this many
             REQUEST_TIMEOUT_S=read.number("REQUEST_TIMEOUT_S", 10.0, 0.5),  # seconds from arrival to 504
             RESULT_TTL_S=read.whole("RESULT_TTL_S", 60, 1),  # seconds an unread answer stays in Redis

@@ -27,6 +27,7 @@ def main() -> int:
         queue_from_config(settings.current.as_dict(), model_id=settings.MODEL_ID),
         StandInModel(args.batch_ms),
         settings.BATCH_SIZE,
+        settings.current.pipeline_depth(model_on_host_cpu=False),  # it stands for an accelerator
     )
 
 

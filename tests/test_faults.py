@@ -29,6 +29,7 @@ import helpers
 import image_queue
 import settings
 import stack
+from classifier import choose_runtime, runs_on_host_cpu
 from image_queue import ImageQueue, Keys, connect
 from loadgen import LoadRun, percentile
 
@@ -103,7 +104,8 @@ def expired_or_late(log: str) -> int:
 
 
 def test_kill_9_mid_batch_and_a_new_worker_loses_nothing(make_stack, photos, redis_client):
-    s = make_stack(REQUEST_TIMEOUT_S=30, GUNICORN_TIMEOUT_S=60, WORKER_TTL_S=3, BATCH_SIZE=16)
+    # PIPELINE_DEPTH 3, as auto is on a GPU (on this CPU auto is 1): the victim dies with batches on 3 lanes
+    s = make_stack(REQUEST_TIMEOUT_S=30, GUNICORN_TIMEOUT_S=60, WORKER_TTL_S=3, BATCH_SIZE=16, PIPELINE_DEPTH=3)
     victim = s.start_worker()
     s.start_web()
     s.wait_ready()
@@ -130,7 +132,7 @@ def test_with_the_shipped_timeouts_one_of_two_workers_killed_mid_batch_its_reque
     """The defaults (REQUEST_TIMEOUT_S 10, WORKER_TTL_S 3, WORKER_HEARTBEAT_S 0.5, BATCH_SIZE 32): the survivor
     requeues the dead worker's batch and answers it before the deadline, so nobody gets a 504."""
     s = make_stack(BATCH_SIZE=32)
-    for name in ("REQUEST_TIMEOUT_S", "WORKER_TTL_S", "WORKER_HEARTBEAT_S", "GUNICORN_TIMEOUT_S"):
+    for name in ("REQUEST_TIMEOUT_S", "WORKER_TTL_S", "WORKER_HEARTBEAT_S", "GUNICORN_TIMEOUT_S", "PIPELINE_DEPTH"):
         assert name not in s.env or s.env[name] == str(getattr(settings.Settings.from_env({}), name))
     victim, survivor = s.start_worker(), s.start_worker()
     s.start_web()
@@ -153,6 +155,9 @@ def test_with_the_shipped_timeouts_one_of_two_workers_killed_mid_batch_its_reque
         traffic.wait_for_answers(100, 120)
 
     assert_books(traffic, s, f"defaults: 1 of 2 workers kill -9 holding {held}", {200}, 10)
+    runtime, _ = choose_runtime("auto")  # PIPELINE_DEPTH auto: serial on this machine's cores, 3 on a GPU
+    depth = settings.Settings.from_env({}).pipeline_depth(runs_on_host_cpu(runtime))
+    assert f"PIPELINE_DEPTH {depth} (auto: the model runs on" in survivor.log_text()
     requeued = [int(n) for n in re.findall(r"requeued its (\d+) messages", survivor.log_text())]
     assert requeued and requeued[0] >= held > 0  # the survivor took the dead worker's batch over ...
     in_flight = [r for r in traffic.replies if r.sent < killed_at < r.sent + r.latency]
@@ -161,7 +166,7 @@ def test_with_the_shipped_timeouts_one_of_two_workers_killed_mid_batch_its_reque
 
 
 def test_two_then_three_workers_one_killed_and_restarted_again_and_again(make_stack, photos, redis_client):
-    s = make_stack(REQUEST_TIMEOUT_S=30, GUNICORN_TIMEOUT_S=60, WORKER_TTL_S=3, BATCH_SIZE=8)
+    s = make_stack(REQUEST_TIMEOUT_S=30, GUNICORN_TIMEOUT_S=60, WORKER_TTL_S=3, BATCH_SIZE=8, PIPELINE_DEPTH=3)
     workers = [s.start_worker(), s.start_worker()]
     s.start_web()
     s.wait_ready()
@@ -305,7 +310,7 @@ def test_a_stalled_worker_means_504_in_time_and_no_answer_for_the_expired_after_
 def test_sigterm_to_the_worker_finishes_its_batch_and_to_gunicorn_finishes_in_flight_requests(
     make_stack, photos, redis_client
 ):
-    s = make_stack(REQUEST_TIMEOUT_S=30, GUNICORN_TIMEOUT_S=60, BATCH_SIZE=16)
+    s = make_stack(REQUEST_TIMEOUT_S=30, GUNICORN_TIMEOUT_S=60, BATCH_SIZE=16, PIPELINE_DEPTH=3)  # a GPU's auto
     first = s.start_worker()
     s.start_web()
     s.wait_ready()

@@ -15,7 +15,7 @@ def test_defaults_are_the_documented_ones():
     s = Settings.from_env({})
     assert s.REDIS_URL == "redis://localhost:6379/0" and s.REDIS_CONFIGURED is False
     assert s.IMAGE_QUEUE == "image_queue" and s.BATCH_SIZE == 32 and s.MAX_BATCH_WAIT_MS == 0
-    assert s.PIPELINE_DEPTH == 3
+    assert s.PIPELINE_DEPTH == 0  # auto: see test_pipeline_depth_auto_is_serial_on_the_hosts_cores_pipelined_on_a_gpu
     assert s.MODEL_NAME == "ResNet50" and s.MODEL_WEIGHTS == "imagenet" and s.TOP_K == 5
     assert s.WEB_HOST == "127.0.0.1" and s.MODEL_PRECISION == "auto" and s.BATCH_BUCKETS == "auto"
     assert s.MODEL_RUNTIME == "auto" and s.MODEL_CACHE_DIR == ""
@@ -73,6 +73,7 @@ def test_every_setting_is_read_from_its_variable():
         ({"WORKER_NICE": "20"}, "WORKER_NICE must be 0 to 19"),
         ({"PIPELINE_DEPTH": "4"}, "PIPELINE_DEPTH must be 1 to 3"),
         ({"PIPELINE_DEPTH": "0"}, "PIPELINE_DEPTH must be at least 1"),
+        ({"PIPELINE_DEPTH": "deep"}, "PIPELINE_DEPTH must be a whole number or auto"),
         ({"LOG_JSON": "maybe"}, "LOG_JSON must be 1/true/yes/on"),
     ],
 )
@@ -118,10 +119,30 @@ def test_the_module_reads_the_environment_once_and_a_bad_value_stops_the_process
     assert result.returncode != 0 and "SettingError: BATCH_SIZE must be at least 1" in result.stderr
 
 
+@pytest.mark.parametrize(
+    "value, on_host_cpu, depth, takeover_batches",
+    [
+        (None, True, 1, 3),  # the default, auto: serial where the model has the host's cores (OpenVINO, CPU Keras)
+        (None, False, 3, 3),  # ... pipelined where it runs on a GPU; unresolved, the takeover order assumes 3
+        ("AUTO", True, 1, 3),
+        ("1", False, 1, 2),  # a number is kept whatever the model runs on
+        ("3", True, 3, 3),
+        ("2", True, 2, 3),
+    ],
+)
+def test_pipeline_depth_auto_is_serial_on_the_hosts_cores_pipelined_on_a_gpu(
+    value, on_host_cpu, depth, takeover_batches
+):
+    s = Settings.from_env({} if value is None else {"PIPELINE_DEPTH": value})
+    assert s.pipeline_depth(on_host_cpu) == depth
+    assert s.takeover_batches == takeover_batches
+
+
 def test_a_worker_refuses_settings_under_which_a_dead_workers_requests_expire_before_takeover():
     defaults = Settings.from_env({})
     assert (defaults.WORKER_TTL_S, defaults.WORKER_HEARTBEAT_S, defaults.REQUEST_TIMEOUT_S) == (3.0, 0.5, 10.0)
-    # pipelined (PIPELINE_DEPTH 3): the batch a survivor runs, the one it has claimed, then the dead one's
+    # pipelined (PIPELINE_DEPTH 3, or auto before the worker resolves it): the batch a survivor runs, the one
+    # it has claimed, then the dead one's
     assert defaults.takeover_s(1.1) == pytest.approx(6.8)  # ResNet50, batch 32, on 2 cores: room to spare
     defaults.check_takeover(1.1)
     with pytest.raises(SettingError, match=r"WORKER_TTL_S \(3 s\).*3 x the largest batch \(2.50 s here\)"):
