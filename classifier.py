@@ -4,6 +4,7 @@ A keras.applications model (ResNet50 by default) or your own saved Keras model p
 the worker sees a Classifier, hands it uint8 pixels and gets the top-k labels back.
 """
 
+import contextlib
 import fcntl
 import glob
 import hashlib
@@ -228,11 +229,14 @@ def load_configured_classifier(settings) -> Classifier:
 
 def cache_source(name: str, weights: str, model_path: str, preprocess: str) -> str:
     """What names a converted model in the cache: the same files (path, size, time) give the same model.
-    "" for random weights (MODEL_WEIGHTS=none), which differ at every load and are never cached."""
+    The part before the last "#" names the model (name, weights, preprocessing, paths); after it come the
+    files' sizes and times, which change when a file is replaced. "" for random weights (MODEL_WEIGHTS=none),
+    which differ at every load and are never cached."""
     if not model_path and weights in ("none", ""):
         return ""
     files = [model_path] if model_path else [] if weights == "imagenet" else [weights]
-    return "|".join([name, weights, preprocess, *(f"{f}:{os.path.getsize(f)}:{os.stat(f).st_mtime_ns}" for f in files)])
+    stats = ",".join(f"{os.path.getsize(f)}:{os.stat(f).st_mtime_ns}" for f in files)
+    return "|".join([name, weights, preprocess, *files]) + "#" + stats
 
 
 def choose_runtime(requested: str) -> tuple[str, str]:
@@ -247,6 +251,12 @@ def choose_runtime(requested: str) -> tuple[str, str]:
     if importlib.util.find_spec("openvino") is None:
         return "keras", "auto: no GPU, and OpenVINO is not installed"
     return "openvino", "auto: no GPU, OpenVINO installed"
+
+
+def runs_on_host_cpu(runtime: str) -> bool:
+    """Whether a model on this runtime runs its forward pass on the host's own cores: OpenVINO always (it is
+    compiled for "CPU"), Keras where there is no GPU."""
+    return runtime == "openvino" or not gpu_device()
 
 
 def gpu_device() -> str:
@@ -295,6 +305,7 @@ def to_openvino(classifier: Classifier, precision: str, cache_dir: str, source: 
     started = time.perf_counter()
     if source and os.path.exists(path):
         graph, how = path, f"from {path}"
+        os.utime(path)  # in use: its time says so to anyone tidying the cache by hand
     else:
         folder = export_with_preprocessing(classifier)
         try:
@@ -308,7 +319,10 @@ def to_openvino(classifier: Classifier, precision: str, cache_dir: str, source: 
             os.replace(partial[:-4] + ".bin", path[:-4] + ".bin")
             os.replace(partial, path)
             how += f", saved to {path}"
-    core.set_property({"CACHE_DIR": os.path.join(cache_dir, "compiled")})
+            removed = remove_older_versions(path)
+            how += f" (older versions of it removed: {', '.join(removed)})" if removed else ""
+    if source:  # each converted model's compiled forms beside it; random weights are compiled afresh each time
+        core.set_property({"CACHE_DIR": compiled_cache_dir(path)})
     # One process compiles into CACHE_DIR at a time: two workers starting together on a cold cache raced on
     # its blob file, and one died ("cannot set permissions: No such file"); the second now loads the blob.
     with open(os.path.join(cache_dir, ".compile.lock"), "w") as lock:
@@ -321,13 +335,37 @@ def to_openvino(classifier: Classifier, precision: str, cache_dir: str, source: 
 
 
 def openvino_cache_path(cache_dir: str, name: str, source: str) -> str:
-    """Where to_openvino keeps the converted model (an IR .xml, its weights in the .bin beside it): named by
-    source, the Keras and the OpenVINO versions. Exists only once a model with a non-empty source was loaded;
-    the benchmark's peers (bench/peers) load it from there."""
+    """Where to_openvino keeps the converted model (an IR .xml, its weights in the .bin beside it, OpenVINO's
+    compiled forms in compiled_cache_dir): {name}-{model}-{version}.xml, model naming the model (source
+    before its "#") and version its files' sizes and times, the Keras and the OpenVINO versions. Exists only
+    once a model with a non-empty source was loaded; the benchmark's peers (bench/peers) load it from there."""
     import openvino as ov
 
-    key = hashlib.sha256(f"{source}|keras-{keras_version()}|openvino-{ov.__version__}".encode()).hexdigest()[:16]
-    return os.path.join(cache_dir, f"{name}-{key}.xml")
+    model = hashlib.sha256(source.rpartition("#")[0].encode()).hexdigest()[:8]
+    version = hashlib.sha256(f"{source}|keras-{keras_version()}|openvino-{ov.__version__}".encode()).hexdigest()[:12]
+    return os.path.join(cache_dir, f"{name}-{model}-{version}.xml")
+
+
+def compiled_cache_dir(path: str) -> str:
+    """The folder OpenVINO keeps the compiled forms of the converted model at path in (its CACHE_DIR)."""
+    return path[: -len(".xml")] + ".compiled"
+
+
+def remove_older_versions(path: str) -> list[str]:
+    """Remove the cache's other versions of the model converted to path (the same name and files, before the
+    files were replaced or Keras or OpenVINO upgraded: nothing will load them again); their names. A model
+    updated in place so leaves one converted copy, not one per update."""
+    model = path[: -len(".xml")].rsplit("-", 1)[0]  # .../{name}-{model}
+    removed = []
+    for old in glob.glob(glob.escape(model) + "-*.xml"):
+        if old == path:
+            continue
+        for leftover in (old, old[: -len(".xml")] + ".bin"):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(leftover)
+        shutil.rmtree(compiled_cache_dir(old), ignore_errors=True)
+        removed.append(os.path.basename(old))
+    return removed
 
 
 def openvino_hint(precision: str, capabilities: list[str]) -> str:

@@ -240,6 +240,8 @@ class Lab:
         self.tmp = tmp
         self.services: list[stack.Service] = []
         self.weights = os.environ.get("MODEL_WEIGHTS") or str(tmp / "resnet50-seeded.weights.h5")
+        if "MODEL_WEIGHTS" not in os.environ:  # weights made for this run: so is their converted model
+            os.environ.setdefault("MODEL_CACHE_DIR", str(tmp / "model-cache"))
 
     def load_model(self):
         import keras

@@ -4,6 +4,7 @@ for restarts, and converted without any connection leaving the machine."""
 
 import json
 import logging
+import os
 import subprocess
 import sys
 
@@ -32,6 +33,13 @@ def test_auto_is_openvino_without_a_gpu_where_installed_and_keras_otherwise(monk
     assert seam.choose_runtime("auto") == ("keras", "auto: no GPU, and OpenVINO is not installed")
     with pytest.raises(seam.ModelConfigError, match="MODEL_RUNTIME must be one of auto, keras, openvino"):
         seam.choose_runtime("onnx")
+
+
+def test_a_model_runs_on_the_hosts_cores_on_openvino_always_on_keras_without_a_gpu(monkeypatch):
+    monkeypatch.setattr(seam, "gpu_device", lambda: "")
+    assert seam.runs_on_host_cpu("openvino") and seam.runs_on_host_cpu("keras")
+    monkeypatch.setattr(seam, "gpu_device", lambda: "/dev/nvidia0")
+    assert seam.runs_on_host_cpu("openvino") and not seam.runs_on_host_cpu("keras")
 
 
 def test_precision_maps_to_openvinos_hint_auto_being_bf16_where_the_cpu_has_it():
@@ -77,6 +85,37 @@ def test_a_restart_reads_the_converted_model_from_the_cache_and_answers_the_same
     assert "model from " in caplog.text and "converted" not in caplog.text, caplog.text
     pixels = photo_pixels(2)
     np.testing.assert_array_equal(again.predict(pixels), resnet.predict(pixels))
+
+
+def test_a_model_file_replaced_in_place_is_converted_again_and_only_its_older_version_is_removed(tmp_path, caplog):
+    import shutil
+
+    import keras
+
+    cache, first, second = tmp_path / "cache", tmp_path / "a.weights.h5", tmp_path / "b.weights.h5"
+    keras.utils.set_random_seed(3)
+    keras.applications.MobileNetV2(weights=None).save_weights(first)
+    shutil.copy(first, second)
+
+    def load(weights):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, "classifier"):
+            seam.load_classifier("MobileNetV2", str(weights), labels_path=str(IMAGENET_INDEX), runtime="openvino",
+                                 cache_dir=str(cache))  # fmt: skip
+        return caplog.text
+
+    def cached():
+        return sorted(p.name for p in cache.iterdir() if not p.name.startswith("."))
+
+    assert "converted from Keras" in load(first) and "converted from Keras" in load(second)
+    a, b = [p.name[: -len(".xml")] for p in sorted(cache.glob("*.xml"), key=lambda p: p.stat().st_mtime_ns)]
+    assert cached() == sorted(f"{m}{ext}" for m in (a, b) for ext in (".bin", ".compiled", ".xml"))
+    assert any((cache / f"{a}.compiled").iterdir())  # OpenVINO's compiled form, beside its model
+    assert "model from " in load(first)  # a restart: read, not converted again
+    os.utime(first, ns=(first.stat().st_atime_ns, first.stat().st_mtime_ns + 10**9))  # replaced in place
+    text = load(first)
+    assert "converted from Keras" in text and f"older versions of it removed: {a}.xml" in text, text
+    assert a not in "".join(cached()) and f"{b}.xml" in cached() and len(cached()) == 6  # the other model stays
 
 
 # Run in a fresh interpreter: every outgoing connection and every child process is recorded, then the
