@@ -234,7 +234,7 @@ def cache_source(name: str, weights: str, model_path: str, preprocess: str) -> s
     which differ at every load and are never cached."""
     if not model_path and weights in ("none", ""):
         return ""
-    files = [model_path] if model_path else [] if weights == "imagenet" else [weights]
+    files = [os.path.abspath(f) for f in ([model_path] if model_path else [] if weights == "imagenet" else [weights])]
     stats = ",".join(f"{os.path.getsize(f)}:{os.stat(f).st_mtime_ns}" for f in files)
     return "|".join([name, weights, preprocess, *files]) + "#" + stats
 
@@ -303,30 +303,30 @@ def to_openvino(classifier: Classifier, precision: str, cache_dir: str, source: 
     os.makedirs(cache_dir, exist_ok=True)
     path = openvino_cache_path(cache_dir, classifier.name, source)
     started = time.perf_counter()
-    if source and os.path.exists(path):
-        graph, how = path, f"from {path}"
-        os.utime(path)  # in use: its time says so to anyone tidying the cache by hand
-    else:
-        folder = export_with_preprocessing(classifier)
-        try:
-            graph = ov.convert_model(folder)
-        finally:
-            shutil.rmtree(folder, ignore_errors=True)
-        how = "converted from Keras"
-        if source:  # written whole under another name, then renamed: a worker starting beside it never reads half
-            partial = os.path.join(cache_dir, f".{os.getpid()}-{os.path.basename(path)}")
-            ov.save_model(graph, partial, compress_to_fp16=False)
-            os.replace(partial[:-4] + ".bin", path[:-4] + ".bin")
-            os.replace(partial, path)
-            how += f", saved to {path}"
-            removed = remove_older_versions(path)
-            how += f" (older versions of it removed: {', '.join(removed)})" if removed else ""
-    if source:  # each converted model's compiled forms beside it; random weights are compiled afresh each time
-        core.set_property({"CACHE_DIR": compiled_cache_dir(path)})
-    # One process compiles into CACHE_DIR at a time: two workers starting together on a cold cache raced on
-    # its blob file, and one died ("cannot set permissions: No such file"); the second now loads the blob.
+    # One process at a time converts, tidies and compiles in cache_dir: two workers starting together on a cold
+    # cache raced on the compiled blob, and one died ("cannot set permissions: No such file"); now the second
+    # waits, then reads what the first wrote, and nothing is removed while another process reads it.
     with open(os.path.join(cache_dir, ".compile.lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
+        if source and os.path.exists(path):
+            graph, how = path, f"from {path}"
+        else:
+            folder = export_with_preprocessing(classifier)
+            try:
+                graph = ov.convert_model(folder)
+            finally:
+                shutil.rmtree(folder, ignore_errors=True)
+            how = "converted from Keras"
+            if source:  # written whole under another name, then renamed: nothing ever reads half of it
+                partial = os.path.join(cache_dir, f".{os.getpid()}-{os.path.basename(path)}")
+                ov.save_model(graph, partial, compress_to_fp16=False)
+                os.replace(partial[:-4] + ".bin", path[:-4] + ".bin")
+                os.replace(partial, path)
+                graph, how = path, how + f", saved to {path}"
+                removed = remove_older_versions(path)
+                how += f" (older versions of it removed: {', '.join(removed)})" if removed else ""
+        if source:  # compiled from the saved file, its compiled form kept beside it: the next start loads that
+            core.set_property({"CACHE_DIR": compiled_cache_dir(path)})
         compiled = core.compile_model(graph, "CPU", {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY"})
     took = time.perf_counter() - started
     log.info("OpenVINO %s: %s model %s and compiled in %.1f s", ov.__version__.split("-")[0], hint, how, took)
@@ -337,12 +337,14 @@ def to_openvino(classifier: Classifier, precision: str, cache_dir: str, source: 
 def openvino_cache_path(cache_dir: str, name: str, source: str) -> str:
     """Where to_openvino keeps the converted model (an IR .xml, its weights in the .bin beside it, OpenVINO's
     compiled forms in compiled_cache_dir): {name}-{model}-{version}.xml, model naming the model (source
-    before its "#") and version its files' sizes and times, the Keras and the OpenVINO versions. Exists only
+    before its "#") as the Keras and OpenVINO versions convert it, version its files' sizes and times too.
+    Two installs of different versions sharing a cache so never remove each other's copies. Exists only
     once a model with a non-empty source was loaded; the benchmark's peers (bench/peers) load it from there."""
     import openvino as ov
 
-    model = hashlib.sha256(source.rpartition("#")[0].encode()).hexdigest()[:8]
-    version = hashlib.sha256(f"{source}|keras-{keras_version()}|openvino-{ov.__version__}".encode()).hexdigest()[:12]
+    runtimes = f"keras-{keras_version()}|openvino-{ov.__version__}"
+    model = hashlib.sha256(f"{source.rpartition('#')[0]}|{runtimes}".encode()).hexdigest()[:8]
+    version = hashlib.sha256(f"{source}|{runtimes}".encode()).hexdigest()[:12]
     return os.path.join(cache_dir, f"{name}-{model}-{version}.xml")
 
 
@@ -352,12 +354,12 @@ def compiled_cache_dir(path: str) -> str:
 
 
 def remove_older_versions(path: str) -> list[str]:
-    """Remove the cache's other versions of the model converted to path (the same name and files, before the
-    files were replaced or Keras or OpenVINO upgraded: nothing will load them again); their names. A model
-    updated in place so leaves one converted copy, not one per update."""
+    """Remove the cache's other versions of the model converted to path (the same name and file paths, with
+    files since replaced: nothing will load them again); their names. A model updated in place so leaves one
+    converted copy, not one per update. The caller holds the cache's lock."""
     model = path[: -len(".xml")].rsplit("-", 1)[0]  # .../{name}-{model}
     removed = []
-    for old in glob.glob(glob.escape(model) + "-*.xml"):
+    for old in glob.glob(glob.escape(model) + "-" + "[0-9a-f]" * 12 + ".xml"):
         if old == path:
             continue
         for leftover in (old, old[: -len(".xml")] + ".bin"):

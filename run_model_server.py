@@ -4,7 +4,6 @@ One process per GPU (CUDA_VISIBLE_DEVICES picks it); on CPU one per machine is u
 SIGTERM or SIGINT: finish the batch in hand, write its answers, leave, exit 0. A second signal: now.
 """
 
-import dataclasses
 import logging
 import os
 import queue as stdlib_queue
@@ -538,8 +537,7 @@ def main() -> int:
         "" if settings.PIPELINE_DEPTH else f" (auto: the model runs on {'this host' if on_host_cpu else 'a GPU'})",
     )
     try:  # the takeover order with this worker's own depth: a serial survivor answers a dead peer's batch sooner
-        config = dataclasses.replace(settings.current, PIPELINE_DEPTH=depth)
-        batch_size = batch_size_in_takeover(classifier, timings, config)
+        batch_size = batch_size_in_takeover(classifier, timings, settings.current.replace(PIPELINE_DEPTH=depth))
     except settings.SettingError as exc:
         log.error("cannot serve with these settings: %s", exc)
         return 1

@@ -155,8 +155,8 @@ def test_with_the_shipped_timeouts_one_of_two_workers_killed_mid_batch_its_reque
         traffic.wait_for_answers(100, 120)
 
     assert_books(traffic, s, f"defaults: 1 of 2 workers kill -9 holding {held}", {200}, 10)
-    runtime, _ = choose_runtime("auto")  # PIPELINE_DEPTH auto: serial on this machine's cores, 3 on a GPU
-    depth = settings.Settings.from_env({}).pipeline_depth(runs_on_host_cpu(runtime))
+    shipped = settings.Settings.from_env(os.environ | s.env)  # the workers' own settings (auto, unless the runner's)
+    depth = shipped.pipeline_depth(runs_on_host_cpu(choose_runtime(shipped.MODEL_RUNTIME)[0]))  # auto: 1 on a CPU
     assert f"PIPELINE_DEPTH {depth} (auto: the model runs on" in survivor.log_text()
     requeued = [int(n) for n in re.findall(r"requeued its (\d+) messages", survivor.log_text())]
     assert requeued and requeued[0] >= held > 0  # the survivor took the dead worker's batch over ...

@@ -147,6 +147,16 @@ def test_a_batch_too_slow_for_the_takeover_order_is_lowered_to_the_largest_that_
         assert f"BATCH_SIZE 32 lowered to {size}" in caplog.text and "REQUEST_TIMEOUT_S (10 s)" in caplog.text
 
 
+def test_a_serial_worker_keeps_a_batch_that_a_pipelined_one_would_lower(monkeypatch):
+    """main() checks the takeover order with the worker's resolved depth (auto: 1 on the host's cores)."""
+    monkeypatch.setattr(settings, "current", settings.Settings.from_env({"BATCH_SIZE": "32"}))
+    model = TimedClassifier(0.08)  # 2.62 s at 32: 3 + 0.5 + 2 x 2.62 < 10 <= 3 + 0.5 + 3 x 2.62
+    timings = {n: model.time_batch(n) for n in (1, 2, 32)}
+    assert batch_size_in_takeover(model, dict(timings), settings.current.replace(PIPELINE_DEPTH=1)) == 32
+    assert batch_size_in_takeover(model, dict(timings), settings.current.replace(PIPELINE_DEPTH=3)) < 32
+    assert batch_size_in_takeover(model, dict(timings)) < 32  # auto, unresolved: counted as pipelined
+
+
 def test_a_worker_whose_single_image_breaks_the_takeover_order_refuses_to_start(monkeypatch):
     monkeypatch.setattr(settings, "current", settings.Settings.from_env({}))
     with pytest.raises(settings.SettingError, match="raise REQUEST_TIMEOUT_S"):

@@ -5,6 +5,7 @@ for restarts, and converted without any connection leaving the machine."""
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 
@@ -83,13 +84,12 @@ def test_a_restart_reads_the_converted_model_from_the_cache_and_answers_the_same
             cache_dir=str(model_cache),
         )  # fmt: skip
     assert "model from " in caplog.text and "converted" not in caplog.text, caplog.text
+    assert again.model.compiled.get_property("LOADED_FROM_CACHE")  # nor compiled again: OpenVINO's blob read
     pixels = photo_pixels(2)
     np.testing.assert_array_equal(again.predict(pixels), resnet.predict(pixels))
 
 
 def test_a_model_file_replaced_in_place_is_converted_again_and_only_its_older_version_is_removed(tmp_path, caplog):
-    import shutil
-
     import keras
 
     cache, first, second = tmp_path / "cache", tmp_path / "a.weights.h5", tmp_path / "b.weights.h5"
@@ -97,25 +97,30 @@ def test_a_model_file_replaced_in_place_is_converted_again_and_only_its_older_ve
     keras.applications.MobileNetV2(weights=None).save_weights(first)
     shutil.copy(first, second)
 
-    def load(weights):
+    def load(weights, cache=cache):
         caplog.clear()
         with caplog.at_level(logging.INFO, "classifier"):
-            seam.load_classifier("MobileNetV2", str(weights), labels_path=str(IMAGENET_INDEX), runtime="openvino",
-                                 cache_dir=str(cache))  # fmt: skip
-        return caplog.text
+            loaded = seam.load_classifier("MobileNetV2", str(weights), labels_path=str(IMAGENET_INDEX),
+                                          runtime="openvino", cache_dir=str(cache))  # fmt: skip
+        return caplog.text, loaded.model.compiled.get_property("LOADED_FROM_CACHE")
 
     def cached():
         return sorted(p.name for p in cache.iterdir() if not p.name.startswith("."))
 
-    assert "converted from Keras" in load(first) and "converted from Keras" in load(second)
+    assert "converted from Keras" in load(first)[0] and "converted from Keras" in load(second)[0]
     a, b = [p.name[: -len(".xml")] for p in sorted(cache.glob("*.xml"), key=lambda p: p.stat().st_mtime_ns)]
     assert cached() == sorted(f"{m}{ext}" for m in (a, b) for ext in (".bin", ".compiled", ".xml"))
-    assert any((cache / f"{a}.compiled").iterdir())  # OpenVINO's compiled form, beside its model
-    assert "model from " in load(first)  # a restart: read, not converted again
+    assert len(list((cache / f"{a}.compiled").iterdir())) == 1  # OpenVINO's compiled form, beside its model
+    text, from_cache = load(first)
+    assert "model from " in text and from_cache  # a restart: neither converted nor compiled again
     os.utime(first, ns=(first.stat().st_atime_ns, first.stat().st_mtime_ns + 10**9))  # replaced in place
-    text = load(first)
+    text, _ = load(first)
     assert "converted from Keras" in text and f"older versions of it removed: {a}.xml" in text, text
     assert a not in "".join(cached()) and f"{b}.xml" in cached() and len(cached()) == 6  # the other model stays
+    _, from_cache = load(first)
+    assert from_cache  # the new version's first compile was kept, so the first restart reads it
+    load("none", tmp_path / "random")  # random weights: converted and compiled afresh, nothing kept
+    assert [p.name for p in (tmp_path / "random").iterdir()] == [".compile.lock"]
 
 
 # Run in a fresh interpreter: every outgoing connection and every child process is recorded, then the
