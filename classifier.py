@@ -318,6 +318,8 @@ def to_openvino(classifier: Classifier, precision: str, cache_dir: str, source: 
                 shutil.rmtree(folder, ignore_errors=True)
             how = "converted from Keras"
             if source:  # written whole under another name, then renamed: nothing ever reads half of it
+                for orphan in glob.glob(os.path.join(glob.escape(cache_dir), ".[0-9]*-*.[xb][mi][ln]")):
+                    os.remove(orphan)  # a conversion killed half-way (we hold the lock: none is running)
                 partial = os.path.join(cache_dir, f".{os.getpid()}-{os.path.basename(path)}")
                 ov.save_model(graph, partial, compress_to_fp16=False)
                 os.replace(partial[:-4] + ".bin", path[:-4] + ".bin")

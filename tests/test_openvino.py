@@ -114,9 +114,12 @@ def test_a_model_file_replaced_in_place_is_converted_again_and_only_its_older_ve
     text, from_cache = load(first)
     assert "model from " in text and from_cache  # a restart: neither converted nor compiled again
     os.utime(first, ns=(first.stat().st_atime_ns, first.stat().st_mtime_ns + 10**9))  # replaced in place
+    for orphan in (".4242-MobileNetV2-x-y.xml", ".4242-MobileNetV2-x-y.bin"):  # a conversion killed half-way
+        (cache / orphan).write_bytes(b"half")
     text, _ = load(first)
     assert "converted from Keras" in text and f"older versions of it removed: {a}.xml" in text, text
     assert a not in "".join(cached()) and f"{b}.xml" in cached() and len(cached()) == 6  # the other model stays
+    assert not list(cache.glob(".4242-*"))  # the orphans went with the conversion
     _, from_cache = load(first)
     assert from_cache  # the new version's first compile was kept, so the first restart reads it
     load("none", tmp_path / "random")  # random weights: converted and compiled afresh, nothing kept
