@@ -17,6 +17,9 @@ classifier.load_classifier, warms it up as the worker does (warm_up(32)), then m
                        key (ImageQueue.wait_for: BLMOVE onto itself, then DEL) against issue 12's candidate, one
                        reply listener per web process reading a reply list that workers push to (a blocking wake,
                        then LRANGE + LTRIM of every answer there), with 1, 8 and 32 answers per wake;
+  claim                a worker's take of up to 32 messages with 0, 1, 32 or a changing number waiting:
+                       ImageQueue._take_now (one MULTI of as many moves as the last take saw waiting, a second
+                       for any more) against the former single MULTI of 32 moves;
   xla_and_precision    images/s of the default model, the model compiled with XLA (jit_compile=True), and a
                        mixed_bfloat16 model, measured interleaved (A B C A B C): this machine's speed drifts.
 Every loop is bounded by a count or a number of seconds, so the script stops by itself. Each section
@@ -66,13 +69,14 @@ class Plan:
     pad_reps: int
     redis_reps: int
     reply_reps: int
+    claim_reps: int
     xla_batches: tuple[int, ...]
     xla_rounds: int
     xla_seconds: float
 
 
-FULL = Plan(500, 30, 8, 3, (3, 5, 7, 12, 17, 25), 3, 10, 2000, (8, 32), 2, 2.0)
-QUICK = Plan(100, 10, 3, 1, (3, 12), 1, 3, 300, (8,), 2, 1.0)
+FULL = Plan(500, 30, 8, 3, (3, 5, 7, 12, 17, 25), 3, 10, 2000, 400, (8, 32), 2, 2.0)
+QUICK = Plan(100, 10, 3, 1, (3, 12), 1, 3, 300, 60, (8,), 2, 1.0)
 
 
 # --- Timing helpers -----------------------------------------------------------------------------
@@ -500,6 +504,56 @@ def reply_wait(plan: Plan, tmp: str) -> dict:
     return rows
 
 
+def multi_take(queue: ImageQueue, worker_id: str, count: int) -> tuple[float, list[bytes]]:
+    """The worker's take before 2026-12-06, for comparison: register, clock and count moves in one MULTI."""
+    register = "local t = redis.call('TIME') redis.call('ZADD', KEYS[1], t[1], ARGV[1]) return {t[1], t[2]}"
+    with queue.redis.pipeline(transaction=True) as pipe:
+        pipe.execute_command("EVAL", register, 1, queue.keys.workers, worker_id)
+        for _ in range(count):
+            pipe.lmove(queue.keys.queue, queue.keys.processing(worker_id), "RIGHT", "LEFT")
+        (sec, usec), *moved = pipe.execute()
+    return int(sec) + int(usec) / 1e6, [m for m in moved if m is not None]
+
+
+def claim(plan: Plan, tmp: str) -> dict:
+    """A worker's take of up to BATCH messages with 0, 1 and BATCH waiting, each level held for every take:
+    ImageQueue._take_now (one MULTI of as many moves as the last take saw waiting, a second for any more)
+    against the former single MULTI of BATCH moves, in turn; wall time and this thread's CPU per take
+    (medians); then a level that changes at every take (0, 32, 1, 32, ...: the worst for a guess)."""
+    port = stack.free_port()
+    server = stack.start_redis(port, tmp)
+    try:
+        client = image_queue.connect(f"redis://127.0.0.1:{port}/0", 1.0)
+        queue = ImageQueue(client, "micro-claim")
+        message = image_queue.encode_message(uuid.uuid4().hex, time.time() + 3600, 5, random_pixels(1)[0])
+        takes = {"today": lambda: queue._take_now("w", BATCH), "one_multi": lambda: multi_take(queue, "w", BATCH)}
+        rows = {}
+        for level in ("0", "1", str(BATCH), "changing"):
+            walls, cpus = {name: [] for name in takes}, {name: [] for name in takes}
+            for i in range(plan.claim_reps):
+                waiting = int(level) if level != "changing" else (0, BATCH, 1, BATCH)[i % 4]
+                for name, take in takes.items():
+                    client.delete(queue.keys.processing("w"))
+                    if waiting:
+                        client.rpush(queue.keys.queue, *[message] * waiting)
+                    wall, cpu = time.perf_counter(), time.thread_time()
+                    _, got = take()
+                    walls[name].append(time.perf_counter() - wall)
+                    cpus[name].append(time.thread_time() - cpu)
+                    assert len(got) == waiting, (name, len(got), waiting)
+            rows[f"{level}_waiting"] = {
+                name: {"wall_us": round(statistics.median(walls[name]) * 1e6, 1),
+                       "cpu_us": round(statistics.median(cpus[name]) * 1e6, 1)}
+                for name in takes
+            }  # fmt: skip
+    finally:
+        server.stop()
+    print(f"\nclaim: a worker's take of up to {BATCH} messages, µs per take (median wall / this thread's CPU)")
+    for waiting, row in rows.items():
+        print(f"  {waiting:<12} " + ", ".join(f"{n} {v['wall_us']:.0f} / {v['cpu_us']:.0f}" for n, v in row.items()))
+    return rows
+
+
 def xla_classifier(weights: str):
     """A second copy of the classifier, its model compiled with jit_compile=True (XLA)."""
     from classifier import load_classifier
@@ -703,6 +757,14 @@ def summary_lines(results: dict) -> list[str]:
             + f"{w['per_request_wait_for']['cpu_us_per_answer']:.0f}; reply listener at 1 / 8 / 32 answers per wake "
             + " / ".join(f"{w[f'listener_{n}_per_wake']['cpu_us_per_answer']:.0f}" for n in (1, 8, 32))
         )
+    c = results.get("claim")
+    if c:
+        lines.append(
+            "claim: µs per take (wall) at 0 / 1 / 32 / changing waiting: today "
+            + " / ".join(f"{row['today']['wall_us']:.0f}" for row in c.values())
+            + ", one MULTI of 32 moves "
+            + " / ".join(f"{row['one_multi']['wall_us']:.0f}" for row in c.values())
+        )
     x = results.get("xla_and_precision")
     if x:
         parts = []
@@ -740,7 +802,9 @@ def machine_info() -> dict:
     }
 
 
-SECTIONS = ("codec", "jpeg_draft", "padding_vs_retracing", "redis_round_trips", "reply_wait", "xla_and_precision")
+SECTIONS = (
+    "codec", "jpeg_draft", "padding_vs_retracing", "redis_round_trips", "reply_wait", "claim", "xla_and_precision"
+)  # fmt: skip
 
 
 def main() -> int:
@@ -774,6 +838,8 @@ def main() -> int:
             results["redis_round_trips"] = redis_round_trips(plan, tmp, batch_s, classifier)
         if "reply_wait" in only:
             results["reply_wait"] = reply_wait(plan, tmp)
+        if "claim" in only:
+            results["claim"] = claim(plan, tmp)
         if "xla_and_precision" in only:
             results["xla_and_precision"] = xla_and_precision(plan, classifier, weights)
     results["machine"]["load_average_end"] = [round(x, 2) for x in os.getloadavg()]

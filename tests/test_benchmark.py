@@ -193,13 +193,16 @@ def test_the_micro_benchmarks_jpeg_section_runs_and_reports_the_draft_speedup(tm
     out = tmp_path / "micro.json"
     result = subprocess.run(
         [sys.executable, "-m", "bench.micro", "--quick", "--only", "jpeg_draft", "--only", "reply_wait",
-         "--json", str(out)],
+         "--only", "claim", "--json", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     waits = json.loads(out.read_text())["reply_wait"]  # each way of receiving an answer measured
     assert set(waits) == {"per_request_wait_for", "listener_1_per_wake", "listener_8_per_wake", "listener_32_per_wake"}
     assert all(row["cpu_us_per_answer"] > 0 for row in waits.values()), waits
+    takes = json.loads(out.read_text())["claim"]  # each take checked its count of messages while timed
+    assert set(takes) == {"0_waiting", "1_waiting", "32_waiting", "changing_waiting"}
+    assert all(v["wall_us"] > 0 for row in takes.values() for v in row.values()), takes
     rows = json.loads(out.read_text())["jpeg_draft"]
     assert rows["12mp"]["draft_decodes_at"] == [504, 378] and rows["12mp"]["speedup"] > 2
     assert rows["chelsea"]["mean_abs_pixel_difference"] == 0  # no scale below 1 covers 224: the same pixels
