@@ -205,21 +205,32 @@ def start_uwsgi(env: dict | None = None, log_path: Path | None = None) -> Servic
 
 def wait_until_ready(base_url: str, services: list[Service], timeout_s: float = WORKER_READY_TIMEOUT_S) -> None:
     """Wait until GET /readyz answers 200; fail at once, with its log, if a service exits first."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+
+    def check_alive() -> None:
         for service in services:
             if not service.alive():
                 service.process.wait()
                 time.sleep(0.1)  # let a relay thread copy the last line out
                 raise RuntimeError(service.exit_report())
+
+    if not poll_until_ok(base_url + "readyz", check_alive, timeout_s):
+        raise RuntimeError(f"{base_url} was not ready within {timeout_s:.0f} s")
+
+
+def poll_until_ok(url: str, check_alive, timeout_s: float) -> bool:
+    """GET url every 0.2 s until it answers 200 (True) or timeout_s passes (False). check_alive() runs before
+    each try and raises when a process behind url has exited (bench/peers waits for its peers with this too)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        check_alive()
         try:
-            with urllib.request.urlopen(base_url + "readyz", timeout=2) as response:
+            with urllib.request.urlopen(url, timeout=2) as response:
                 if response.status == 200:
-                    return
+                    return True
         except (urllib.error.URLError, OSError):
             pass
         time.sleep(0.2)
-    raise RuntimeError(f"{base_url} was not ready within {timeout_s:.0f} s")
+    return False
 
 
 def main() -> int:

@@ -18,8 +18,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -239,20 +237,17 @@ def start(name: str, model_xml: Path, precision: str, labels: Path, workdir: Pat
 
 def wait_ready(url: str, running: Running, timeout_s: float = READY_TIMEOUT_S) -> None:
     """Until GET url answers 200; fails at once, with the log's end, if the peer exits first."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+
+    def check_alive() -> None:
         if running.process.poll() is not None:
             raise RuntimeError(
                 f"{running.name} exited with {running.process.returncode}:\n{running.log_text()[-3000:]}"
             )
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"{running.name} was not ready at {url} within {timeout_s:.0f} s:\n{running.log_text()[-3000:]}")
+
+    if not stack.poll_until_ok(url, check_alive, timeout_s):
+        raise RuntimeError(
+            f"{running.name} was not ready at {url} within {timeout_s:.0f} s:\n{running.log_text()[-3000:]}"
+        )
 
 
 def answer_predictions(body) -> list[dict]:
