@@ -235,7 +235,7 @@ def cache_source(name: str, weights: str, model_path: str, preprocess: str) -> s
     if not model_path and weights in ("none", ""):
         return ""
     files = [os.path.abspath(f) for f in ([model_path] if model_path else [] if weights == "imagenet" else [weights])]
-    stats = ",".join(f"{os.path.getsize(f)}:{os.stat(f).st_mtime_ns}" for f in files)
+    stats = ",".join(f"{st.st_size}:{st.st_mtime_ns}" for st in map(os.stat, files))
     return "|".join([name, weights, preprocess, *files]) + "#" + stats
 
 
