@@ -3,12 +3,15 @@ time (the stand-in worker, bench/stand_in_worker.py), and the CPU each process s
 This is the figure that says whether the service could feed a faster model or a GPU from these cores.
 
     python -m bench.path_ceiling [--clients 8,32,64] [--seconds 10] [--batch-ms 0] [--depths 1,3 --rounds 3]
+                                 [--servers gunicorn,uwsgi]
 
---depths alternates the worker's PIPELINE_DEPTH (a fresh stand-in worker per turn, the same Redis and web),
-so serial and pipelined workers are compared in one run; with --batch-ms > 0 the stand-in behaves like an
-accelerator that takes that long per batch on cores of its own (it sleeps).
+--servers alternates the web server (gunicorn with gunicorn_conf.py, uWSGI with uwsgi.ini: the same app and
+WEB_WORKERS x WEB_THREADS), so the two shipped HTTP stacks are compared in one run. --depths alternates the
+worker's PIPELINE_DEPTH (a fresh web server and stand-in worker per turn, the same Redis), so serial and
+pipelined workers are compared in one run; with --batch-ms > 0 the stand-in behaves like an accelerator that
+takes that long per batch on cores of its own (it sleeps).
 
-It starts its own redis-server, gunicorn (the shipped web settings) and one stand-in worker on free ports,
+It starts its own redis-server, web server (the shipped web settings) and one stand-in worker on free ports,
 then runs closed loops of the README's photos (images/, full size, as a client sends them) from this
 process, whose CPU is reported too: it shares the cores with what it measures.
 """
@@ -27,6 +30,7 @@ from bench.benchmark import children, cpu_seconds  # noqa: E402
 from loadgen import LoadRun, summarize  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
+WEB_SERVERS = {"gunicorn": stack.start_web, "uwsgi": stack.start_uwsgi}  # each starts the app with its own ini/conf
 
 
 def main() -> None:
@@ -37,41 +41,47 @@ def main() -> None:
     parser.add_argument(
         "--depths", default="", help="PIPELINE_DEPTH values to alternate, comma-separated (default: the setting's)"
     )
-    parser.add_argument("--rounds", type=int, default=1, help="rounds over the depths, who goes first alternating")
+    parser.add_argument("--servers", default="gunicorn", help="web servers to alternate: gunicorn, uwsgi")
+    parser.add_argument("--rounds", type=int, default=1, help="rounds over the variants, who goes first alternating")
     args = parser.parse_args()
     images = [path.read_bytes() for path in sorted((ROOT / "images").glob("*.jpg"))]
     depths = [d for d in args.depths.split(",") if d] or [None]
+    servers = args.servers.split(",")
+    if unknown := set(servers) - set(WEB_SERVERS):
+        parser.error(f"unknown --servers {', '.join(sorted(unknown))}; choose from {', '.join(WEB_SERVERS)}")
+    turns = [(server, depth) for server in servers for depth in depths]
     with tempfile.TemporaryDirectory() as workdir:
         redis_port, web_port = stack.free_port(), stack.free_port()
         env = {"REDIS_URL": f"redis://127.0.0.1:{redis_port}/0", "WEB_PORT": str(web_port), "LOG_LEVEL": "WARNING"}
         logs = Path(workdir)
-        services = [stack.start_redis(redis_port, workdir, logs / "redis.log")]
+        redis = stack.start_redis(redis_port, workdir, logs / "redis.log")
         try:
-            services.append(stack.start_web(env, logs / "web.log"))
             url = stack.web_url("127.0.0.1", web_port)
             print(f"stand-in model at {args.batch_ms:g} ms per batch, {os.cpu_count()} CPUs, photos: "
                   f"{', '.join(f'{len(i) // 1024} KB' for i in images)}")  # fmt: skip
             for r in range(args.rounds):
-                for depth in depths[r % len(depths) :] + depths[: r % len(depths)]:
+                for server, depth in turns[r % len(turns) :] + turns[: r % len(turns)]:
+                    metrics_dir = tempfile.mkdtemp(dir=workdir)  # each server's own prometheus-client files
+                    web = WEB_SERVERS[server](env | {"PROMETHEUS_MULTIPROC_DIR": metrics_dir}, logs / f"{server}.log")
                     worker_env = env | ({"PIPELINE_DEPTH": depth} if depth else {})
                     argv = [sys.executable, "-m", "bench.stand_in_worker", "--batch-ms", str(args.batch_ms)]
                     worker = stack._start("stand-in worker", argv, worker_env, logs / "worker.log")
                     try:
-                        stack.wait_until_ready(url, [*services, worker], 60)
-                        print(f"round {r + 1}, PIPELINE_DEPTH {depth or 'as set'}:", flush=True)
-                        measure(url, images, args, {"Redis": services[0].pid, "web": services[1].pid}, worker.pid)
+                        stack.wait_until_ready(url, [redis, web, worker], 60)
+                        print(f"round {r + 1}, {server}, PIPELINE_DEPTH {depth or 'as set'}:", flush=True)
+                        measure(url, images, args, {"Redis": redis.pid, "web": web.pid}, worker.pid)
                     finally:
                         worker.stop()
+                        web.stop()
         finally:
-            for service in reversed(services):
-                service.stop()
+            redis.stop()
 
 
 def measure(url: str, images: list[bytes], args, pids: dict, worker_pid: int) -> None:
     """Closed loops at each concurrency: images/s, latency, and each process's CPU per answered request."""
     redis_pid, web_pid = pids["Redis"], pids["web"]
     processes = {
-        "web (gunicorn)": lambda: [web_pid, *children(web_pid)],
+        "web": lambda: [web_pid, *children(web_pid)],
         "Redis": lambda: [redis_pid],
         "worker (stand-in)": lambda: [worker_pid],
         "load generator": lambda: [os.getpid()],

@@ -1,6 +1,7 @@
 """The benchmark suite and the load tools' analysis: pure functions, real plots, and one short real run."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -171,20 +172,23 @@ def test_the_shards_benchmark_runs_both_layouts_and_the_busiest_master_carries_l
     assert rounds[3][1] < rounds[1][1], result.stdout  # the queue's Redis work spread over the masters
 
 
-def test_the_path_ceiling_runs_the_stand_in_worker_behind_gunicorn_and_reports_cpu_per_process():
-    """Serial and pipelined workers in turn (--depths), each measured: images/s and every process's CPU."""
+def test_the_path_ceiling_runs_the_stand_in_worker_behind_each_web_server_and_reports_cpu_per_process():
+    """gunicorn and uWSGI, serial and pipelined workers, in turn (--servers, --depths), each measured:
+    images/s, no failure, and every process's CPU."""
     result = subprocess.run(
-        [sys.executable, "-m", "bench.path_ceiling", "--seconds", "2", "--clients", "4", "--depths", "1,3"],
-        cwd=ROOT, capture_output=True, text=True, timeout=240,
+        [sys.executable, "-m", "bench.path_ceiling", "--seconds", "2", "--clients", "4", "--depths", "1,3",
+         "--servers", "gunicorn,uwsgi"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "PIPELINE_DEPTH 1:" in result.stdout and "PIPELINE_DEPTH 3:" in result.stdout, result.stdout
+    turns = re.findall(r"^round 1, (\w+), PIPELINE_DEPTH (\d):$", result.stdout, re.M)
+    assert sorted(turns) == [("gunicorn", "1"), ("gunicorn", "3"), ("uwsgi", "1"), ("uwsgi", "3")], result.stdout
     lines = [line for line in result.stdout.splitlines() if line.lstrip().startswith("4 clients")]
-    assert len(lines) == 2, result.stdout
+    assert len(lines) == 4, result.stdout
     for line in lines:
         assert "failed 0" in line and float(line.split(": ")[1].split()[0]) > 0, result.stdout
-        for process in ("web (gunicorn)", "Redis", "worker (stand-in)", "load generator"):
-            assert float(line.split(process + " ")[1].split(",")[0].split(";")[0]) > 0, line  # each one measured
+        for process in ("web", "Redis", "worker (stand-in)", "load generator"):
+            assert float(line.split(f" {process} ")[1].split(",")[0].split(";")[0]) > 0, line  # each one measured
 
 
 @pytest.mark.slow
