@@ -176,7 +176,7 @@ def codec(plan: Plan, image_inference_ms: float) -> dict:
 def prepare_without_draft(image: Image.Image, size: tuple[int, int]) -> np.ndarray:
     """helpers.prepare_image's steps without image.draft: the JPEG is decoded at full size."""
     image.load()
-    image = ImageOps.exif_transpose(image)
+    ImageOps.exif_transpose(image, in_place=True)
     if image.mode in ("1", "P", "PA"):
         image = image.convert("RGBA" if image.mode == "PA" or "transparency" in image.info else "RGB")
     if image.size != size:
