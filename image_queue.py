@@ -101,7 +101,7 @@ import re
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import redis
@@ -539,24 +539,27 @@ while true do
 end
 """
 
-# Runs in one MULTI right after the LPUSH of a request's messages, so they are the queue's head: over the
-# bound, or while an operator drains the queue, LTRIM drops them again, all together. The pause is checked
-# here, atomically with the push, and not only before the upload is decoded: a drain that has seen nothing
-# held can then never be followed by a message that passed the early check. No message passes through Lua.
-# KEYS: queue, workers, paused. ARGV: processing prefix, queue_max, messages pushed. -> messages held, -1
-# when full, -2 when paused
+# Runs in one MULTI right after the LPUSH of a request's messages, so they are the queue's head: while an
+# operator drains the queue, with no live worker (when asked) or over the bound, LTRIM drops them again, all
+# together. These are checked here, atomically with the push, and not only before the upload is decoded: a
+# drain that has seen nothing held can then never be followed by a message that passed the early check, and a
+# request the web admitted on a status it read a moment before (ImageQueue.recent_status) is still refused
+# when the last worker has just left. No message passes through Lua.
+# KEYS: queue, workers, paused. ARGV: processing prefix, queue_max, messages pushed, worker ttl (0: no
+# worker check). -> messages held, -1 when full, -2 when paused, -3 when no worker's heartbeat is fresh
 _ADMIT = (
-    _HELD
+    _NOW
+    + _HELD
     + """
-if redis.call('EXISTS', KEYS[3]) == 1 then
+local function refuse(code)
   redis.call('LTRIM', KEYS[1], tonumber(ARGV[3]), -1)
-  return -2
+  return code
 end
+if redis.call('EXISTS', KEYS[3]) == 1 then return refuse(-2) end
+local ttl = tonumber(ARGV[4])
+if ttl > 0 and redis.call('ZCOUNT', KEYS[2], now - ttl, '+inf') == 0 then return refuse(-3) end
 local n = held()
-if n > tonumber(ARGV[2]) then
-  redis.call('LTRIM', KEYS[1], tonumber(ARGV[3]), -1)
-  return -1
-end
+if n > tonumber(ARGV[2]) then return refuse(-1) end
 return n
 """
 )
@@ -717,6 +720,7 @@ class ImageQueue:
         self._purge = client.register_script(_PURGE)
         self._register_model = client.register_script(_REGISTER_MODEL)
         self._waiting_seen = 0  # messages the last take saw waiting: how many moves the next take sends at once
+        self._recent: tuple[float, Status] | None = None  # (time.monotonic() when read, an open status): recent_status
 
     # --- web side -----------------------------------------------------------------------------
 
@@ -742,6 +746,23 @@ class ImageQueue:
             model = ModelInfo(info["name"], *size, int(info.get("classes", 0)), info.get("runtime", ""))
         return Status(int(sec) + int(usec) / 1e6, int(live), model, int(depth), int(held), bool(paused))
 
+    def recent_status(self, max_age_s: float) -> Status:
+        """status(), or the last one read within max_age_s if it found the queue open (a live worker, a model,
+        not paused): its clock moved on by the time since, its held count the last one enqueue() returned.
+
+        The web reads a status before each upload, to refuse early and to know the model's input size; in a
+        burst of requests most can reuse one read, a round trip less each. What it could miss is re-checked
+        by enqueue(need_worker=True) atomically with the push: a drain, the bound, the last worker leaving.
+        """
+        recent, now = self._recent, time.monotonic()
+        if recent is not None and now - recent[0] <= max_age_s:
+            read_at, status = recent
+            return replace(status, server_time=status.server_time + (now - read_at))
+        status = self.status()
+        open_ = status.live_workers and status.model is not None and not status.paused
+        self._recent = (time.monotonic(), status) if open_ else None
+        return status
+
     def stats(self) -> Stats:
         """The queue's depth, heartbeats and service-wide counters, in one read-only round trip (/metrics).
 
@@ -764,15 +785,16 @@ class ImageQueue:
             paused=bool(paused),
         )
 
-    def enqueue(self, *messages: bytes) -> int:
+    def enqueue(self, *messages: bytes, need_worker: bool = False) -> int:
         """Push a request's messages (one per image, taken in this order) unless that would hold more than
-        QUEUE_MAX; all or none. Returns how many are held now.
+        QUEUE_MAX, the queue is draining, or (need_worker) no worker's heartbeat is fresh; all or none.
+        Returns how many are held now.
 
         Held counts the messages waiting and those on workers' processing lists, so Redis never
         holds more than queue_max images for this queue.
         """
         keys = [self.keys.queue, self.keys.workers, self.keys.paused]
-        args = [self.keys.processing(""), self.queue_max, len(messages)]
+        args = [self.keys.processing(""), self.queue_max, len(messages), self.worker_ttl_s if need_worker else 0]
         try:
             with self.redis.pipeline(transaction=True) as pipe:
                 pipe.lpush(self.keys.queue, *messages)
@@ -782,8 +804,13 @@ class ImageQueue:
             raise unavailable(exc) from exc
         if self.wait_replicas and held >= 0:
             self._wait_for_replicas()
+        recent = self._recent
+        if recent is not None:  # the next recent_status() sees this count, or reads afresh after a refusal
+            self._recent = (recent[0], replace(recent[1], held=held)) if held >= 0 else None
         if held == -2:
             raise Draining("the service is draining for maintenance; retry shortly")
+        if held == -3:
+            raise NoWorker("no model worker is running")
         if held < 0:
             raise QueueFull(f"the queue holds {self.queue_max} images")
         return held

@@ -177,6 +177,49 @@ def test_status_counts_live_workers_and_reports_the_model(make_queue):
     assert queue.status().live_workers == 0  # heartbeats older than the TTL do not count
 
 
+def test_enqueue_needing_a_worker_refuses_and_drops_the_messages_when_no_heartbeat_is_fresh(make_queue, redis_client):
+    queue = make_queue(worker_ttl_s=1.0)
+    with pytest.raises(NoWorker):
+        queue.enqueue(b"a", b"b", need_worker=True)
+    assert redis_client.llen(queue.keys.queue) == 0  # all or none: both pushed messages were taken off again
+    queue.heartbeat("w1", MODEL)
+    assert queue.enqueue(b"c", need_worker=True) == 1
+    time.sleep(1.2)  # the heartbeat is older than the TTL now
+    with pytest.raises(NoWorker):
+        queue.enqueue(b"d", need_worker=True)
+    assert redis_client.lrange(queue.keys.queue, 0, -1) == [b"c"]
+    assert queue.enqueue(b"e") == 2  # without need_worker, as before (tests and tools queue for later workers)
+
+
+def test_recent_status_reuses_an_open_status_for_its_age_and_never_a_closed_one(make_queue, redis_client):
+    queue = make_queue()
+    closed = queue.recent_status(10.0)
+    assert closed.live_workers == 0
+    queue.heartbeat("w1", MODEL)
+    first = queue.recent_status(10.0)  # the closed status was not kept: read again, and kept since it is open
+    assert first.live_workers == 1 and first.model == MODEL and first.held == 0
+
+    redis_client.set(queue.keys.paused, 1)  # what another web or an operator changes is not seen while reused...
+    time.sleep(0.05)
+    reused = queue.recent_status(10.0)
+    assert not reused.paused and reused.model == MODEL
+    assert 0.04 < reused.server_time - first.server_time < 1.0  # ...but the clock moves on
+    assert queue.recent_status(0.0).paused  # older than max_age_s: read afresh
+    assert queue.recent_status(10.0).paused  # and a closed status is not reused: read afresh each time
+    redis_client.delete(queue.keys.paused)
+
+    queue.recent_status(10.0)
+    assert queue.enqueue(b"a", b"b", need_worker=True) == 2
+    assert queue.recent_status(10.0).held == 2  # the count the last push returned
+    for n in range(98):
+        queue.enqueue(f"m{n}".encode())
+    assert queue.recent_status(10.0).held == 100
+    with pytest.raises(QueueFull):
+        queue.enqueue(b"over", need_worker=True)
+    redis_client.set(queue.keys.paused, 1)
+    assert queue.recent_status(10.0).paused  # the refusal dropped the reused status: this one was read afresh
+
+
 def test_ack_names_each_message_by_its_head_and_length_not_by_sending_its_pixels_back(make_queue, redis_client):
     queue = make_queue()
     pixels = b"p" * 200_000

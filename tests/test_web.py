@@ -19,6 +19,7 @@ from support.images import encode, photo
 from support.stand_in import CAT, MODEL, StandInWorker, app_queue, assert_json_error, expected_checksum, post_image
 
 import helpers
+import run_web_server
 
 
 @pytest.fixture
@@ -121,6 +122,22 @@ def test_no_worker_is_503_at_once_with_retry_after(client):
     response = post_image(client)
     assert_json_error(response, 503, "no model worker")
     assert response.headers["Retry-After"] == "5" and time.monotonic() - started < 0.5
+
+
+def test_a_request_right_after_the_last_worker_left_is_503_at_once_though_the_status_is_reused(
+    app, client, monkeypatch
+):
+    """Requests reuse a status read within STATUS_REUSE_S; the push itself re-checks the workers, so a request
+    in that window does not wait out its deadline for a worker that has gone."""
+    monkeypatch.setattr(run_web_server, "STATUS_REUSE_S", 60.0)  # the window surely covers the second request
+    with StandInWorker(app_queue(app)) as worker:
+        assert post_image(client).status_code == 200  # the status read here is open: reused for a moment
+    app_queue(app).unregister(worker.worker_id)  # a graceful stop: the worker leaves the set at once
+    started = time.monotonic()
+    response = post_image(client)
+    assert_json_error(response, 503, "no model worker")
+    assert response.headers["Retry-After"] == "5" and time.monotonic() - started < 0.5
+    assert app_queue(app).redis.llen(app_queue(app).keys.queue) == 0  # its message was taken off again
 
 
 def test_a_full_queue_is_503_at_once_with_retry_after(make_app, redis_client):
