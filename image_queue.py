@@ -46,10 +46,12 @@ Answer (model worker -> web), one JSON object pushed on the request's own result
 Steps, each one round trip (scripts and MULTI blocks are atomic):
     status()    web, one script: Redis TIME, workers whose heartbeat is younger than WORKER_TTL_S, the
                 model's input size, messages waiting and held, paused. No live worker: 503 at once.
+                recent_status() reuses an open one for a moment (the web's STATUS_REUSE_S).
     enqueue()   web, one MULTI: LPUSH the request's messages (one per image: a v2 infer request may send
                 several), then a script counts the messages held (waiting plus every worker's processing
-                list); over QUEUE_MAX, or while paused, it LTRIMs them off again, all of them (503). So once
-                admin.py drain has seen nothing held, nothing more arrives.
+                list); over QUEUE_MAX, while paused, or (need_worker: the web) with no live worker, it
+                LTRIMs them off again, all of them (503). So once admin.py drain has seen nothing held,
+                nothing more arrives, and a reused status never admits a request no worker will take.
                 The deadline is the Redis clock plus what is left of REQUEST_TIMEOUT_S, so web and worker
                 machines agree on it.
     wait_for()  web: BLMOVE of the request's own result key onto itself (a blocking read that leaves the
