@@ -13,7 +13,7 @@ they can stay up together, and the measurements alternate between them: this mac
 10-20% within minutes, so the figures that count are ratios taken a few seconds apart.
   0. answers: each photo through the service and the baseline gives the model's own top 5;
   1. call paths: predict vs predict_on_batch at batch 1, 8, 32 and BATCH_SIZE; the best is the ceiling;
-  2. one client: requests in a row to each, between raw batch-1 timings;
+  2. one client: requests in a row to each, between raw batch-1 timings, in rounds (the median round counts);
   3. closed loop at 1, 2, 4, 8, 16, 32 clients: raw, service and baseline (order alternating), raw;
   4. rounds at 8 and 32 clients (--rounds), as in 3, with each process's CPU time: the target figures;
   5. open loop at 50%, 90% and 150% of the capacity (the service's best closed-loop rate), each bounded;
@@ -391,12 +391,18 @@ def suite(args) -> int:
         large = [b for b in batches if b >= 8]
 
         say("2. one client")
+        # --rounds of --single requests in a row per system, who goes first rotating, raw batch-1 timings
+        # between: 40 requests take ~1 s, short enough for this machine's drift to decide one round alone.
         batch1 = [fastest_batch1(classifier, args.raw_seconds)]
-        single = {name: sequential(url, images, args.single) for name, url in urls.items()}
-        batch1.append(fastest_batch1(classifier, args.raw_seconds))
+        single = {name: [] for name in urls}
+        for r in range(args.rounds):
+            for name in ordered(urls, r):
+                single[name].append(figures(sequential(urls[name], images, args.single)))
+            batch1.append(fastest_batch1(classifier, args.raw_seconds))
         report["one_client"] = {
             "fastest_batch1_ms": round(statistics.mean(batch1), 1),
-            **{name: figures(run) for name, run in single.items()},
+            **{name: median_round(runs) for name, runs in single.items()},
+            "rounds": single,
         }
 
         say("3. closed loop")
@@ -492,6 +498,11 @@ def call_paths(classifier) -> tuple[str, ...]:
 def fastest_batch1(classifier, seconds: float) -> float:
     """The model's fastest batch-1 call, ms: the fastest of its call paths."""
     return min(raw_rate(classifier, 1, call, seconds)["call_ms"] for call in call_paths(classifier))
+
+
+def median_round(runs: list[dict]) -> dict:
+    """Of a scenario's rounds, the one with the median p50 (the lower middle of an even count)."""
+    return sorted(runs, key=lambda run: run["latency_ms"]["p50"])[(len(runs) - 1) // 2]
 
 
 def ordered(urls: dict, i: int) -> list[str]:

@@ -122,6 +122,13 @@ def test_plot_benchmark_draws_three_panels_from_a_report(tmp_path):
 
 
 @pytest.mark.slow
+def test_the_one_client_figure_is_the_round_with_the_median_p50():
+    runs = [{"latency_ms": {"p50": p50}, "round": i} for i, p50 in enumerate([41.8, 27.0, 28.5])]
+    assert benchmark.median_round(runs)["round"] == 2
+    assert benchmark.median_round(runs[:2])["round"] == 1  # an even count: the lower middle
+    assert benchmark.median_round(runs[:1])["round"] == 0
+
+
 @pytest.mark.timeout(600)  # ~140 s on a 2-core Xeon; the model loads three times
 def test_the_suite_runs_end_to_end_and_both_systems_give_the_models_own_answers(tmp_path):
     """A short real run: the seeded ResNet50 in the suite's process, the service and the baseline under gunicorn."""
@@ -150,6 +157,9 @@ def test_the_suite_runs_end_to_end_and_both_systems_give_the_models_own_answers(
     seed = report["seed_pattern"]
     assert seed["spacing_s"] == pytest.approx(1 / (0.25 * report["capacity_per_s"]), rel=1e-3)
     assert seed["service"]["sent"] == seed["requests"]
+    one = report["one_client"]
+    assert {name: len(runs) for name, runs in one["rounds"].items()} == {"service": 1, "baseline": 1}
+    assert one["service"] == one["rounds"]["service"][0] and one["service"]["succeeded"] == 4
     assert set(report["targets"]) >= {"served_over_ceiling_8", "served_over_baseline_8", "one_client_p50_ms"}
     assert "targets (medians over the rounds)" in run.stdout
     is_drawn_png(tmp_path / "benchmark.png")
