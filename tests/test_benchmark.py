@@ -121,7 +121,6 @@ def test_plot_benchmark_draws_three_panels_from_a_report(tmp_path):
     assert width > 2 * height
 
 
-@pytest.mark.slow
 def test_the_one_client_figure_is_the_round_with_the_median_p50():
     runs = [{"latency_ms": {"p50": p50}, "round": i} for i, p50 in enumerate([41.8, 27.0, 28.5])]
     assert benchmark.median_round(runs)["round"] == 2
@@ -129,6 +128,7 @@ def test_the_one_client_figure_is_the_round_with_the_median_p50():
     assert benchmark.median_round(runs[:1])["round"] == 0
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)  # ~140 s on a 2-core Xeon; the model loads three times
 def test_the_suite_runs_end_to_end_and_both_systems_give_the_models_own_answers(tmp_path):
     """A short real run: the seeded ResNet50 in the suite's process, the service and the baseline under gunicorn."""
