@@ -153,9 +153,15 @@ class QueueFull(Exception):
 class NoWorker(Exception):
     """No model worker has sent a heartbeat within WORKER_TTL_S."""
 
+    def __init__(self, message: str = "no model worker is running"):
+        super().__init__(message)
+
 
 class Draining(Exception):
     """An operator paused the queue (admin.py drain): new requests are refused until it resumes."""
+
+    def __init__(self, message: str = "the service is draining for maintenance; retry shortly"):
+        super().__init__(message)
 
 
 class QueueUnavailable(Exception):
@@ -460,6 +466,14 @@ class Status:
     held: int  # messages in Redis for this queue: waiting plus being processed (QUEUE_MAX bounds it)
     paused: bool = False  # an operator is draining the queue: refuse new requests
 
+    def refusal(self) -> "Draining | NoWorker | None":
+        """Why the queue takes no requests now (draining, or no live worker serving a model), or None: open."""
+        if self.paused:
+            return Draining()
+        if not self.live_workers or self.model is None:
+            return NoWorker()
+        return None
+
 
 @dataclass(frozen=True)
 class Stats:
@@ -761,8 +775,7 @@ class ImageQueue:
             read_at, status = recent
             return replace(status, server_time=status.server_time + (now - read_at))
         status = self.status()
-        open_ = status.live_workers and status.model is not None and not status.paused
-        self._recent = (time.monotonic(), status) if open_ else None
+        self._recent = (time.monotonic(), status) if status.refusal() is None else None
         return status
 
     def stats(self) -> Stats:
@@ -803,6 +816,7 @@ class ImageQueue:
                 pipe.execute_command("EVAL", _ADMIT, len(keys), *keys, *args)  # cluster pipelines have no eval()
                 _, held = pipe.execute()
         except REDIS_ERRORS as exc:
+            self._recent = None  # the next request reads a status afresh: with shards, that one passes this shard over
             raise unavailable(exc) from exc
         if self.wait_replicas and held >= 0:
             self._wait_for_replicas()
@@ -810,9 +824,9 @@ class ImageQueue:
         if recent is not None:  # the next recent_status() sees this count, or reads afresh after a refusal
             self._recent = (recent[0], replace(recent[1], held=held)) if held >= 0 else None
         if held == -2:
-            raise Draining("the service is draining for maintenance; retry shortly")
+            raise Draining()
         if held == -3:
-            raise NoWorker("no model worker is running")
+            raise NoWorker()
         if held < 0:
             raise QueueFull(f"the queue holds {self.queue_max} images")
         return held
@@ -1430,7 +1444,7 @@ class ModelDirectory:
             return self.default
         ids = self.ids()  # an empty list is read again on every call
         if not ids:
-            raise NoWorker("no model worker is running")
+            raise NoWorker()
         if len(ids) > 1:
             raise NoModelNamed(f"several models are served ({', '.join(ids)}): name one, e.g. ?model={ids[0]}")
         return ids[0]

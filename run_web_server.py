@@ -336,7 +336,7 @@ def ready_statuses(model_ids: list[str]) -> dict[str, image_queue.Status | Excep
         except (image_queue.NoWorker, image_queue.Draining, image_queue.QueueUnavailable) as exc:
             each[model_id] = exc
     if not any(isinstance(status, image_queue.Status) for status in each.values()):
-        raise next(iter(each.values()), image_queue.NoWorker("no model worker is running"))
+        raise next(iter(each.values()), image_queue.NoWorker())
     return each
 
 
@@ -625,10 +625,9 @@ def live_status(queue) -> image_queue.Status:
 
 def check_live(status: image_queue.Status) -> image_queue.Status:
     """The status, or Draining / NoWorker (503) when it says the queue takes no requests now."""
-    if status.paused:
-        raise image_queue.Draining("the service is draining for maintenance; retry shortly")
-    if not status.live_workers or status.model is None:
-        raise image_queue.NoWorker("no model worker is running")
+    refusal = status.refusal()
+    if refusal is not None:
+        raise refusal
     return status
 
 

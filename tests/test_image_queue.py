@@ -391,6 +391,28 @@ def test_a_stalled_redis_delays_a_503_or_504_by_at_most_one_block_plus_the_margi
     assert time.monotonic() - started < 1.2 + block_s + WEB_SOCKET_MARGIN_S + 0.3
 
 
+def test_a_push_that_fails_on_redis_drops_the_reused_status_so_the_next_request_reads_afresh(stallable_redis):
+    """With QUEUE_SHARDS the web passes over a shard whose status read fails; a status reused after that
+    shard's Redis failed would send the next requests into it for the rest of STATUS_REUSE_S."""
+    import signal
+
+    import redis
+
+    from image_queue import WEB_SOCKET_MARGIN_S, QueueUnavailable
+
+    url, server = stallable_redis
+    block_s = 0.3
+    queue = ImageQueue(connect(url, block_s, WEB_SOCKET_MARGIN_S), "failing", block_s=block_s)
+    queue.heartbeat("w1", MODEL)
+    assert queue.recent_status(60.0).model == MODEL  # open: kept for reuse
+    server.process.send_signal(signal.SIGSTOP)
+    with pytest.raises(QueueUnavailable):
+        queue.enqueue(b"m0", need_worker=True)
+    server.process.send_signal(signal.SIGCONT)
+    redis.Redis.from_url(url).set(queue.keys.paused, 1)
+    assert queue.recent_status(60.0).paused  # read afresh, not the open status from before the failure
+
+
 def test_an_answer_whose_reply_is_lost_on_the_way_is_read_again_not_lost(redis_server, queue_name, redis_client):
     """The web's read of its answer must not destroy it: if the connection drops after Redis sent the
     answer, the retry finds it still there (a blocking read that leaves it, then a delete)."""
