@@ -511,6 +511,9 @@ def ordered(urls: dict, i: int) -> list[str]:
     return names[i % len(names) :] + names[: i % len(names)]
 
 
+SERVED_OVER_CEILING = 0.85  # issue 12: served images/s at 8 and 32 clients over the fastest raw runtime, same run
+
+
 def targets(report: dict) -> dict:
     """The issue's targets, each with its figure (medians over the rounds) and whether it is met."""
     result = {}
@@ -525,12 +528,11 @@ def targets(report: dict) -> dict:
         p99 = {
             name: statistics.median(lv[name]["latency_ms"]["p99"] for lv in rounds) for name in ("service", "baseline")
         }
-        if clients == 8:
-            result["served_over_ceiling_8"] = {
-                "figure": round(over_ceiling, 3),
-                "target": 0.92,
-                "met": over_ceiling >= 0.92,
-            }
+        result[f"served_over_ceiling_{clients}"] = {
+            "figure": round(over_ceiling, 3),
+            "target": SERVED_OVER_CEILING,
+            "met": over_ceiling >= SERVED_OVER_CEILING,
+        }
         result[f"served_over_baseline_{clients}"] = {
             "figure": round(over_baseline, 3),
             "p99_ms": p99,

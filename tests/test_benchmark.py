@@ -72,14 +72,15 @@ def synthetic_report(service_8: float, baseline_p99: float) -> dict:
 
 def test_targets_are_judged_from_the_round_medians():
     met = benchmark.targets(synthetic_report(service_8=18.6, baseline_p99=1500))
-    assert met["served_over_ceiling_8"] == {"figure": 0.93, "target": 0.92, "met": True}
+    assert met["served_over_ceiling_8"] == {"figure": 0.93, "target": 0.85, "met": True}
+    assert met["served_over_ceiling_32"] == {"figure": 0.93, "target": 0.85, "met": True}
     assert met["served_over_baseline_8"]["figure"] == 1.24 and met["served_over_baseline_8"]["met"]
     assert met["served_over_baseline_8"]["p99_ms"] == {"service": 900, "baseline": 1500}
     assert met["one_client_p50_ms"]["met"] and met["open_loop_90_p99_ms"]["met"]  # 60 <= 60; 350 <= 360
     assert "most often batch 2" in met["open_loop_90_p99_ms"]["target"]
-    missed = benchmark.targets(synthetic_report(service_8=18.0, baseline_p99=800))
-    assert not missed["served_over_ceiling_8"]["met"]  # 0.90
-    assert not missed["served_over_baseline_32"]["met"]  # faster (1.2 x) but a higher p99 than the baseline
+    missed = benchmark.targets(synthetic_report(service_8=16.8, baseline_p99=800))
+    assert not missed["served_over_ceiling_8"]["met"]  # 0.84
+    assert not missed["served_over_baseline_32"]["met"]  # faster (1.12 x) but a higher p99 than the baseline
 
 
 def is_drawn_png(path) -> tuple[int, int]:
