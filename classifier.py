@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -86,6 +86,8 @@ class Classifier:
     takes_uint8: bool = False  # the model gets the uint8 pixels as they are: no float pass on the host
     runtime: str = "keras"  # what runs it, with its precision: for the start-up log
     precision: str = "float32"
+    calls_take_turns: bool = False  # one predict at a time in this process (Keras on JAX: predict_takes_turns)
+    _turn: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
 
     @property
     def input_size(self) -> tuple[int, int]:
@@ -100,7 +102,9 @@ class Classifier:
         if size > n:  # zero images fill the bucket; their rows are dropped below
             pixels = np.concatenate([pixels, np.zeros((size - n, *pixels.shape[1:]), pixels.dtype)])
         x = pixels if self.takes_uint8 else self.preprocess(pixels.astype(np.float32))
-        return np.asarray(self.model.predict_on_batch(x), dtype=np.float32)[:n]
+        with self._turn if self.calls_take_turns else contextlib.nullcontext():
+            probabilities = self.model.predict_on_batch(x)
+        return np.asarray(probabilities, dtype=np.float32)[:n]
 
     def top_k(self, probabilities: np.ndarray, k: int) -> list[dict]:
         return top_k(probabilities, self.labels, k)
@@ -208,7 +212,16 @@ def load_classifier(
         source = cache_source(name, weights, model_path, preprocess)
         return to_openvino(classifier, precision, cache_dir or default_cache_dir(), source)
     classifier.precision = "float32" if precision == "auto" else precision
+    classifier.calls_take_turns = predict_takes_turns(keras.backend.backend())
     return classifier
+
+
+def predict_takes_turns(keras_backend: str) -> bool:
+    """Whether a Keras model's predict_on_batch must not run on two threads at once in one process. On JAX,
+    Keras donates the model's state buffers to each call, and a second call meanwhile fails ("Buffer has been
+    deleted or donated"). The worker predicts on one thread anyway; the benchmark's in-process baseline
+    predicts on each request's thread. TensorFlow and OpenVINO (an infer request per thread) run calls at once."""
+    return keras_backend == "jax"
 
 
 def load_configured_classifier(settings) -> Classifier:

@@ -581,3 +581,45 @@ def test_an_unexpected_failure_in_the_acker_stops_the_worker_and_hands_its_batch
     assert not thread.is_alive() and raised and "a bug in the ack" in caplog.text
     status = queue.status()
     assert status.live_workers == 0 and status.queue_depth == 4 and status.held == 4  # all back on the queue
+
+
+def test_predict_calls_take_turns_where_the_keras_backend_cannot_run_two_at_once():
+    """Keras on JAX donates the model's state to each predict call: two threads at once failed ("Buffer has
+    been deleted or donated"; the benchmark's in-process baseline got 500s). Such a classifier's calls take
+    turns; others still run at once."""
+    import threading
+
+    from classifier import Classifier, predict_takes_turns
+
+    assert predict_takes_turns("jax") and not predict_takes_turns("tensorflow") and not predict_takes_turns("torch")
+
+    class Overlaps:  # a model that counts the calls running at once
+        input_shape, output_shape = (None, 4, 4, 3), (None, 2)
+
+        def __init__(self):
+            self.running = self.most = 0
+            self.lock = threading.Lock()
+
+        def predict_on_batch(self, x):
+            with self.lock:
+                self.running += 1
+                self.most = max(self.most, self.running)
+            time.sleep(0.02)
+            with self.lock:
+                self.running -= 1
+            return np.zeros((len(x), 2), np.float32)
+
+    def most_at_once(calls_take_turns: bool) -> int:
+        model = Overlaps()
+        classifier = Classifier("m", model, lambda x: x, ["a", "b"], calls_take_turns=calls_take_turns)
+        threads = [
+            threading.Thread(target=classifier.predict, args=(np.zeros((1, 4, 4, 3), np.uint8),)) for _ in range(6)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        return model.most
+
+    assert most_at_once(calls_take_turns=False) > 1  # the threads do overlap when allowed to
+    assert most_at_once(calls_take_turns=True) == 1
