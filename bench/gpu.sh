@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# Issue 12, part 6: the benchmark suite on a lent GPU machine, prepared here so that the run fits one call.
+#
+#   bash bench/gpu.sh prepare   here, after scripts/setup-dev.sh (needs PyPI and Debian's archive): the wheels
+#                               and the redis-server the GPU machine lacks, into .gpu/ (~5 MB, git-ignored)
+#   bash bench/gpu.sh run       on the GPU machine, through the device tool, with .gpu carried:
+#                                 run(command="bash bench/gpu.sh run", carry=[".gpu"], timeout_s=600)
+#
+# The GPU machine has Python 3.12 with JAX (CUDA), numpy, Pillow, h5py, requests, psutil and matplotlib, but no
+# TensorFlow, Keras, Flask, gunicorn, redis-py or redis-server, and it cannot reach any network. So the run
+# installs the carried wheels into /tmp/site, unpacks the carried redis-server into /tmp/redis (never into /),
+# and runs Keras 3 on JAX. It writes to $OUT (the device tool brings back 8 files at most):
+#   machine.txt   the GPU, cores, JAX's devices, redis-server's version
+#   suite.log     the suite's output;  suite/benchmark.json, suite/benchmark.png  its figures
+#   path.txt      bench.path_ceiling on the machine's cores: what the web + Redis + worker path carries
+# Each step has its own time limit, so the whole run ends inside the device tool's 10 minutes per call.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+DIR=.gpu
+GPU_PYTHON=${GPU_PYTHON:-3.12}  # the GPU machine's python3 (the device tool's KINDS.md: 3.12.3)
+# What the service and the suite import that the GPU image does not have, at the versions .venv holds
+WHEELS="keras namex optree flask werkzeug itsdangerous blinker gunicorn redis flask-limiter limits ordered-set
+deprecated prometheus-client"
+# What the GPU image already holds of their needs and the suite's (checked at the start of a run; a test checks
+# that WHEELS and this cover requirements-web.txt, Keras and every requirement of each wheel)
+ON_IMAGE="numpy pillow h5py requests psutil matplotlib rich absl-py ml-dtypes click jinja2 markupsafe wrapt packaging
+typing-extensions jax"
+DEBS="redis-server redis-tools libjemalloc2 liblzf1 libatomic1"  # Debian 12's redis-server: glibc 2.34, Ubuntu 24.04 has it
+
+prepare() {
+    local pins=() name version
+    for name in $WHEELS; do
+        version=$(.venv/bin/python -m pip show "$name" 2>/dev/null | sed -n 's/^Version: //p')
+        [ -n "$version" ] || { echo "$name is not in .venv: run scripts/setup-dev.sh first" >&2; exit 1; }
+        pins+=("$name==$version")
+    done
+    rm -rf "$DIR"
+    mkdir -p "$DIR/wheels" "$DIR/debs"
+    python3 -m pip download -q --no-deps --only-binary=:all: --python-version "$GPU_PYTHON" --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+        -d "$DIR/wheels" "${pins[@]}"
+    (cd "$DIR/debs" && apt-get download -q $DEBS)
+    ls "$DIR/wheels" "$DIR/debs"
+    du -sh "$DIR"
+}
+
+run() {
+    : "${OUT:?run this on the GPU machine, where the device tool sets OUT}"
+    [ -d "$DIR/wheels" ] || { echo "no $DIR: run 'bash bench/gpu.sh prepare' here and carry .gpu" >&2; exit 1; }
+    python3 - $ON_IMAGE <<'EOF'
+import importlib.metadata as metadata
+import sys
+
+missing = []
+for name in sys.argv[1:]:
+    try:
+        metadata.version(name)
+    except metadata.PackageNotFoundError:
+        missing.append(name)
+sys.exit(f"this machine's Python lacks {', '.join(missing)}: add them to WHEELS in bench/gpu.sh" if missing else 0)
+EOF
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site "$DIR"/wheels/*.whl
+    for deb in "$DIR"/debs/*.deb; do dpkg -x "$deb" /tmp/redis; done
+    export PYTHONPATH=/tmp/site PATH="/tmp/redis/usr/bin:$PATH"
+    export LD_LIBRARY_PATH="/tmp/redis/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    export KERAS_BACKEND=jax XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1
+    # The web gets a process per 2 of the machine's cores (the suite's default, 2 x 16 threads, is sized for a
+    # 2-core box), for the service and the in-process baseline alike
+    export WEB_WORKERS=${WEB_WORKERS:-$(($(nproc) / 2))}
+    {
+        nvidia-smi -L || true
+        echo "cores: $(nproc); WEB_WORKERS=$WEB_WORKERS"
+        python3 -c 'import jax, keras; print("jax", jax.__version__, jax.devices(), "keras", keras.__version__)'
+        redis-server --version
+    } 2>&1 | tee "$OUT/machine.txt"
+    local status=0
+    timeout "${GPU_SUITE_S:-400}" python3 -m bench.benchmark --quick --out "$OUT/suite" >"$OUT/suite.log" 2>&1 ||
+        status=$?
+    grep -v "^[IWE]0000 " "$OUT/suite.log" | tail -40
+    timeout "${GPU_PATH_S:-100}" python3 -m bench.path_ceiling --clients 32,128 --seconds 8 --depths 3 \
+        >"$OUT/path.txt" 2>&1 || status=$?
+    tail -8 "$OUT/path.txt"
+    return "$status"
+}
+
+case "${1:-}" in
+    prepare) prepare ;;
+    run) run ;;
+    *) echo "usage: bash bench/gpu.sh prepare|run" >&2; exit 2 ;;
+esac
