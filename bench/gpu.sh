@@ -70,23 +70,25 @@ EOF
     chmod +x /tmp/redis/bin/redis-server
     export PYTHONPATH=/tmp/site PATH="/tmp/redis/bin:$PATH"
     export KERAS_BACKEND=jax XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1
-    # Web processes for the service and the in-process baseline alike: 4 x 32 threads carry more than the one
-    # load-generator process sends, and the suite then starts 10 model processes on the GPU (its own, the worker,
-    # the baseline's 4 and the 1-thread baseline's 4), each compiling its batch sizes
+    # Web processes for the service and the in-process baseline alike: 4 x 32 threads, and the suite then starts
+    # 10 model processes on the GPU (its own, the worker, the baseline's 4 and the 1-thread baseline's 4), each
+    # compiling its batch sizes. The closed loops come from 4 load-generator processes: one Python process spends
+    # ~1.4 ms of CPU per request, so alone it would cap the load near 700 requests/s, below the GPU's rate
     export WEB_WORKERS=${WEB_WORKERS:-4}
+    local load=${LOAD_PROCESSES:-4}
     {
         nvidia-smi -L || true
-        echo "cores: $(nproc); WEB_WORKERS=$WEB_WORKERS"
+        echo "cores: $(nproc); WEB_WORKERS=$WEB_WORKERS; load-generator processes: $load"
         python3 -c 'import jax, keras; print("jax", jax.__version__, jax.devices(), "keras", keras.__version__)'
         redis-server --version
     } 2>&1 | tee "$OUT/machine.txt"
     # SIGINT at the limit: Python stops its lab (the processes it started) before the next step begins
     local suite=0 path=0
-    timeout -s INT -k 30 "${GPU_SUITE_S:-400}" python3 -m bench.benchmark --quick --out "$OUT/suite" \
-        >"$OUT/suite.log" 2>&1 || suite=$?
+    timeout -s INT -k 30 "${GPU_SUITE_S:-400}" python3 -m bench.benchmark --quick --load-processes "$load" \
+        --out "$OUT/suite" >"$OUT/suite.log" 2>&1 || suite=$?
     grep -v "^[IWE]0000 " "$OUT/suite.log" | tail -40 || true
     timeout -s INT -k 15 "${GPU_PATH_S:-90}" python3 -m bench.path_ceiling --clients 32,128 --seconds 8 --depths 3 \
-        >"$OUT/path.txt" 2>&1 || path=$?
+        --load-processes "$load" >"$OUT/path.txt" 2>&1 || path=$?
     tail -8 "$OUT/path.txt" || true
     # Never 124 (the device tool reads that as its own time limit): 0, or 3 when a step failed or ran out of time
     echo "suite exit $suite, path ceiling exit $path (124: its time limit; the suite exits 1 when an answer differs)"

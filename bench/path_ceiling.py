@@ -3,7 +3,7 @@ time (the stand-in worker, bench/stand_in_worker.py), and the CPU each process s
 This is the figure that says whether the service could feed a faster model or a GPU from these cores.
 
     python -m bench.path_ceiling [--clients 8,32,64] [--seconds 10] [--batch-ms 0] [--depths 1,3 --rounds 3]
-                                 [--servers gunicorn,uwsgi]
+                                 [--servers gunicorn,uwsgi] [--load-processes 1]
 
 --servers alternates the web server (gunicorn with gunicorn_conf.py, uWSGI with uwsgi.ini: the same app and
 WEB_WORKERS x WEB_THREADS), so the two shipped HTTP stacks are compared in one run. --depths alternates the
@@ -13,7 +13,7 @@ takes that long per batch on cores of its own (it sleeps).
 
 It starts its own redis-server, web server (the shipped web settings) and one stand-in worker on free ports,
 then runs closed loops of the README's photos (images/, full size, as a client sends them) from this
-process, whose CPU is reported too: it shares the cores with what it measures.
+process (or --load-processes of them), whose CPU is reported too: it shares the cores with what it measures.
 """
 
 import argparse
@@ -43,6 +43,7 @@ def main() -> None:
     )
     parser.add_argument("--servers", default="gunicorn", help="web servers to alternate: gunicorn, uwsgi")
     parser.add_argument("--rounds", type=int, default=1, help="rounds over the variants, who goes first alternating")
+    parser.add_argument("--load-processes", type=int, default=1, help="processes the clients are spread over")
     args = parser.parse_args()
     images = [path.read_bytes() for path in sorted((ROOT / "images").glob("*.jpg"))]
     depths = [d for d in args.depths.split(",") if d] or [None]
@@ -91,10 +92,11 @@ def measure(url: str, images: list[bytes], args, pids: dict, worker_pid: int) ->
         before = {name: cpu_seconds(pids()) for name, pids in processes.items()}
         started = time.monotonic()
         run = LoadRun(url + "predict", images)
-        run.closed_loop(clients, duration_s=args.seconds)
+        run.closed_loop(clients, duration_s=args.seconds, processes=args.load_processes)
         summary = summarize(run.results)
         ok = max(1, summary["succeeded"])
         cpu = {name: (cpu_seconds(pids()) - before[name]) * 1000 / ok for name, pids in processes.items()}
+        cpu["load generator"] += run.children_cpu_s * 1000 / ok
         service_cpu = sum(v for k, v in cpu.items() if k != "load generator")
         print(
             f"{clients:>3} clients: {summary['throughput_per_s']:.0f} images/s, p50 "

@@ -38,3 +38,62 @@ def test_server_timing_is_parsed_with_the_batch_size():
         "total": 84.0,
     }
     assert parse_server_timing("") == {}
+
+
+def test_a_closed_loop_spread_over_processes_sends_each_request_once_on_one_clock():
+    """closed_loop(processes=3): the children send exactly count requests, with the parent's images, over
+    their own connections, and their Results land in the parent on the parent's clock, with their CPU."""
+    import threading
+    import time
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from loadgen import LoadRun
+
+    images = [b"\xff\xd8 first photo \xff\xd9", b"\xff\xd8 second \x00 photo \xff\xd9"]
+    seen, connections, lock = [], set(), threading.Lock()
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive: one connection per client
+
+        def do_POST(self):
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            with lock:
+                seen.append([i for i, image in enumerate(images) if image in body])
+                connections.add(self.client_address)
+            time.sleep(0.01)
+            self.send_response(200)
+            self.send_header("Server-Timing", 'inference;dur=1.5;desc="batch of 2"')
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/predict"
+        run = LoadRun(url, images)
+        run.closed_loop(8, count=37, processes=3)
+        elapsed = time.monotonic() - run.start
+        assert run.sent == 37 and len(run.results) == 37 and len(seen) == 37
+        assert all(r.outcome == "200" and r.timing == {"inference": 1.5, "batch": 2} for r in run.results)
+        assert all(len(found) == 1 for found in seen)  # each request carried one of the parent's images, whole
+        firsts = sum(found == [0] for found in seen)  # each process sends the images in turn, from the first
+        assert 37 // 2 <= firsts <= 37 // 2 + 3
+        assert 3 <= len(connections) <= 8  # 3 processes, each holding its own clients' connections
+        assert all(0 <= r.started and r.started + r.latency <= elapsed for r in run.results)  # the parent's clock
+        assert run.children_cpu_s > 0
+
+        timed = LoadRun(url, images)
+        timed.closed_loop(4, duration_s=1.0, processes=2)
+        assert timed.results and max(r.started for r in timed.results) < 1.0
+        assert summarize(timed.results)["failed"] == {}
+
+        refused = LoadRun("http://127.0.0.1:9/predict", images, timeout_s=2)  # nothing listens: errors, counted
+        refused.closed_loop(2, count=4, processes=2)
+        assert [r.outcome for r in refused.results] == ["ConnectionError"] * 4
+    finally:
+        server.shutdown()
+        server.server_close()

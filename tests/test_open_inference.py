@@ -452,8 +452,9 @@ def test_the_clients_name_the_model_and_speak_v2(two_models, direct, tmp_path):
 
     summary = tmp_path / "v2.json"
     stress = ["stress_test.py", "--url", two_models.url + "predict", "--count", "12", "--concurrency", "4"]
-    v2 = run(*stress, "--protocol", "v2", "--model", "mobilenetv2", "--json", str(summary))
+    v2 = run(*stress, "--protocol", "v2", "--model", "mobilenetv2", "--json", str(summary), "--processes", "2")
     assert v2.returncode == 0 and "/v2/models/mobilenetv2/infer" in v2.stdout, v2.stdout + v2.stderr
+    assert "over 2 processes" in v2.stdout
     figures = json.loads(summary.read_text())
     assert figures["succeeded"] == 12 and figures["time_split_ms"]["inference"] > 0  # v2 sends Server-Timing
     assert run(*stress, "--model", "resnet50").returncode == 0
