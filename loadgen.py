@@ -151,36 +151,39 @@ class LoadRun:
             thread.join()
 
     def _closed_loop_in_processes(self, clients: int, count: int | None, duration_s: float | None, n: int) -> None:
-        """closed_loop's clients (and count) shared out over n child processes (this file run with --child, JSON
-        both ways), each told this run's start so that all Results share one clock (CLOCK_MONOTONIC is system-wide)."""
+        """closed_loop's clients (and count, in proportion) shared out over n child processes: this file run with
+        --child, one JSON line each way per step. Each child takes its job and says it is ready; the run starts
+        when all are (self.start is reset then, so no child's start-up comes out of duration_s), and each child is
+        told that start, so that all Results share one clock (CLOCK_MONOTONIC is system-wide)."""
         shares = [clients // n + (i < clients % n) for i in range(n)]
-        counts = [None if count is None else count * share // clients for share in shares]
-        if count is not None:
-            counts[0] += count - sum(counts)
-        children = [
-            subprocess.Popen([sys.executable, __file__, "--child"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-            for _ in range(n)
-        ]
+        bounds = list(itertools.accumulate(shares, initial=0))
+        counts = [None if count is None else count * hi // clients - count * lo // clients
+                  for lo, hi in itertools.pairwise(bounds)]  # fmt: skip
         images = [base64.b64encode(image).decode() for image in self.images]
+        children: list[subprocess.Popen] = []
         try:
-            for child, share, child_count in zip(children, shares, counts, strict=True):
-                job = [self.url, images, self.timeout_s, self.start, share, child_count, duration_s]
-                child.stdin.write(json.dumps(job).encode())
-                child.stdin.close()
-            for child in children:  # one that ends first waits to write until read: its run is over by then
-                reply = child.stdout.read()
-                if child.wait() != 0 or not reply:
-                    raise RuntimeError(f"a load generator process failed (exit code {child.returncode})")
-                sent, rows, cpu_s = json.loads(reply)
+            for share, child_count in zip(shares, counts, strict=True):
+                argv = [sys.executable, __file__, "--child"]
+                children.append(subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE))
+                _send(children[-1], [self.url, images, self.timeout_s, share, child_count, duration_s])
+            for child in children:
+                _receive(child)  # ready: Python started, requests imported, the job read
+            self.start = time.monotonic()
+            for child in children:
+                _send(child, self.start)
+            for child in children:
+                sent, rows, cpu_s = _receive(child)
                 with self.lock:
                     self.sent += sent
                     self.results.extend(Result(*row) for row in rows)
                     self.children_cpu_s += cpu_s
+        except OSError as exc:  # a child that died: its stdin is a broken pipe
+            raise RuntimeError(f"a load generator process failed: {exc}") from exc
         finally:
             for child in children:
                 if child.poll() is None:
                     child.kill()
-                    child.wait()
+                child.wait()
 
     def print_progress(self, count: int, every_s: float = 1.0) -> None:
         """Run in a thread of its own: a line a second until every answer is in."""
@@ -252,14 +255,29 @@ def format_summary(summary: dict) -> str:
     )
 
 
+def _send(child: subprocess.Popen, value) -> None:
+    child.stdin.write(json.dumps(value).encode() + b"\n")
+    child.stdin.flush()
+
+
+def _receive(child: subprocess.Popen):
+    line = child.stdout.readline()
+    if not line:
+        raise RuntimeError(f"a load generator process ended early (exit code {child.wait()})")
+    return json.loads(line)
+
+
 def _child() -> None:
-    """One of closed_loop(processes=N)'s processes: its job on stdin, its results on stdout, as JSON."""
-    url, images, timeout_s, start, clients, count, duration_s = json.loads(sys.stdin.buffer.read())
+    """One of closed_loop(processes=N)'s processes: its job, then the run's start, on stdin; "ready", then its
+    results and the CPU seconds its closed loop took (its start-up not counted), on stdout."""
+    url, images, timeout_s, clients, count, duration_s = json.loads(sys.stdin.readline())
     run = LoadRun(url, [base64.b64decode(image) for image in images], timeout_s)
-    run.start = start
+    print(json.dumps("ready"), flush=True)
+    run.start = json.loads(sys.stdin.readline())
+    cpu_s = time.process_time()
     run.closed_loop(clients, count, duration_s)
     rows = [(r.started, r.latency, r.outcome, r.timing) for r in run.results]
-    sys.stdout.write(json.dumps([run.sent, rows, time.process_time()]))
+    print(json.dumps([run.sent, rows, time.process_time() - cpu_s]), flush=True)
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["--child"]:

@@ -43,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write the summary as JSON to this file")
     parser.add_argument("--plot", type=Path, help="also draw latency over the run and its histogram to this PNG")
     args = parser.parse_args(argv)
+    if args.processes > 1 and not args.concurrency:
+        parser.error("--processes spreads a closed loop: give --concurrency too")
 
     images = [path.read_bytes() for path in (args.image or [DEFAULT_IMAGE])]
     url = target_url(args.url, args.model, args.protocol)
