@@ -155,17 +155,15 @@ class LoadRun:
         --child, one JSON line each way per step. Each child takes its job and says it is ready; the run starts
         when all are (self.start is reset then, so no child's start-up comes out of duration_s), and each child is
         told that start, so that all Results share one clock (CLOCK_MONOTONIC is system-wide)."""
-        shares = [clients // n + (i < clients % n) for i in range(n)]
-        bounds = list(itertools.accumulate(shares, initial=0))
-        counts = [None if count is None else count * hi // clients - count * lo // clients
-                  for lo, hi in itertools.pairwise(bounds)]  # fmt: skip
+        bounds = [clients * i // n for i in range(n + 1)]  # process i runs clients bounds[i] to bounds[i + 1]
         images = [base64.b64encode(image).decode() for image in self.images]
         children: list[subprocess.Popen] = []
         try:
-            for share, child_count in zip(shares, counts, strict=True):
+            for lo, hi in itertools.pairwise(bounds):
+                share = None if count is None else count * hi // clients - count * lo // clients
                 argv = [sys.executable, __file__, "--child"]
                 children.append(subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE))
-                _send(children[-1], [self.url, images, self.timeout_s, share, child_count, duration_s])
+                _send(children[-1], [self.url, images, self.timeout_s, hi - lo, share, duration_s])
             for child in children:
                 _receive(child)  # ready: Python started, requests imported, the job read
             self.start = time.monotonic()

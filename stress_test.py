@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     images = [path.read_bytes() for path in (args.image or [DEFAULT_IMAGE])]
     url = target_url(args.url, args.model, args.protocol)
     run = LoadRun(url, images, args.timeout)
-    if not (args.concurrency and args.processes > 1):  # other processes' answers arrive when they end
+    if args.processes == 1:  # other processes' answers arrive only when they end
         threading.Thread(target=run.print_progress, args=(args.count,), daemon=True).start()
     if args.concurrency:
         spread = f" over {args.processes} processes" if args.processes > 1 else ""

@@ -1,8 +1,11 @@
 """The clients' pure parts: percentiles and the load summary."""
 
 import math
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from loadgen import Result, format_summary, percentile, summarize
+from loadgen import LoadRun, Result, format_summary, percentile, summarize
 
 
 def test_percentile_is_nearest_rank():
@@ -43,12 +46,6 @@ def test_server_timing_is_parsed_with_the_batch_size():
 def test_a_closed_loop_spread_over_processes_sends_each_request_once_on_one_clock():
     """closed_loop(processes=3): the children send exactly count requests, with the parent's images, over
     their own connections, and their Results land in the parent on the parent's clock, with their CPU."""
-    import threading
-    import time
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-    from loadgen import LoadRun
-
     images = [b"\xff\xd8 first photo \xff\xd9", b"\xff\xd8 second \x00 photo \xff\xd9"]
     seen, connections, lock = [], set(), threading.Lock()
 
