@@ -11,6 +11,7 @@ import hashlib
 import importlib.util
 import json
 import logging
+import math
 import os
 import shutil
 import sys
@@ -109,23 +110,36 @@ class Classifier:
     def top_k(self, probabilities: np.ndarray, k: int) -> list[dict]:
         return top_k(probabilities, self.labels, k)
 
-    def warm_up(self, batch_size: int) -> dict[int, float]:
-        """Run every batch shape that traces or compiles a new function, so no request pays for it.
+    def warm_up(self, batch_size: int, every_size: bool = False, rounds: int = 2) -> dict[int, float]:
+        """Run every batch shape that traces or compiles a new function, so no request pays for it; time each.
 
         Uncompiled, predict_on_batch traces for batch 1 and 2 and then reuses one function for any size;
         compiled (XLA), each shape compiles, so every bucket runs. The full batch also sizes the memory
-        pools. Returns seconds per batch size, second call each.
+        pools. every_size: 1, 2, 4, ..., batch_size (for BATCH_TUNE). Returns seconds per batch size: the
+        fastest of `rounds` runs after the first, the sizes taken in turn so that the machine's drift hits
+        each alike.
         """
-        return {n: self.time_batch(n) for n in self.buckets or sorted({1, 2, batch_size})}
+        sizes = self.buckets or (bucket_sizes(batch_size) if every_size else tuple(sorted({1, 2, batch_size})))
+        for n in sizes:
+            self.predict(self._zeros(n))
+        timings = {n: math.inf for n in sizes}
+        for _ in range(rounds):
+            for n in sizes:
+                timings[n] = min(timings[n], self.time_batch(n, warm=True))
+        return timings
 
-    def time_batch(self, n: int) -> float:
-        """Seconds one batch of n images takes, timed on its second run (the first may trace or compile)."""
-        height, width = self.input_size
-        zeros = np.zeros((n, height, width, 3), np.uint8)
-        self.predict(zeros)
+    def time_batch(self, n: int, warm: bool = False) -> float:
+        """Seconds one batch of n images takes; unless warm, timed on its second run (the first may compile)."""
+        zeros = self._zeros(n)
+        if not warm:
+            self.predict(zeros)
         start = time.perf_counter()
         self.predict(zeros)
         return time.perf_counter() - start
+
+    def _zeros(self, n: int) -> np.ndarray:
+        height, width = self.input_size
+        return np.zeros((n, height, width, 3), np.uint8)
 
 
 def bucket_sizes(batch_size: int) -> tuple[int, ...]:

@@ -460,6 +460,41 @@ def credentials_accepted(queue: ImageQueue) -> bool:
     return True
 
 
+def serving_batch_size(classifier, timings: dict[int, float], config: settings.Settings) -> int:
+    """The most images this worker puts in one batch: BATCH_SIZE, or with BATCH_TUNE the warm-up's fastest size
+    per image, either lowered further where the takeover order needs it (batch_size_in_takeover)."""
+    if config.BATCH_TUNE:
+        config = config.replace(BATCH_SIZE=tuned_batch_size(classifier, timings))
+    return batch_size_in_takeover(classifier, timings, config)
+
+
+def fastest_batch(timings: dict[int, float], tolerance: float = settings.BATCH_TUNE_TOLERANCE) -> int:
+    """The largest timed batch size whose time per image is within tolerance of the fastest one's: a larger batch
+    stays unless it runs measurably slower per image (by more than the warm-up's timing noise)."""
+    fastest = min(s / n for n, s in timings.items())
+    return max(n for n, s in timings.items() if s / n <= fastest * (1 + tolerance))
+
+
+def tuned_batch_size(classifier, timings: dict[int, float]) -> int:
+    """BATCH_TUNE: the batch size to serve up to, from the warm-up's timings of 1, 2, 4, ..., BATCH_SIZE.
+
+    Where a large batch runs slower per image than a smaller one (a CPU's caches: BENCHMARKS.md, the AVX2-only
+    EPYC), it only costs images/s and latency. The larger sizes leave timings and buckets, so that the takeover
+    order is checked for the batch served.
+    """
+    size = fastest_batch(timings)
+    log.info(
+        "batches of up to %d (BATCH_TUNE, BATCH_SIZE %d): ms per image %s",
+        size,
+        max(timings),
+        ", ".join(f"{s / n * 1000:.1f} at {n}" for n, s in sorted(timings.items())),
+    )
+    for n in [n for n in timings if n > size]:
+        del timings[n]
+    classifier.buckets = tuple(b for b in classifier.buckets if b <= size)
+    return size
+
+
 def batch_size_in_takeover(classifier, timings: dict[int, float], config: settings.Settings | None = None) -> int:
     """BATCH_SIZE, or less where a batch that large is too slow on this machine for the takeover order.
 
@@ -518,7 +553,7 @@ def main() -> int:
         log.error("cannot load the model: %s", exc)
         return 1
     classifier.buckets = choose_buckets(classifier.model, settings.BATCH_SIZE, settings.BATCH_BUCKETS)
-    timings = classifier.warm_up(settings.BATCH_SIZE)
+    timings = classifier.warm_up(settings.BATCH_SIZE, every_size=settings.BATCH_TUNE)
     on_host_cpu = runs_on_host_cpu(classifier.runtime)
     depth = settings.current.pipeline_depth(on_host_cpu)
     height, width = classifier.input_size
@@ -537,7 +572,7 @@ def main() -> int:
         "" if settings.PIPELINE_DEPTH else f" (auto: the model runs on {'this host' if on_host_cpu else 'a GPU'})",
     )
     try:  # the takeover order with this worker's own depth: a serial survivor answers a dead peer's batch sooner
-        batch_size = batch_size_in_takeover(classifier, timings, settings.current.replace(PIPELINE_DEPTH=depth))
+        batch_size = serving_batch_size(classifier, timings, settings.current.replace(PIPELINE_DEPTH=depth))
     except settings.SettingError as exc:
         log.error("cannot serve with these settings: %s", exc)
         return 1

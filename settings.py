@@ -26,6 +26,7 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"  # o
 MODEL_PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
 MODEL_RUNTIMES = ("auto", "keras", "openvino")
 BATCH_BUCKET_MODES = ("auto", "on", "off")
+BATCH_TUNE_TOLERANCE = 0.05  # BATCH_TUNE: a larger batch stays unless this much slower per image (timing noise)
 MAX_PIPELINE_DEPTH = 3  # a model worker's lanes: the queue protocol's processing lists per worker (image_queue.LANES)
 MODEL_ID_PATTERN = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")  # a model id: lower case, safe in URLs and Redis keys
 
@@ -141,6 +142,7 @@ class Settings:
     IMAGE_QUEUE: str
     QUEUE_SHARDS: int
     BATCH_SIZE: int
+    BATCH_TUNE: bool
     MAX_BATCH_WAIT_MS: float
     PIPELINE_DEPTH: int  # 1 to MAX_PIPELINE_DEPTH, or 0 for auto (pipeline_depth resolves it)
     QUEUE_MAX: int
@@ -316,6 +318,10 @@ class Settings:
             # serves all; QUEUE_MAX is shared out among them. Web and model workers must agree on it.
             QUEUE_SHARDS=read.whole("QUEUE_SHARDS", 1, 1),
             BATCH_SIZE=read.whole("BATCH_SIZE", 32, 1),  # images: the most one forward pass takes
+            # The worker times batches of 1, 2, 4, ..., BATCH_SIZE at warm-up and serves batches up to the largest
+            # size within BATCH_TUNE_TOLERANCE of the fastest per image: a batch size that runs slower per image than
+            # a smaller one (a CPU's caches, as on CPUs without AVX-512) is not used. off: up to BATCH_SIZE.
+            BATCH_TUNE=read.flag("BATCH_TUNE", True),
             MAX_BATCH_WAIT_MS=read.number("MAX_BATCH_WAIT_MS", 0.0),  # ms a worker holds a partial batch to fill it
             # Batches a model worker holds at once (1-3): 3 claims and decodes batch N+1 and acks N-1 while the
             # model runs N, each on a processing list of its own; 1 is the serial loop (claim, run, ack). auto:

@@ -6,6 +6,7 @@ labels for every image, so answers are matched on their probabilities, tightly.
 """
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -19,6 +20,7 @@ from support import ROOT
 from support.images import distinct_photos, encode, photo
 from support.traffic import PROBABILITY_TOLERANCE, batch_sizes, expected_top5, same_answer, wait_for
 
+from settings import BATCH_TUNE_TOLERANCE
 from stack import free_port
 
 pytestmark = pytest.mark.slow
@@ -76,6 +78,29 @@ def test_50_concurrent_requests_each_get_their_own_images_answer_in_shared_batch
     assert mixed_up == []
     sizes = batch_sizes(served.worker_logs())[before:]
     assert sum(sizes) == 50 and max(sizes) > 1, sizes  # batched, and every image ran exactly once
+
+
+def test_with_batch_tune_the_worker_serves_batches_up_to_its_fastest_size_per_image(make_stack, resnet):
+    """BATCH_TUNE (on by default): the worker times batches of 1, 2, 4, ..., BATCH_SIZE at warm-up, serves batches
+    up to the largest within BATCH_TUNE_TOLERANCE of the fastest per image, and a burst gets its own answers."""
+    s = make_stack.serve(BATCH_SIZE=16, BATCH_TUNE="on", REQUEST_TIMEOUT_S=60)
+    log = s.worker_logs()
+    tuned, timed = re.search(r"batches of up to (\d+) \(BATCH_TUNE, BATCH_SIZE 16\): ms per image (.*)", log).groups()
+    per_image = {int(n): float(ms) for ms, n in re.findall(r"([\d.]+) at (\d+)", timed)}
+    tuned, limit = int(tuned), min(per_image.values()) * (1 + BATCH_TUNE_TOLERANCE)
+    assert sorted(per_image) == [1, 2, 4, 8, 16] and f"in batches of up to {tuned}," in log
+    assert per_image[tuned] <= limit + 0.1 and all(per_image[n] > limit - 0.1 for n in per_image if n > tuned)
+    images = distinct_photos(40)
+    expected = expected_top5(resnet, images)
+    before = len(batch_sizes(s.worker_logs()))
+
+    responses = post_all(s.url, images)
+
+    assert [r.status_code for r in responses] == [200] * 40
+    answers = [r.json()["predictions"] for r in responses]
+    assert all(same_answer(a, e) for a, e in zip(answers, expected, strict=True))
+    sizes = batch_sizes(s.worker_logs())[before:]
+    assert sum(sizes) == 40 and max(sizes) <= tuned, (tuned, sizes)
 
 
 def test_bad_uploads_through_gunicorn_get_4xx_and_the_service_keeps_serving(served):

@@ -13,7 +13,7 @@ from support.stand_in import StandInClassifier
 import helpers
 import image_queue
 import settings
-from run_model_server import ModelWorker, answer_batch, batch_size_in_takeover
+from run_model_server import ModelWorker, answer_batch, batch_size_in_takeover, fastest_batch, serving_batch_size
 
 NOW = 1_800_000_000.0
 
@@ -157,6 +157,41 @@ def test_a_serial_worker_keeps_a_batch_that_a_pipelined_one_would_lower(monkeypa
     assert batch_size_in_takeover(model, dict(timings)) < 32  # auto, unresolved: counted as pipelined
 
 
+@pytest.mark.parametrize(
+    "ms_per_image, expected",
+    [
+        ({1: 20.1, 2: 18.9, 4: 17.6, 8: 17.0, 16: 17.1, 32: 17.2}, 32),  # the AVX512-BF16 EPYC: flat from 8 on
+        ({1: 20.1, 2: 18.9, 4: 17.6, 8: 17.0, 16: 17.8, 32: 18.0}, 16),  # 32 is 5.9% slower per image than 8
+        ({1: 68.0, 8: 63.3, 32: 70.4}, 8),  # the AVX2-only EPYC: a batch of 32 is slower per image than 8
+        ({1: 9.0, 2: 5.0, 4: 2.6, 8: 1.4, 16: 0.8, 32: 0.5}, 32),  # a GPU: each doubling pays
+        ({1: 10.0, 2: 10.1, 32: 10.4}, 32),  # batching gains nothing and loses nothing: as configured
+        ({1: 10.0, 2: 10.1, 32: 10.6}, 2),
+        ({4: 5.0}, 4),
+    ],
+)
+def test_fastest_batch_is_the_largest_within_the_tolerance_of_the_fastest_per_image(ms_per_image, expected):
+    assert fastest_batch({n: ms / 1000 * n for n, ms in ms_per_image.items()}) == expected
+
+
+def test_with_batch_tune_a_worker_serves_up_to_its_fastest_size_and_checks_the_takeover_for_that(monkeypatch, caplog):
+    class Sized(TimedClassifier):  # 20 ms a batch, 40 ms per image up to 8 images, 110 beyond (caches overflowing)
+        def time_batch(self, n: int) -> float:
+            return 0.02 + n * (0.04 if n <= 8 else 0.11)
+
+    config = settings.Settings.from_env({"BATCH_SIZE": "32"}).replace(PIPELINE_DEPTH=1)
+    assert config.BATCH_TUNE  # the shipped default
+    model = Sized(0.0, buckets=(1, 2, 4, 8, 16, 32))
+    timings = {n: model.time_batch(n) for n in model.buckets}  # 32: 3.54 s, too slow for the takeover (3.5 + 2 x)
+    with caplog.at_level(logging.INFO, "model_server"):
+        assert serving_batch_size(model, dict(timings), config) == 8
+    assert model.buckets == (1, 2, 4, 8) and "lowered" not in caplog.text
+    assert "batches of up to 8 (BATCH_TUNE, BATCH_SIZE 32): ms per image 60.0 at 1, 50.0 at 2" in caplog.text
+    model.buckets = ()
+    with caplog.at_level(logging.INFO, "model_server"):  # off: the configured batch, lowered for the takeover only
+        size = serving_batch_size(model, dict(timings), config.replace(BATCH_TUNE=False))
+    assert size == 29 and "BATCH_SIZE 32 lowered to 29" in caplog.text
+
+
 def test_a_worker_whose_single_image_breaks_the_takeover_order_refuses_to_start(monkeypatch):
     monkeypatch.setattr(settings, "current", settings.Settings.from_env({}))
     with pytest.raises(settings.SettingError, match="raise REQUEST_TIMEOUT_S"):
@@ -246,7 +281,8 @@ def test_top_k_is_sorted_and_labelled(resnet_keras):
 
 def test_warm_up_leaves_no_tracing_for_the_first_request(resnet_keras):
     timings = resnet_keras.warm_up(8)
-    assert set(timings) == {1, 2, 8}
+    assert set(timings) == {1, 2, 8} and all(0 < s < 60 for s in timings.values())
+    assert set(resnet_keras.warm_up(8, every_size=True)) == {1, 2, 4, 8}  # BATCH_TUNE times each power of two
     x = np.zeros((5, 224, 224, 3), np.uint8)  # a size never run before
     started = time.perf_counter()
     resnet_keras.predict(x)

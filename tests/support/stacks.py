@@ -72,6 +72,7 @@ class StackFactory:
             "MODEL_WEIGHTS": str(self.weights),
             "LABELS_PATH": str(IMAGENET_INDEX),
             "BATCH_SIZE": "16",
+            "BATCH_TUNE": "off",  # each test's batches up to the size it sets; BATCH_TUNE's own tests turn it on
             "WORKER_HEARTBEAT_S": "0.5",
             "LOG_LEVEL": "DEBUG",
         }
