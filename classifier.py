@@ -119,7 +119,9 @@ class Classifier:
         fastest of `rounds` runs after the first, the sizes taken in turn so that the machine's drift hits
         each alike.
         """
-        sizes = self.buckets or (bucket_sizes(batch_size) if every_size else tuple(sorted({1, 2, batch_size})))
+        sizes = self.buckets or (
+            bucket_sizes(batch_size) if every_size else tuple(sorted({1, min(2, batch_size), batch_size}))
+        )
         for n in sizes:
             self.predict(self._zeros(n))
         timings = {n: math.inf for n in sizes}

@@ -461,10 +461,10 @@ def credentials_accepted(queue: ImageQueue) -> bool:
 
 
 def serving_batch_size(classifier, timings: dict[int, float], config: settings.Settings) -> int:
-    """The most images this worker puts in one batch: BATCH_SIZE, or with BATCH_TUNE the warm-up's fastest size
-    per image, either lowered further where the takeover order needs it (batch_size_in_takeover)."""
+    """The most images this worker puts in one batch: BATCH_SIZE, or with BATCH_TUNE the largest size within
+    BATCH_TUNE_TOLERANCE of the fastest per image, either lowered further where the takeover order needs it."""
     if config.BATCH_TUNE:
-        config = config.replace(BATCH_SIZE=tuned_batch_size(classifier, timings))
+        tuned_batch_size(classifier, timings, config.BATCH_SIZE)
     return batch_size_in_takeover(classifier, timings, config)
 
 
@@ -475,18 +475,18 @@ def fastest_batch(timings: dict[int, float], tolerance: float = settings.BATCH_T
     return max(n for n, s in timings.items() if s / n <= fastest * (1 + tolerance))
 
 
-def tuned_batch_size(classifier, timings: dict[int, float]) -> int:
+def tuned_batch_size(classifier, timings: dict[int, float], batch_size: int) -> int:
     """BATCH_TUNE: the batch size to serve up to, from the warm-up's timings of 1, 2, 4, ..., BATCH_SIZE.
 
     Where a large batch runs slower per image than a smaller one (a CPU's caches: BENCHMARKS.md, the AVX2-only
     EPYC), it only costs images/s and latency. The larger sizes leave timings and buckets, so that the takeover
-    order is checked for the batch served.
+    order is checked for the batch served (batch_size_in_takeover starts from the largest size timed).
     """
     size = fastest_batch(timings)
     log.info(
         "batches of up to %d (BATCH_TUNE, BATCH_SIZE %d): ms per image %s",
         size,
-        max(timings),
+        batch_size,
         ", ".join(f"{s / n * 1000:.1f} at {n}" for n, s in sorted(timings.items())),
     )
     for n in [n for n in timings if n > size]:
@@ -496,7 +496,8 @@ def tuned_batch_size(classifier, timings: dict[int, float]) -> int:
 
 
 def batch_size_in_takeover(classifier, timings: dict[int, float], config: settings.Settings | None = None) -> int:
-    """BATCH_SIZE, or less where a batch that large is too slow on this machine for the takeover order.
+    """The largest size timed (BATCH_SIZE, or BATCH_TUNE's choice), or less where a batch that large is too slow
+    on this machine for the takeover order.
 
     A dead worker's requests must be answered by a survivor before their deadline (Settings.takeover_s).
     On a CPU too slow for the configured batch the worker serves smaller batches, saying so once, rather
@@ -504,8 +505,9 @@ def batch_size_in_takeover(classifier, timings: dict[int, float], config: settin
     smallest batch is too slow.
     """
     config = config or settings.current
+    largest = max(timings)
     if config.fits_takeover(max(timings.values())):
-        return config.BATCH_SIZE
+        return largest
     size = config.largest_batch_in_takeover(timings)
     if classifier.buckets:  # padded batches: only a bucket's own size is known to fit
         size = max((b for b in classifier.buckets if b <= size), default=0)
@@ -517,14 +519,15 @@ def batch_size_in_takeover(classifier, timings: dict[int, float], config: settin
             size = max(n for n, s in timings.items() if config.fits_takeover(s))
     classifier.buckets = tuple(b for b in classifier.buckets if b <= size)
     log.warning(
-        "BATCH_SIZE %d lowered to %d: a batch of %d takes %.2f s here (of %d: %.2f s), and WORKER_TTL_S (%g s) + "
+        "BATCH_SIZE %d%s lowered to %d: a batch of %d takes %.2f s here (of %d: %.2f s), and WORKER_TTL_S (%g s) + "
         "WORKER_HEARTBEAT_S (%g s) + %d x the largest batch must stay under REQUEST_TIMEOUT_S (%g s) for a "
         "dead worker's requests to be answered in time (set BATCH_SIZE=%d to start without this step, or raise "
         "REQUEST_TIMEOUT_S for larger batches)",
         config.BATCH_SIZE,
+        "" if largest == config.BATCH_SIZE else f" (BATCH_TUNE: {largest})",
         size,
-        config.BATCH_SIZE,
-        timings[config.BATCH_SIZE],
+        largest,
+        timings[largest],
         size,
         timings[size],
         config.WORKER_TTL_S,

@@ -71,7 +71,7 @@ class _Reader:
         return self._parse(name, default, minimum, float, "a number")
 
     def flag(self, name: str, default: bool = False) -> bool:
-        """On: 1, true, yes, on; off: 0, false, no, off or empty (any case)."""
+        """On: 1, true, yes, on; off: 0, false, no, off (any case); unset or empty: the default."""
         raw = self.text(name, "").lower()
         if raw in ("1", "true", "yes", "on"):
             return True

@@ -155,8 +155,9 @@ def test_with_the_shipped_timeouts_one_of_two_workers_killed_mid_batch_its_reque
             worker.process.send_signal(signal.SIGSTOP)
         time.sleep(2)
         victim.process.send_signal(signal.SIGCONT)  # ... the victim claims them all as one batch ...
-        # (a full batch of the worker's own size: BATCH_TUNE picks the fastest per image, 8 on an AVX512-BF16 EPYC;
-        # where the model is slow, the takeover order lowers it further, to 2 on an AVX2-only AMD EPYC)
+        # (a full batch of the worker's own size: BATCH_TUNE's choice, the largest within 5% of the fastest per
+        # image, 8-32 on an AVX512-BF16 EPYC; where the model is slow, the takeover order lowers it further: before
+        # BATCH_TUNE it chose 2 on an AVX2-only AMD EPYC, where two workers warming at once timed 3.7 s for 32)
         full = min(6, int(re.search(r"in batches of up to (\d+)", victim.log_text())[1]))
         wait_for(lambda: held_by(redis_client, keys, victim_id) >= full, 5)
         victim.process.send_signal(signal.SIGKILL)  # ... and dies running it

@@ -173,23 +173,59 @@ def test_fastest_batch_is_the_largest_within_the_tolerance_of_the_fastest_per_im
     assert fastest_batch({n: ms / 1000 * n for n, ms in ms_per_image.items()}) == expected
 
 
-def test_with_batch_tune_a_worker_serves_up_to_its_fastest_size_and_checks_the_takeover_for_that(monkeypatch, caplog):
-    class Sized(TimedClassifier):  # 20 ms a batch, 40 ms per image up to 8 images, 110 beyond (caches overflowing)
-        def time_batch(self, n: int) -> float:
-            return 0.02 + n * (0.04 if n <= 8 else 0.11)
+class CacheBound(TimedClassifier):
+    """20 ms a batch and 40 ms per image up to 16 images; 110 ms per image beyond (a CPU's caches overflowing)."""
 
+    def time_batch(self, n: int, warm: bool = False) -> float:
+        return 0.02 + n * (0.04 if n <= 16 else 0.11)
+
+
+@pytest.mark.parametrize("buckets", [(), (1, 2, 4, 8, 16, 32)])
+def test_with_batch_tune_a_worker_serves_up_to_its_fastest_size_and_checks_the_takeover_for_that(caplog, buckets):
     config = settings.Settings.from_env({"BATCH_SIZE": "32"}).replace(PIPELINE_DEPTH=1)
     assert config.BATCH_TUNE  # the shipped default
-    model = Sized(0.0, buckets=(1, 2, 4, 8, 16, 32))
-    timings = {n: model.time_batch(n) for n in model.buckets}  # 32: 3.54 s, too slow for the takeover (3.5 + 2 x)
+    model = CacheBound(0.0, buckets)
+    timings = {n: model.time_batch(n) for n in (1, 2, 4, 8, 16, 32)}  # 32: 3.54 s, too slow for 3.5 + 2 x < 10
     with caplog.at_level(logging.INFO, "model_server"):
-        assert serving_batch_size(model, dict(timings), config) == 8
-    assert model.buckets == (1, 2, 4, 8) and "lowered" not in caplog.text
-    assert "batches of up to 8 (BATCH_TUNE, BATCH_SIZE 32): ms per image 60.0 at 1, 50.0 at 2" in caplog.text
-    model.buckets = ()
+        assert serving_batch_size(model, dict(timings), config) == 16
+    assert model.buckets == tuple(b for b in buckets if b <= 16) and "lowered" not in caplog.text
+    assert "batches of up to 16 (BATCH_TUNE, BATCH_SIZE 32): ms per image 60.0 at 1, 50.0 at 2" in caplog.text
+
+    model.buckets = buckets
+    caplog.clear()
     with caplog.at_level(logging.INFO, "model_server"):  # off: the configured batch, lowered for the takeover only
-        size = serving_batch_size(model, dict(timings), config.replace(BATCH_TUNE=False))
-    assert size == 29 and "BATCH_SIZE 32 lowered to 29" in caplog.text
+        assert serving_batch_size(model, dict(timings), config.replace(BATCH_TUNE=False)) == 16
+    assert "BATCH_TUNE" not in caplog.text and "BATCH_SIZE 32 lowered to 16" in caplog.text
+
+    model.buckets = ()
+    caplog.clear()
+    tight = config.replace(REQUEST_TIMEOUT_S=4.6)  # tuned to 16 (0.66 s); 3.5 + 2 x 0.54 s at 13 fits
+    with caplog.at_level(logging.INFO, "model_server"):
+        assert serving_batch_size(model, dict(timings), tight) == 13
+    assert "BATCH_SIZE 32 (BATCH_TUNE: 16) lowered to 13: a batch of 16 takes 0.66 s" in caplog.text
+
+
+def test_warm_up_runs_each_size_once_untimed_then_in_turn_and_keeps_the_fastest(monkeypatch):
+    from classifier import Classifier
+
+    clock = [0.0]
+    durations = iter([9.0, 9.0, 9.0, 0.03, 0.05, 0.20, 0.02, 0.06, 0.08])  # the first pass traces or compiles
+    ran = []
+
+    class Scripted(Classifier):
+        def __init__(self):
+            self.buckets = ()
+
+        input_size = (4, 4)
+
+        def predict(self, pixels):
+            ran.append(len(pixels))
+            clock[0] += next(durations)
+
+    monkeypatch.setattr("classifier.time.perf_counter", lambda: clock[0])
+    timings = Scripted().warm_up(4, every_size=True)
+    assert ran == [1, 2, 4, 1, 2, 4, 1, 2, 4]
+    assert timings == pytest.approx({1: 0.02, 2: 0.05, 4: 0.08})
 
 
 def test_a_worker_whose_single_image_breaks_the_takeover_order_refuses_to_start(monkeypatch):

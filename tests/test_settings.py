@@ -14,7 +14,7 @@ from settings import SettingError, Settings
 def test_defaults_are_the_documented_ones():
     s = Settings.from_env({})
     assert s.REDIS_URL == "redis://localhost:6379/0" and s.REDIS_CONFIGURED is False
-    assert s.IMAGE_QUEUE == "image_queue" and s.BATCH_SIZE == 32 and s.MAX_BATCH_WAIT_MS == 0
+    assert s.IMAGE_QUEUE == "image_queue" and s.BATCH_SIZE == 32 and s.MAX_BATCH_WAIT_MS == 0 and s.BATCH_TUNE
     assert s.PIPELINE_DEPTH == 0  # auto: see test_pipeline_depth_auto_is_serial_on_the_hosts_cores_pipelined_on_a_gpu
     assert s.MODEL_NAME == "ResNet50" and s.MODEL_WEIGHTS == "imagenet" and s.TOP_K == 5
     assert s.WEB_HOST == "127.0.0.1" and s.MODEL_PRECISION == "auto" and s.BATCH_BUCKETS == "auto"
@@ -46,9 +46,10 @@ def test_every_setting_is_read_from_its_variable():
             "MODEL_PATH": "/m.keras", "LABELS_PATH": "/l.json", "MODEL_PREPROCESS": "Torch", "MAX_UPLOAD_MB": "2",
             "MAX_IMAGE_PIXELS": "1000", "TOP_K": "3", "MODEL_PRECISION": "Mixed_BFloat16", "BATCH_BUCKETS": "on",
             "WEB_HOST": "[::1]", "LOG_JSON": "yes", "WORKER_TTL_S": "4", "WORKER_HEARTBEAT_S": "0.5",
+            "BATCH_TUNE": "off",
         }
     )  # fmt: skip
-    assert s.IMAGE_QUEUE == "cats" and s.BATCH_SIZE == 8 and s.MAX_BATCH_WAIT_MS == 2.5
+    assert s.IMAGE_QUEUE == "cats" and s.BATCH_SIZE == 8 and s.MAX_BATCH_WAIT_MS == 2.5 and s.BATCH_TUNE is False
     assert s.QUEUE_MAX == 10 and s.REQUEST_TIMEOUT_S == 3.0 and s.RESULT_TTL_S == 9
     assert s.MODEL_NAME == "MobileNetV2" and s.MODEL_WEIGHTS == "/w.h5" and s.MODEL_PATH == "/m.keras"
     assert s.LABELS_PATH == "/l.json" and s.MODEL_PREPROCESS == "torch"
