@@ -8,6 +8,7 @@ import contextlib
 import fcntl
 import glob
 import hashlib
+import importlib.metadata
 import importlib.util
 import json
 import logging
@@ -180,7 +181,8 @@ def load_classifier(
 
     precision: on Keras, a dtype policy for the layers built here (auto: float32); mixed_bfloat16 computes
     in bfloat16 and keeps the weights in float32, mixed_float16 is for GPUs with tensor cores. runtime
-    "openvino" converts the Keras model to OpenVINO (to_openvino), cached in cache_dir.
+    "openvino" converts the Keras model to OpenVINO (openvino_classifier), cached in cache_dir; a model
+    converted before is served from there without importing Keras.
     """
     if runtime not in RUNTIMES[1:]:
         raise ModelConfigError(f"MODEL_RUNTIME must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
@@ -198,6 +200,14 @@ def load_classifier(
             raise ModelConfigError(
                 f"{setting}={path}: no such file" + (OFFLINE_HINT if setting != "MODEL_PATH" else "")
             )
+    if model_path:
+        name = os.path.splitext(os.path.basename(model_path))[0]
+    cache_dir = cache_dir or default_cache_dir()
+    source = cache_source(name, weights, model_path, preprocess) if runtime == "openvino" else ""
+    if source and os.path.exists(openvino_cache_path(cache_dir, name, source)):  # converted before: no Keras
+        labels = load_labels(labels_path) if labels_path else imagenet_labels()
+        if cached := openvino_classifier(name, labels, precision, cache_dir, source):
+            return cached
     enable_gpu_memory_growth()
     import keras
 
@@ -211,7 +221,6 @@ def load_classifier(
                 f"MODEL_PATH={model_path} is not a Keras model Keras can load ({first_line(exc)}): "
                 "point it at a .keras (or Keras .h5) file saved with model.save()"
             ) from None
-        name = os.path.splitext(os.path.basename(model_path))[0]
         classifier = Classifier(name, model, preprocess_function(preprocess or "none"), load_labels(labels_path))
     else:
         model = build_application(name, weights)
@@ -219,17 +228,17 @@ def load_classifier(
         prep = preprocess_function(preprocess) if preprocess else module.preprocess_input
         labels = load_labels(labels_path) if labels_path else imagenet_labels()
         classifier = Classifier(name, model, prep, labels)
-    classes = int(classifier.model.output_shape[-1])
-    if classes != len(classifier.labels):
-        raise ModelConfigError(
-            f"the model has {classes} outputs but the labels file has {len(classifier.labels)} labels"
-        )
+    check_labels(int(classifier.model.output_shape[-1]), classifier.labels)
     if runtime == "openvino":
-        source = cache_source(name, weights, model_path, preprocess)
-        return to_openvino(classifier, precision, cache_dir or default_cache_dir(), source)
+        return openvino_classifier(name, classifier.labels, precision, cache_dir, source, classifier)
     classifier.precision = "float32" if precision == "auto" else precision
     classifier.calls_take_turns = predict_takes_turns(keras.backend.backend())
     return classifier
+
+
+def check_labels(classes: int, labels: list[str]) -> None:
+    if classes != len(labels):
+        raise ModelConfigError(f"the model has {classes} outputs but the labels file has {len(labels)} labels")
 
 
 def predict_takes_turns(keras_backend: str) -> bool:
@@ -315,22 +324,23 @@ class OpenVINOModel:
         return request.infer(np.ascontiguousarray(pixels))[0]  # a copy: the request's buffer is reused
 
 
-def to_openvino(classifier: Classifier, precision: str, cache_dir: str, source: str) -> Classifier:
-    """The Keras classifier converted to OpenVINO and compiled for the CPU, its preprocessing in the graph.
+def openvino_classifier(
+    name: str, labels: list[str], precision: str, cache_dir: str, source: str, convert_from: Classifier | None = None
+) -> Classifier | None:
+    """The model compiled for the CPU on OpenVINO: read from cache_dir, or converted from convert_from (on Keras).
 
     The graph takes uint8 pixels and casts and scales them itself, so the host does no float pass. The
     converted model is kept in cache_dir under a name made from source (the model's files), and OpenVINO
-    keeps its compiled form there too (CACHE_DIR), so a restart neither converts nor compiles again;
-    source "" (random weights) converts every time. OpenVINO's usage telemetry is never imported: the
-    converter then uses its built-in no-op, and nothing leaves the machine.
+    keeps its compiled form there too (CACHE_DIR), so a restart neither converts nor compiles again, and
+    needs no Keras (load_classifier imports it only to convert); source "" (random weights) converts every
+    time. None where the cache lacks the model and there is no Keras classifier to convert. OpenVINO's usage
+    telemetry is never imported (import_openvino).
     """
-    sys.modules.setdefault("openvino_telemetry", None)  # an import of it now fails: the converter's no-op stub
-    import openvino as ov
-
+    ov = import_openvino()
     core = ov.Core()
     hint = openvino_hint(precision, core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
     os.makedirs(cache_dir, exist_ok=True)
-    path = openvino_cache_path(cache_dir, classifier.name, source)
+    path = openvino_cache_path(cache_dir, name, source)
     started = time.perf_counter()
     # One process at a time converts, tidies and compiles in cache_dir: two workers starting together on a cold
     # cache raced on the compiled blob, and one died ("cannot set permissions: No such file"); now the second
@@ -339,8 +349,10 @@ def to_openvino(classifier: Classifier, precision: str, cache_dir: str, source: 
         fcntl.flock(lock, fcntl.LOCK_EX)
         if source and os.path.exists(path):
             graph, how = path, f"from {path}"
+        elif convert_from is None:
+            return None
         else:
-            folder = export_with_preprocessing(classifier)
+            folder = export_with_preprocessing(convert_from)
             try:
                 graph = ov.convert_model(folder)
             finally:
@@ -361,17 +373,33 @@ def to_openvino(classifier: Classifier, precision: str, cache_dir: str, source: 
         compiled = core.compile_model(graph, "CPU", {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY"})
     took = time.perf_counter() - started
     log.info("OpenVINO %s: %s model %s and compiled in %.1f s", ov.__version__.split("-")[0], hint, how, took)
-    model = OpenVINOModel(compiled, classifier.model.input_shape, classifier.model.output_shape)
-    return Classifier(classifier.name, model, lambda x: x, classifier.labels, (), True, "openvino", hint)
+    input_shape, output_shape = (shape(port.get_partial_shape()) for port in (compiled.input(0), compiled.output(0)))
+    check_labels(output_shape[-1], labels)
+    model = OpenVINOModel(compiled, input_shape, output_shape)
+    return Classifier(name, model, lambda x: x, labels, (), True, "openvino", hint)
+
+
+def import_openvino():
+    """OpenVINO, its usage telemetry never imported (every import of OpenVINO here goes through this): an import
+    of openvino_telemetry then fails, and the converter uses its built-in no-op, so nothing leaves the machine."""
+    sys.modules.setdefault("openvino_telemetry", None)
+    import openvino
+
+    return openvino
+
+
+def shape(partial) -> tuple:
+    """An OpenVINO partial shape as Keras writes one: (None, 224, 224, 3), None where dynamic (the batch)."""
+    return tuple(None if d.is_dynamic else d.get_length() for d in partial)
 
 
 def openvino_cache_path(cache_dir: str, name: str, source: str) -> str:
-    """Where to_openvino keeps the converted model (an IR .xml, its weights in the .bin beside it, OpenVINO's
+    """Where openvino_classifier keeps the converted model (an IR .xml, its weights in the .bin beside it, OpenVINO's
     compiled forms in compiled_cache_dir): {name}-{model}-{version}.xml, model naming the model (source
     before its "#") as the Keras and OpenVINO versions convert it, version its files' sizes and times too.
     Two installs of different versions sharing a cache so never remove each other's copies. Exists only
     once a model with a non-empty source was loaded; the benchmark's peers (bench/peers) load it from there."""
-    import openvino as ov
+    ov = import_openvino()
 
     runtimes = f"keras-{keras_version()}|openvino-{ov.__version__}"
     model = hashlib.sha256(f"{source.rpartition('#')[0]}|{runtimes}".encode()).hexdigest()[:8]
@@ -423,9 +451,8 @@ def export_with_preprocessing(classifier: Classifier) -> str:
 
 
 def keras_version() -> str:
-    import keras
-
-    return keras.__version__
+    """The installed Keras's version, read without importing it (a cached model is served without Keras)."""
+    return importlib.metadata.version("keras")
 
 
 def build_application(name: str, weights: str):
@@ -500,6 +527,11 @@ def load_labels(path: str) -> list[str]:
 
 def imagenet_labels() -> list[str]:
     """The ImageNet index from Keras's cache, downloading it once on a connected machine."""
+    cached = os.path.join(keras_cache(), "imagenet_class_index.json")
+    with contextlib.suppress(OSError):  # read where Keras keeps it, without importing Keras, if it is whole
+        with open(cached, "rb") as f:
+            if hashlib.md5(f.read(), usedforsecurity=False).hexdigest() == IMAGENET_INDEX_MD5:
+                return load_labels(cached)
     import keras
 
     try:

@@ -89,6 +89,58 @@ def test_a_restart_reads_the_converted_model_from_the_cache_and_answers_the_same
     np.testing.assert_array_equal(again.predict(pixels), resnet.predict(pixels))
 
 
+# A restart in a fresh interpreter: the model converted before is read from the cache and served, and the labels
+# (no LABELS_PATH) from where Keras keeps the ImageNet index; it prints what it imported and its peak memory.
+CACHED_RESTART = """
+import json, os, sys
+sys.path.insert(0, os.getcwd())
+import numpy as np
+import classifier
+model = classifier.load_classifier("ResNet50", sys.argv[1], runtime="openvino", cache_dir=sys.argv[2])
+np.save(sys.argv[4], model.predict(np.load(sys.argv[3])))
+print(json.dumps({
+    "imported": sorted(m for m in ("keras", "tensorflow", "jax", "torch") if m in sys.modules),
+    "from_cache": bool(model.model.compiled.get_property("LOADED_FROM_CACHE")), "labels": model.labels[281],
+    "input_size": model.input_size,
+    "peak_rss_mb": int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) / 1024,
+}))
+"""
+
+
+def test_a_restart_from_the_cache_serves_without_importing_keras_or_tensorflow(
+    resnet, resnet_weights, model_cache, tmp_path
+):
+    if resnet.runtime != "openvino":
+        pytest.skip("the shipped defaults chose Keras on this machine")
+    (tmp_path / "keras" / "models").mkdir(parents=True)  # where Keras keeps the ImageNet index it downloaded
+    shutil.copy(IMAGENET_INDEX, tmp_path / "keras" / "models" / "imagenet_class_index.json")
+    pixels = photo_pixels(3)
+    np.save(tmp_path / "pixels.npy", pixels)
+    result = subprocess.run(
+        [sys.executable, "-c", CACHED_RESTART, str(resnet_weights), str(model_cache), str(tmp_path / "pixels.npy"),
+         str(tmp_path / "answers.npy")],
+        cwd=ROOT, capture_output=True, text=True, timeout=120, env=os.environ | {"KERAS_HOME": str(tmp_path / "keras")},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    seen = json.loads(result.stdout.strip().splitlines()[-1])
+    assert seen["imported"] == [] and seen["from_cache"], seen
+    assert seen["labels"] == "tabby" and seen["input_size"] == [224, 224]
+    np.testing.assert_array_equal(np.load(tmp_path / "answers.npy"), resnet.predict(pixels))
+    print(f"a restart from the cache, in a fresh interpreter: peak RSS {seen['peak_rss_mb']:.0f} MB")
+
+
+def test_the_imagenet_index_is_read_from_kerass_cache_only_when_whole(monkeypatch, tmp_path):
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    (tmp_path / "models").mkdir()
+    index = tmp_path / "models" / "imagenet_class_index.json"
+    shutil.copy(IMAGENET_INDEX, index)
+    assert seam.imagenet_labels()[281] == "tabby"
+    index.write_text(index.read_text()[:-100])  # a partial download: Keras's own get_file fetches it again
+    monkeypatch.setattr("keras.utils.get_file", lambda *a, **k: (_ for _ in ()).throw(Exception("offline")))
+    with pytest.raises(seam.ModelConfigError, match="could not download the ImageNet class index"):
+        seam.imagenet_labels()
+
+
 def test_a_model_file_replaced_in_place_is_converted_again_and_only_its_older_version_is_removed(tmp_path, caplog):
     import keras
 

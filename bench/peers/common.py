@@ -17,7 +17,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.environ["PEER_REPO"])
-sys.modules.setdefault("openvino_telemetry", None)  # as classifier.to_openvino: nothing leaves the machine
+sys.modules.setdefault("openvino_telemetry", None)  # as classifier.openvino_classifier: nothing leaves
 
 import helpers  # noqa: E402
 from classifier import load_labels, top_k  # noqa: E402
