@@ -205,8 +205,8 @@ def load_classifier(
     cache_dir = cache_dir or default_cache_dir()
     source = cache_source(name, weights, model_path, preprocess) if runtime == "openvino" else ""
     if source and os.path.exists(openvino_cache_path(cache_dir, name, source)):  # converted before: no Keras
-        labels = load_labels(labels_path) if labels_path else imagenet_labels()
-        if cached := openvino_classifier(name, labels, precision, cache_dir, source):
+        labels = load_labels(labels_path) if labels_path else cached_imagenet_labels()
+        if labels and (cached := openvino_classifier(name, labels, precision, cache_dir, source)):
             return cached
     enable_gpu_memory_growth()
     import keras
@@ -229,7 +229,8 @@ def load_classifier(
         labels = load_labels(labels_path) if labels_path else imagenet_labels()
         classifier = Classifier(name, model, prep, labels)
     check_labels(int(classifier.model.output_shape[-1]), classifier.labels)
-    if runtime == "openvino":
+    if runtime == "openvino":  # the files' times again: one replaced meanwhile is converted under its new name
+        source = cache_source(name, weights, model_path, preprocess)
         return openvino_classifier(name, classifier.labels, precision, cache_dir, source, classifier)
     classifier.precision = "float32" if precision == "auto" else precision
     classifier.calls_take_turns = predict_takes_turns(keras.backend.backend())
@@ -451,8 +452,14 @@ def export_with_preprocessing(classifier: Classifier) -> str:
 
 
 def keras_version() -> str:
-    """The installed Keras's version, read without importing it (a cached model is served without Keras)."""
-    return importlib.metadata.version("keras")
+    """The installed Keras's version, read without importing it where it is installed as "keras" (a cached
+    model is served without Keras); imported otherwise (keras-nightly, a source checkout)."""
+    try:
+        return importlib.metadata.version("keras")
+    except importlib.metadata.PackageNotFoundError:
+        import keras
+
+        return keras.__version__
 
 
 def build_application(name: str, weights: str):
@@ -525,13 +532,19 @@ def load_labels(path: str) -> list[str]:
     raise ModelConfigError(f"{path}: expected a JSON list or object of labels")
 
 
+def cached_imagenet_labels() -> list[str] | None:
+    """The ImageNet index where Keras keeps it, read without importing Keras; None unless it is there whole."""
+    path = os.path.join(keras_cache(), "imagenet_class_index.json")
+    with contextlib.suppress(OSError), open(path, "rb") as f:
+        if hashlib.md5(f.read(), usedforsecurity=False).hexdigest() == IMAGENET_INDEX_MD5:
+            return load_labels(path)
+    return None
+
+
 def imagenet_labels() -> list[str]:
     """The ImageNet index from Keras's cache, downloading it once on a connected machine."""
-    cached = os.path.join(keras_cache(), "imagenet_class_index.json")
-    with contextlib.suppress(OSError):  # read where Keras keeps it, without importing Keras, if it is whole
-        with open(cached, "rb") as f:
-            if hashlib.md5(f.read(), usedforsecurity=False).hexdigest() == IMAGENET_INDEX_MD5:
-                return load_labels(cached)
+    if labels := cached_imagenet_labels():
+        return labels
     import keras
 
     try:

@@ -131,14 +131,30 @@ def test_a_restart_from_the_cache_serves_without_importing_keras_or_tensorflow(
 
 def test_the_imagenet_index_is_read_from_kerass_cache_only_when_whole(monkeypatch, tmp_path):
     monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    monkeypatch.setattr("keras.utils.get_file", lambda *a, **k: (_ for _ in ()).throw(Exception("offline")))
+    assert seam.cached_imagenet_labels() is None  # not there
     (tmp_path / "models").mkdir()
     index = tmp_path / "models" / "imagenet_class_index.json"
     shutil.copy(IMAGENET_INDEX, index)
-    assert seam.imagenet_labels()[281] == "tabby"
-    index.write_text(index.read_text()[:-100])  # a partial download: Keras's own get_file fetches it again
-    monkeypatch.setattr("keras.utils.get_file", lambda *a, **k: (_ for _ in ()).throw(Exception("offline")))
+    assert seam.cached_imagenet_labels()[281] == seam.imagenet_labels()[281] == "tabby"  # read, not fetched
+    index.write_text(index.read_text()[:-100])  # a partial download: only Keras's own get_file fetches it again
+    assert seam.cached_imagenet_labels() is None
     with pytest.raises(seam.ModelConfigError, match="could not download the ImageNet class index"):
         seam.imagenet_labels()
+
+
+def test_a_restart_from_the_cache_with_a_labels_file_that_does_not_fit_says_so(
+    resnet, resnet_weights, model_cache, tmp_path, monkeypatch
+):
+    if resnet.runtime != "openvino":
+        pytest.skip("the shipped defaults chose Keras on this machine")
+    (tmp_path / "labels.json").write_text('["cat", "dog"]')
+    monkeypatch.setattr(seam, "build_application", lambda *a: pytest.fail("built the Keras model: not from the cache"))
+    with pytest.raises(seam.ModelConfigError, match="the model has 1000 outputs but the labels file has 2 labels"):
+        seam.load_classifier(
+            "ResNet50", str(resnet_weights), labels_path=str(tmp_path / "labels.json"), runtime="openvino",
+            cache_dir=str(model_cache),
+        )  # fmt: skip
 
 
 def test_a_model_file_replaced_in_place_is_converted_again_and_only_its_older_version_is_removed(tmp_path, caplog):
