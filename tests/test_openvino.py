@@ -97,7 +97,7 @@ sys.path.insert(0, os.getcwd())
 import numpy as np
 import classifier
 model = classifier.load_classifier("ResNet50", sys.argv[1], runtime="openvino", cache_dir=sys.argv[2])
-np.save(sys.argv[4], model.predict(np.load(sys.argv[3])))
+np.save(sys.argv[4], model.predict(np.load(sys.argv[3], allow_pickle=False)))
 print(json.dumps({
     "imported": sorted(m for m in ("keras", "tensorflow", "jax", "torch") if m in sys.modules),
     "from_cache": bool(model.model.compiled.get_property("LOADED_FROM_CACHE")), "labels": model.labels[281],
@@ -125,7 +125,7 @@ def test_a_restart_from_the_cache_serves_without_importing_keras_or_tensorflow(
     seen = json.loads(result.stdout.strip().splitlines()[-1])
     assert seen["imported"] == [] and seen["from_cache"], seen
     assert seen["labels"] == "tabby" and seen["input_size"] == [224, 224]
-    np.testing.assert_array_equal(np.load(tmp_path / "answers.npy"), resnet.predict(pixels))
+    np.testing.assert_array_equal(np.load(tmp_path / "answers.npy", allow_pickle=False), resnet.predict(pixels))
     print(f"a restart from the cache, in a fresh interpreter: peak RSS {seen['peak_rss_mb']:.0f} MB")
 
 
