@@ -54,9 +54,12 @@ Steps, each one round trip (scripts and MULTI blocks are atomic):
                 nothing more arrives, and a reused status never admits a request no worker will take.
                 The deadline is the Redis clock plus what is left of REQUEST_TIMEOUT_S, so web and worker
                 machines agree on it.
-    wait_for()  web: BLMOVE of the request's own result key onto itself (a blocking read that leaves the
+    answers()   web: BLMOVE of the request's own result key onto itself (a blocking read that leaves the
                 answer there, so a reply lost on the way is read again), at most REDIS_BLOCK_S per
                 call, until the deadline (then 504); then DEL. No sleeping, no polling of a shared key.
+                A request of N images (v2) blocks on its first answer only, then reads every later one
+                already written (LINDEX each, one pipeline) and deletes them (one DEL): a batch's answers
+                are written together, so N answers take 3 round trips, not 2 N. (wait_for(): one answer.)
     claim()     worker, one MULTI: a script registers the worker (ZADD workers) and reads TIME, then up to
                 BATCH_SIZE LMOVEs queue -> processing list of one of the worker's lanes. On an empty queue
                 the worker blocks in BLMOVE (REDIS_BLOCK_S), so a lone request starts at once;
@@ -102,7 +105,7 @@ import random
 import re
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -859,7 +862,31 @@ class ImageQueue:
 
     def wait_for(self, request_id: str, deadline: float) -> bytes | None:
         """Block on the request's result key until an answer or the time.monotonic() deadline."""
-        key, backoff = self.keys.result(request_id), Backoff()
+        return next(self.answers([request_id], deadline))
+
+    def answers(self, request_ids: list[str], deadline: float) -> Iterator[bytes | None]:
+        """Each request's answer in order, by the time.monotonic() deadline: None for the first not answered in
+        time, and nothing after it. Blocks only for the first answer not yet read, then reads every later one
+        already written in one round trip (a batch's answers arrive together) and deletes those read in one
+        more: a lone answer costs 2 round trips, a v2 request's N images answered in one batch 3, not 2 N."""
+        ready: dict[str, bytes] = {}
+        for i, request_id in enumerate(request_ids):
+            key = self.keys.result(request_id)
+            if key in ready:
+                yield ready.pop(key)
+                continue
+            answer = self._block_for(request_id, key, deadline)
+            if answer is None:
+                yield None
+                return
+            later = [k for k in map(self.keys.result, request_ids[i + 1 :]) if k not in ready]
+            found = self._read_written(later)
+            ready |= found
+            self._delete_read([key, *found], request_id)
+            yield answer
+
+    def _block_for(self, request_id: str, key: str, deadline: float) -> bytes | None:
+        backoff = Backoff()
         while (remaining := deadline - time.monotonic()) > 0:
             try:
                 # BLMOVE from the key onto itself: a blocking read that leaves the answer where it is, so
@@ -873,12 +900,30 @@ class ImageQueue:
                 time.sleep(delay)
                 continue
             if answer is not None:
-                try:
-                    self.redis.delete(key)
-                except REDIS_ERRORS as exc:  # it expires after RESULT_TTL_S anyway
-                    log.warning("could not delete the answer of %s (%s); it expires by itself", request_id, exc)
                 return answer
         return None
+
+    def _read_written(self, keys: list[str]) -> dict[str, bytes]:
+        """The answers already under these result keys, left there (LINDEX), in one round trip; on a Redis
+        error none, so that each is waited for on its own."""
+        if not keys:
+            return {}
+        try:
+            with self.redis.pipeline(transaction=False) as pipe:
+                for key in keys:
+                    pipe.lindex(key, -1)
+                written = pipe.execute()
+        except REDIS_ERRORS as exc:
+            if redis_trouble(exc) == "configuration":
+                raise unavailable(exc) from exc
+            return {}
+        return {key: answer for key, answer in zip(keys, written, strict=True) if answer is not None}
+
+    def _delete_read(self, keys: list[str], request_id: str) -> None:
+        try:
+            self.redis.delete(*keys)
+        except REDIS_ERRORS as exc:  # they expire after RESULT_TTL_S anyway
+            log.warning("could not delete the answer of %s (%s); it expires by itself", request_id, exc)
 
     # --- operators (admin.py) -----------------------------------------------------------------
 

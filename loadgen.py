@@ -57,11 +57,24 @@ def target_url(predict_url: str, model: str | None, protocol: str) -> str:
 
 def post_image(url: str, image: bytes, timeout_s: float = TIMEOUT_S, session=None) -> requests.Response:
     """One image to /predict (a multipart form) or to a v2 infer URL, with requests or a session."""
+    return post_images(url, [image], timeout_s, session)
+
+
+def post_images(
+    url: str, images: list[bytes], timeout_s: float = TIMEOUT_S, session=None, pixels: tuple[int, int] | None = None
+) -> requests.Response:
+    """Images to a v2 infer URL in one request: encoded (BYTES), or with pixels=(height, width) each image's
+    height x width x 3 uint8 pixels (UINT8); one encoded image may also go to /predict (a multipart form)."""
     post = session.post if session else requests.post
     if is_v2(url):
-        body, headers = open_inference.encode_infer_request([image], TOP)
+        if pixels:
+            body, headers = open_inference.encode_pixels_request(images, *pixels, TOP)
+        else:
+            body, headers = open_inference.encode_infer_request(images, TOP)
         return post(url, data=body, headers=headers, timeout=timeout_s)
-    return post(url, files={"image": ("image.jpg", image)}, timeout=timeout_s)
+    if len(images) != 1 or pixels:
+        raise ValueError("/predict takes one encoded image per request: send several, or pixels, over v2")
+    return post(url, files={"image": ("image.jpg", images[0])}, timeout=timeout_s)
 
 
 @dataclass
@@ -70,6 +83,7 @@ class Result:
     latency: float  # seconds
     outcome: str  # "200", another HTTP status, or the client-side error's name
     timing: dict[str, float] = field(default_factory=dict)  # the service's Server-Timing, ms; batch size
+    images: int = 1  # images the request carried
 
 
 def parse_server_timing(header: str) -> dict[str, float]:
@@ -87,10 +101,21 @@ def parse_server_timing(header: str) -> dict[str, float]:
 
 
 class LoadRun:
-    """Sends requests from threads and collects one Result each; thread-safe."""
+    """Sends requests from threads and collects one Result each; thread-safe. Each request carries one of
+    images, or with per_request > 1 that many in turn (a v2 URL); pixels: see post_images."""
 
-    def __init__(self, url: str, images: list[bytes], timeout_s: float = TIMEOUT_S):
+    def __init__(
+        self,
+        url: str,
+        images: list[bytes],
+        timeout_s: float = TIMEOUT_S,
+        per_request: int = 1,
+        pixels: tuple[int, int] | None = None,
+    ):
+        if (per_request > 1 or pixels) and not is_v2(url):
+            raise ValueError("several images per request, or pixels, need a v2 infer URL")
         self.url, self.images, self.timeout_s = url, images, timeout_s
+        self.per_request, self.pixels = per_request, pixels
         self.results: list[Result] = []
         self.sent = 0
         self.children_cpu_s = 0.0  # CPU seconds of the processes closed_loop(processes=N) started, when they ended
@@ -98,18 +123,19 @@ class LoadRun:
         self.start = time.monotonic()
 
     def send_one(self, index: int, session: requests.Session | None = None) -> None:
-        image = self.images[index % len(self.images)]
+        first = index * self.per_request
+        images = [self.images[i % len(self.images)] for i in range(first, first + self.per_request)]
         started = time.monotonic()
         with self.lock:
             self.sent += 1
         timing = {}
         try:
-            response = post_image(self.url, image, self.timeout_s, session)
+            response = post_images(self.url, images, self.timeout_s, session, self.pixels)
             outcome = str(response.status_code)
             timing = parse_server_timing(response.headers.get("Server-Timing", ""))
         except requests.RequestException as exc:
             outcome = type(exc).__name__
-        result = Result(started - self.start, time.monotonic() - started, outcome, timing)
+        result = Result(started - self.start, time.monotonic() - started, outcome, timing, len(images))
         with self.lock:
             self.results.append(result)
 
@@ -163,7 +189,8 @@ class LoadRun:
                 share = None if count is None else count * hi // clients - count * lo // clients
                 argv = [sys.executable, __file__, "--child"]
                 children.append(subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE))
-                _send(children[-1], [self.url, images, self.timeout_s, hi - lo, share, duration_s])
+                job = [self.url, images, self.timeout_s, self.per_request, self.pixels, hi - lo, share, duration_s]
+                _send(children[-1], job)
             for child in children:
                 _receive(child)  # ready: Python started, requests imported, the job read
             self.start = time.monotonic()
@@ -221,9 +248,11 @@ def time_split(results: list[Result]) -> dict[str, float]:
 
 
 def summarize(results: list[Result]) -> dict:
-    """Throughput over the run, latency percentiles of the successes, outcomes by status, and, from
-    Server-Timing, the batch sizes the requests ran in and where their time went."""
+    """Throughput over the run (answered requests and their images per second), latency percentiles of the
+    successes, outcomes by status, and, from Server-Timing, the batch sizes the requests ran in and where
+    their time went."""
     ok = sorted(r.latency for r in results if r.outcome == "200")
+    images = sum(r.images for r in results if r.outcome == "200")
     wall = max((r.started + r.latency for r in results), default=0.0) - min((r.started for r in results), default=0.0)
     return {
         "sent": len(results),
@@ -231,6 +260,7 @@ def summarize(results: list[Result]) -> dict:
         "failed": dict(Counter(r.outcome for r in results if r.outcome != "200")),
         "wall_s": round(wall, 3),
         "throughput_per_s": round(len(ok) / wall, 3) if wall else 0.0,
+        "images_per_s": round(images / wall, 3) if wall else 0.0,
         "latency_ms": {
             name: round(percentile(ok, q) * 1000, 1)
             for name, q in (("p50", 50), ("p95", 95), ("p99", 99), ("max", 100))
@@ -244,9 +274,11 @@ def format_summary(summary: dict) -> str:
     lat = summary["latency_ms"]
     by_status = ", ".join(f"{k}: {v}" for k, v in sorted(summary["failed"].items())) or "none"
     failed = sum(summary["failed"].values())
+    several = summary["images_per_s"] != summary["throughput_per_s"]  # requests of several images
+    images = f" ({summary['images_per_s']:.2f} images/s)" if several else ""
     return (
         f"sent {summary['sent']}, succeeded {summary['succeeded']}, failed {failed} ({by_status})\n"
-        f"throughput {summary['throughput_per_s']:.2f} answers/s over {summary['wall_s']:.1f} s\n"
+        f"throughput {summary['throughput_per_s']:.2f} answers/s{images} over {summary['wall_s']:.1f} s\n"
         f"latency p50 {lat['p50']:.0f} ms, p95 {lat['p95']:.0f} ms, p99 {lat['p99']:.0f} ms, max {lat['max']:.0f} ms"
         + (f"\nbatches by size: {summary['batches_by_size']}" if summary["batches_by_size"] else "")
         + (f"\nmean time split, ms: {summary['time_split_ms']}" if summary["time_split_ms"] else "")
@@ -268,13 +300,14 @@ def _receive(child: subprocess.Popen):
 def _child() -> None:
     """One of closed_loop(processes=N)'s processes: its job, then the run's start, on stdin; "ready", then its
     results and the CPU seconds its closed loop took (its start-up not counted), on stdout."""
-    url, images, timeout_s, clients, count, duration_s = json.loads(sys.stdin.readline())
-    run = LoadRun(url, [base64.b64decode(image) for image in images], timeout_s)
+    url, images, timeout_s, per_request, pixels, clients, count, duration_s = json.loads(sys.stdin.readline())
+    images = [base64.b64decode(image) for image in images]
+    run = LoadRun(url, images, timeout_s, per_request, tuple(pixels) if pixels else None)
     print(json.dumps("ready"), flush=True)
     run.start = json.loads(sys.stdin.readline())
     cpu_s = time.process_time()
     run.closed_loop(clients, count, duration_s)
-    rows = [(r.started, r.latency, r.outcome, r.timing) for r in run.results]
+    rows = [(r.started, r.latency, r.outcome, r.timing, r.images) for r in run.results]
     print(json.dumps([run.sent, rows, time.process_time() - cpu_s]), flush=True)
 
 

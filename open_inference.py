@@ -229,13 +229,25 @@ def encode_infer_request(images: list[bytes], classification: int) -> tuple[byte
     """A binary infer request for encoded images asking for the top `classification` classes of each, as
     tritonclient sends it (InferInput BYTES with binary data, InferRequestedOutput with class_count)."""
     elements = encode_bytes_elements(images)
+    return binary_infer_request(IMAGE_INPUT, "BYTES", [len(images)], elements, classification)
+
+
+def encode_pixels_request(pixels: list[bytes], height: int, width: int, classification: int) -> tuple[bytes, dict]:
+    """The same for images already at the model's input size: each element height x width x 3 uint8 (RGB)."""
+    if any(len(p) != height * width * 3 for p in pixels):
+        raise ValueError(f"each image's pixels must be {height} x {width} x 3 bytes")
+    shape = [len(pixels), height, width, 3]
+    return binary_infer_request(PIXELS_INPUT, "UINT8", shape, b"".join(pixels), classification)
+
+
+def binary_infer_request(name: str, datatype: str, shape: list, data: bytes, classification: int) -> tuple[bytes, dict]:
+    tensor = {"name": name, "datatype": datatype, "shape": shape, "parameters": {"binary_data_size": len(data)}}
     header = {
-        "inputs": [{"name": IMAGE_INPUT, "datatype": "BYTES", "shape": [len(images)],
-                    "parameters": {"binary_data_size": len(elements)}}],
+        "inputs": [tensor],
         "outputs": [{"name": OUTPUT, "parameters": {"classification": classification, "binary_data": True}}],
-    }  # fmt: skip
+    }
     head = json.dumps(header).encode()
-    return head + elements, {"Content-Type": "application/octet-stream", HEADER_LENGTH: str(len(head))}
+    return head + data, {"Content-Type": "application/octet-stream", HEADER_LENGTH: str(len(head))}
 
 
 def decode_classification(body: bytes, header_length: str | None) -> list[list[dict]]:

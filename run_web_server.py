@@ -514,7 +514,7 @@ class Trip:
         self.shard.enqueue(*messages, need_worker=True)  # the status may be STATUS_REUSE_S old: check again
         self.queued = time.monotonic()
         try:
-            answers = [self.answer_to(request_id, probabilities) for request_id in ids]
+            answers = [self.check(raw, probabilities) for raw in self.shard.answers(ids, self.deadline)]
         except (Late, Refused):
             if len(messages) > 1:  # the request fails as a whole: its other images need not run
                 self.shard.withdraw(messages, ids)
@@ -525,9 +525,8 @@ class Trip:
         )
         return answers
 
-    def answer_to(self, request_id: str, probabilities: bool) -> dict:
-        """One message's answer by the deadline; Late, or Refused with the status the worker answered."""
-        raw = self.shard.wait_for(request_id, self.deadline)
+    def check(self, raw: bytes | None, probabilities: bool) -> dict:
+        """One message's answer (None: none by the deadline); Late, or Refused with the status the worker answered."""
         if raw is None:
             raise Late(f"no answer within {self.timeout:g} s; the model workers are overloaded or stalled")
         answer = image_queue.decode_answer(raw)

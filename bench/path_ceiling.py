@@ -3,13 +3,19 @@ time (the stand-in worker, bench/stand_in_worker.py), and the CPU each process s
 This is the figure that says whether the service could feed a faster model or a GPU from these cores.
 
     python -m bench.path_ceiling [--clients 8,32,64] [--seconds 10] [--batch-ms 0] [--depths 1,3 --rounds 3]
-                                 [--servers gunicorn,uwsgi] [--load-processes 1]
+                                 [--servers gunicorn,uwsgi] [--load-processes 1] [--requests predict,images:8]
 
 --servers alternates the web server (gunicorn with gunicorn_conf.py, uWSGI with uwsgi.ini: the same app and
 WEB_WORKERS x WEB_THREADS), so the two shipped HTTP stacks are compared in one run. --depths alternates the
 worker's PIPELINE_DEPTH (a fresh web server and stand-in worker per turn, the same Redis), so serial and
 pipelined workers are compared in one run; with --batch-ms > 0 the stand-in behaves like an accelerator that
 takes that long per batch on cores of its own (it sleeps).
+
+--requests alternates what each request carries, at each concurrency: `predict` (one JPEG, /predict's
+multipart form, as curl and the README send it), `images:N` (N JPEGs in one v2 infer request, BYTES, as a
+Triton client batches) or `pixels:N` (N images already at the model's input size, v2 UINT8: no decode in the
+web). Throughput and CPU are per image, so the three show what the per-request HTTP work costs against the
+per-image decode.
 
 It starts its own redis-server, web server (the shipped web settings) and one stand-in worker on free ports,
 then runs closed loops of the README's photos (images/, full size, as a client sends them) from this
@@ -25,6 +31,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import requests  # noqa: E402
+
+import helpers  # noqa: E402
+import loadgen  # noqa: E402
 import stack  # noqa: E402
 from bench.benchmark import children, cpu_seconds  # noqa: E402
 from loadgen import LoadRun, summarize  # noqa: E402
@@ -44,7 +54,14 @@ def main() -> None:
     parser.add_argument("--servers", default="gunicorn", help="web servers to alternate: gunicorn, uwsgi")
     parser.add_argument("--rounds", type=int, default=1, help="rounds over the variants, who goes first alternating")
     parser.add_argument("--load-processes", type=int, default=1, help="processes the clients are spread over")
+    parser.add_argument(
+        "--requests", default="predict", help="what a request carries, comma-separated: predict, images:N, pixels:N"
+    )
     args = parser.parse_args()
+    try:
+        args.requests = [request_shape(r) for r in args.requests.split(",")]
+    except ValueError as exc:
+        parser.error(str(exc))
     images = [path.read_bytes() for path in sorted((ROOT / "images").glob("*.jpg"))]
     depths = [d for d in args.depths.split(",") if d] or [None]
     servers = args.servers.split(",")
@@ -78,8 +95,37 @@ def main() -> None:
             redis.stop()
 
 
+def request_shape(text: str) -> tuple[str, int]:
+    """'predict' -> ("predict", 1); 'images:8' -> ("images", 8); 'pixels:8' -> ("pixels", 8)."""
+    kind, _, n = text.partition(":")
+    if kind == "predict" and not n:
+        return kind, 1
+    if kind in ("images", "pixels") and n.isdigit() and int(n) >= 1:
+        return kind, int(n)
+    raise ValueError(f"--requests: {text!r} is not predict, images:N or pixels:N")
+
+
+def label(shape: tuple[str, int]) -> str:
+    kind, n = shape
+    return kind if kind == "predict" else f"{kind}:{n}"
+
+
+def load_run(url: str, images: list[bytes], shape: tuple[str, int]) -> LoadRun:
+    """A LoadRun sending the photos as the request shape says (see --requests)."""
+    kind, n = shape
+    if kind == "predict":
+        return LoadRun(url + "predict", images)
+    infer = loadgen.target_url(url + "predict", None, "v2")
+    if kind == "images":
+        return LoadRun(infer, images, per_request=n)
+    height, width = requests.get(infer.removesuffix("/infer"), timeout=10).json()["inputs"][1]["shape"][1:3]
+    pixels = [helpers.prepare_image(helpers.open_image(i, 10**8), (width, height)).tobytes() for i in images]
+    return LoadRun(infer, pixels, per_request=n, pixels=(height, width))
+
+
 def measure(url: str, images: list[bytes], args, pids: dict, worker_pid: int) -> None:
-    """Closed loops at each concurrency: images/s, latency, and each process's CPU per answered request."""
+    """Closed loops at each concurrency and request shape: images/s, latency, and each process's CPU per
+    answered image."""
     redis_pid, web_pid = pids["Redis"], pids["web"]
     processes = {
         "web": lambda: [web_pid, *children(web_pid)],
@@ -87,25 +133,27 @@ def measure(url: str, images: list[bytes], args, pids: dict, worker_pid: int) ->
         "worker (stand-in)": lambda: [worker_pid],
         "load generator": lambda: [os.getpid()],
     }
-    LoadRun(url + "predict", images).closed_loop(8, duration_s=2)  # warm: connections, first requests
+    for shape in args.requests:
+        load_run(url, images, shape).closed_loop(8, duration_s=2)  # warm: connections, first requests
     for clients in (int(c) for c in args.clients.split(",")):
-        before = {name: cpu_seconds(pids()) for name, pids in processes.items()}
-        started = time.monotonic()
-        run = LoadRun(url + "predict", images)
-        run.closed_loop(clients, duration_s=args.seconds, processes=args.load_processes)
-        summary = summarize(run.results)
-        ok = max(1, summary["succeeded"])
-        cpu = {name: (cpu_seconds(pids()) - before[name]) * 1000 / ok for name, pids in processes.items()}
-        cpu["load generator"] += run.children_cpu_s * 1000 / ok
-        service_cpu = sum(v for k, v in cpu.items() if k != "load generator")
-        print(
-            f"{clients:>3} clients: {summary['throughput_per_s']:.0f} images/s, p50 "
-            f"{summary['latency_ms']['p50']:.0f} ms, p99 {summary['latency_ms']['p99']:.0f} ms, "
-            f"failed {summary['failed'] or 0}, {time.monotonic() - started:.0f} s; CPU ms per answer: "
-            + ", ".join(f"{name} {ms:.2f}" for name, ms in cpu.items())
-            + f"; service {service_cpu:.2f}",
-            flush=True,
-        )
+        for shape in args.requests:
+            before = {name: cpu_seconds(pids()) for name, pids in processes.items()}
+            started = time.monotonic()
+            run = load_run(url, images, shape)
+            run.closed_loop(clients, duration_s=args.seconds, processes=args.load_processes)
+            summary = summarize(run.results)
+            ok = max(1, sum(r.images for r in run.results if r.outcome == "200"))
+            cpu = {name: (cpu_seconds(pids()) - before[name]) * 1000 / ok for name, pids in processes.items()}
+            cpu["load generator"] += run.children_cpu_s * 1000 / ok
+            service_cpu = sum(v for k, v in cpu.items() if k != "load generator")
+            print(
+                f"{clients:>3} clients, {label(shape)}: {summary['images_per_s']:.0f} images/s, p50 "
+                f"{summary['latency_ms']['p50']:.0f} ms, p99 {summary['latency_ms']['p99']:.0f} ms, "
+                f"failed {summary['failed'] or 0}, {time.monotonic() - started:.0f} s; CPU ms per image: "
+                + ", ".join(f"{name} {ms:.2f}" for name, ms in cpu.items())
+                + f"; service {service_cpu:.2f}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -185,7 +185,7 @@ def test_the_shards_benchmark_runs_both_layouts_and_the_busiest_master_carries_l
 
 def test_the_path_ceiling_runs_the_stand_in_worker_behind_each_web_server_and_reports_cpu_per_process():
     """gunicorn and uWSGI, serial and pipelined workers, in turn (--servers, --depths), each measured:
-    images/s, no failure, and every process's CPU."""
+    images/s, no failure, and every process's CPU; with gunicorn, each request shape (--requests) too."""
     result = subprocess.run(
         [sys.executable, "-m", "bench.path_ceiling", "--seconds", "2", "--clients", "4", "--depths", "1,3",
          "--servers", "gunicorn,uwsgi"],
@@ -194,8 +194,17 @@ def test_the_path_ceiling_runs_the_stand_in_worker_behind_each_web_server_and_re
     assert result.returncode == 0, result.stderr[-3000:]
     turns = re.findall(r"^round 1, (\w+), PIPELINE_DEPTH (\d):$", result.stdout, re.M)
     assert sorted(turns) == [("gunicorn", "1"), ("gunicorn", "3"), ("uwsgi", "1"), ("uwsgi", "3")], result.stdout
-    lines = [line for line in result.stdout.splitlines() if line.lstrip().startswith("4 clients")]
+    lines = [line for line in result.stdout.splitlines() if line.lstrip().startswith("4 clients, predict:")]
     assert len(lines) == 4, result.stdout
+    shapes = subprocess.run(
+        [sys.executable, "-m", "bench.path_ceiling", "--seconds", "2", "--clients", "4",
+         "--requests", "predict,images:4,pixels:4"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert shapes.returncode == 0, shapes.stderr[-3000:]
+    by_shape = re.findall(r"^ +4 clients, (\S+): ", shapes.stdout, re.M)
+    assert by_shape == ["predict", "images:4", "pixels:4"], shapes.stdout
+    lines += [line for line in shapes.stdout.splitlines() if line.lstrip().startswith("4 clients")]
     for line in lines:
         assert "failed 0" in line and float(line.split(": ")[1].split()[0]) > 0, result.stdout
         for process in ("web", "Redis", "worker (stand-in)", "load generator"):

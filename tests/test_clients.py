@@ -1,11 +1,15 @@
-"""The clients' pure parts: percentiles and the load summary."""
+"""The clients' pure parts: percentiles and the load summary; the load generator against a small HTTP server."""
 
+import json
 import math
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import pytest
+
 from loadgen import LoadRun, Result, format_summary, percentile, summarize
+from open_inference import HEADER_LENGTH
 
 
 def test_percentile_is_nearest_rank():
@@ -97,3 +101,51 @@ def test_a_closed_loop_spread_over_processes_sends_each_request_once_on_one_cloc
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_requests_of_several_images_or_pixels_go_over_v2_and_are_counted_per_image():
+    """LoadRun(per_request=3): each v2 request carries the next 3 images in turn, and the summary counts
+    images as well as answers; pixels=(h, w) sends them as one UINT8 tensor. /predict takes one image."""
+    bodies, lock = [], threading.Lock()
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self):
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            head = json.loads(body[: int(self.headers[HEADER_LENGTH])])
+            with lock:
+                bodies.append((head["inputs"][0], body[int(self.headers[HEADER_LENGTH]) :]))
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/v2/models/m/infer"
+        images = [b"\xff\xd8 one \xff\xd9", b"\xff\xd8 two \xff\xd9"]
+        run = LoadRun(url, images, per_request=3)
+        run.closed_loop(1, count=2)
+        assert [tensor["shape"] for tensor, _ in bodies] == [[3], [3]] and bodies[0][0]["datatype"] == "BYTES"
+        assert [data.count(b" one ") for _, data in bodies] == [2, 1]  # images 0, 1, 0, then 1, 0, 1
+        summary = summarize(run.results)
+        assert [r.images for r in run.results] == [3, 3] and summary["images_per_s"] == pytest.approx(
+            3 * summary["throughput_per_s"]
+        )
+        assert "images/s" in format_summary(summary)
+
+        bodies.clear()
+        pixels = [bytes([v]) * (2 * 4 * 3) for v in (7, 9)]  # two 2 x 4 images
+        LoadRun(url, pixels, per_request=2, pixels=(2, 4)).closed_loop(1, count=1)
+        tensor, data = bodies[0]
+        assert (tensor["datatype"], tensor["shape"], data) == ("UINT8", [2, 2, 4, 3], pixels[0] + pixels[1])
+    finally:
+        server.shutdown()
+        server.server_close()
+    with pytest.raises(ValueError, match="v2"):
+        LoadRun("http://127.0.0.1:9/predict", images, per_request=2)

@@ -341,6 +341,49 @@ def test_unregister_hands_back_what_a_leaving_worker_holds(make_queue, redis_cli
     assert queue.status().live_workers == 0
 
 
+def command_calls(redis_client) -> dict[str, int]:
+    """Calls of each command since the server's last CONFIG RESETSTAT."""
+    return {name.removeprefix("cmdstat_"): row["calls"] for name, row in redis_client.info("commandstats").items()}
+
+
+def test_a_batch_of_answers_is_read_in_three_round_trips_in_order_and_deleted(make_queue, redis_client):
+    queue = make_queue()
+    ids = [f"r{i}" for i in range(8)]
+    queue.enqueue(*(i.encode() for i in ids))
+    answer_all(queue, "w1", queue.claim("w1", 8).messages)
+    redis_client.config_resetstat()
+    assert list(queue.answers(ids, time.monotonic() + 2)) == [f"answer:{i}".encode() for i in ids]
+    calls = command_calls(redis_client)
+    # one blocking read, one pipeline of 7 reads that leave the answers in place, one DEL of all 8
+    assert (calls.get("blmove"), calls.get("lindex"), calls.get("del")) == (1, 7, 1)
+    assert not any(redis_client.exists(queue.keys.result(i)) for i in ids)
+
+
+def test_answers_wait_for_each_one_still_missing_and_stop_at_the_deadline(make_queue, redis_client):
+    queue = make_queue(block_s=0.2)
+    queue.enqueue(b"a", b"b", b"c")
+    first = queue.claim("w1", 1).messages  # a: answered now; b: a moment later, by another batch; c: never
+    answer_all(queue, "w1", first)
+    later = queue.claim("w1", 1).messages
+    threading.Timer(0.3, answer_all, (queue, "w1", later)).start()
+    started = time.monotonic()
+    got = list(queue.answers(["a", "b", "c"], started + 1.0))
+    assert got == [b"answer:a", b"answer:b", None]
+    assert 0.95 < time.monotonic() - started < 1.4  # c was waited for until the deadline
+    assert not redis_client.exists(queue.keys.result("a")) and not redis_client.exists(queue.keys.result("b"))
+
+
+def test_a_reader_that_stops_early_reads_no_further(make_queue, redis_client):
+    queue = make_queue(block_s=0.2)
+    queue.enqueue(b"x", b"y")
+    answer_all(queue, "w1", queue.claim("w1", 1).messages)  # x answered; y still queued
+    answers = queue.answers(["x", "y"], time.monotonic() + 5)
+    started = time.monotonic()
+    assert next(answers) == b"answer:x"  # (a web request whose first answer is an error stops here)
+    assert time.monotonic() - started < 0.15  # no wait for y
+    answers.close()
+
+
 def test_wait_for_gives_up_at_its_deadline(make_queue):
     queue = make_queue(block_s=0.2)
     started = time.monotonic()

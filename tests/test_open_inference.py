@@ -33,7 +33,7 @@ from support.traffic import PROBABILITY_TOLERANCE, batch_sizes, same_answer, wai
 import helpers
 import open_inference
 from image_queue import ModelDirectory
-from open_inference import HEADER_LENGTH, ProtocolError, infer_response, parse_infer_request
+from open_inference import HEADER_LENGTH, ProtocolError, encode_pixels_request, infer_response, parse_infer_request
 
 SIZE = (MODEL.width, MODEL.height)
 
@@ -75,6 +75,15 @@ def test_binary_bytes_and_uint8_inputs_are_read_from_after_the_json():
                           "parameters": {"binary_data_size": pixels.nbytes}}]}  # fmt: skip
     infer = parse_infer_request(*binary_request(header, pixels.tobytes()), SIZE, 2)
     assert np.array_equal(infer.pixels, pixels) and infer.count == 2
+
+
+def test_the_clients_pixels_request_reads_back_as_the_same_pixels():
+    pixels = np.arange(3 * 32 * 48 * 3, dtype=np.uint8).reshape(3, 32, 48, 3)
+    body, headers = encode_pixels_request([p.tobytes() for p in pixels], 32, 48, 5)
+    infer = parse_infer_request(body, headers[HEADER_LENGTH], SIZE, 10)
+    assert np.array_equal(infer.pixels, pixels) and (infer.classification, infer.binary_output) == (5, True)
+    with pytest.raises(ValueError, match="32 x 48 x 3"):
+        encode_pixels_request([pixels[0].tobytes()[:-1]], 32, 48, 5)
 
 
 @pytest.mark.parametrize(
