@@ -87,8 +87,9 @@ EOF
     timeout -s INT -k 30 "${GPU_SUITE_S:-400}" python3 -m bench.benchmark --quick --load-processes "$load" \
         --out "$OUT/suite" >"$OUT/suite.log" 2>&1 || suite=$?
     grep -v "^[IWE]0000 " "$OUT/suite.log" | tail -40 || true
-    timeout -s INT -k 15 "${GPU_PATH_S:-90}" python3 -m bench.path_ceiling --clients 32,128 --seconds 8 --depths 3 \
-        --load-processes "$load" >"$OUT/path.txt" 2>&1 || path=$?
+    # one JPEG per /predict request, and 8 images' pixels per v2 request (QUEUE_MAX: 128 clients x 8 all admitted)
+    QUEUE_MAX=2048 timeout -s INT -k 15 "${GPU_PATH_S:-90}" python3 -m bench.path_ceiling --clients 32,128 --seconds 8 \
+        --depths 3 --requests predict,pixels:8 --load-processes "$load" >"$OUT/path.txt" 2>&1 || path=$?
     tail -8 "$OUT/path.txt" || true
     # Never 124 (the device tool reads that as its own time limit): 0, or 3 when a step failed or ran out of time
     echo "suite exit $suite, path ceiling exit $path (124: its time limit; the suite exits 1 when an answer differs)"

@@ -4,6 +4,7 @@ This is the figure that says whether the service could feed a faster model or a 
 
     python -m bench.path_ceiling [--clients 8,32,64] [--seconds 10] [--batch-ms 0] [--depths 1,3 --rounds 3]
                                  [--servers gunicorn,uwsgi] [--load-processes 1] [--requests predict,images:8]
+                                 [--model-seconds 2]
 
 --servers alternates the web server (gunicorn with gunicorn_conf.py, uWSGI with uwsgi.ini: the same app and
 WEB_WORKERS x WEB_THREADS), so the two shipped HTTP stacks are compared in one run. --depths alternates the
@@ -17,13 +18,20 @@ Triton client batches) or `pixels:N` (N images already at the model's input size
 web). Throughput and CPU are per image, so the three show what the per-request HTTP work costs against the
 per-image decode.
 
+--model-seconds S also times the real model (ResNet50 with seeded weights on the worker's default runtime and
+precision, loaded as bench.benchmark loads it) in a process of its own before each round and after the last:
+S seconds at each batch of 8, 16 and 32, the best of them the model's ceiling then. Each line then says how
+many times that ceiling the path carried (the issue's target: 5 x), a ratio within one run.
+
 It starts its own redis-server, web server (the shipped web settings) and one stand-in worker on free ports,
 then runs closed loops of the README's photos (images/, full size, as a client sends them) from this
 process (or --load-processes of them), whose CPU is reported too: it shares the cores with what it measures.
 """
 
 import argparse
+import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -57,7 +65,12 @@ def main() -> None:
     parser.add_argument(
         "--requests", default="predict", help="what a request carries, comma-separated: predict, images:N, pixels:N"
     )
+    parser.add_argument("--model-seconds", type=float, default=0.0, help="time the real model too (see above)")
+    parser.add_argument("--time-model", nargs=2, help=argparse.SUPPRESS)  # SECONDS DIR: the child that does it
     args = parser.parse_args()
+    if args.time_model:
+        print(json.dumps(time_model(Path(args.time_model[1]), float(args.time_model[0]))))
+        return
     try:
         args.requests = [request_shape(r) for r in args.requests.split(",")]
     except ValueError as exc:
@@ -77,7 +90,11 @@ def main() -> None:
             url = stack.web_url("127.0.0.1", web_port)
             print(f"stand-in model at {args.batch_ms:g} ms per batch, {os.cpu_count()} CPUs, photos: "
                   f"{', '.join(f'{len(i) // 1024} KB' for i in images)}")  # fmt: skip
+            ceilings = []
             for r in range(args.rounds):
+                if args.model_seconds:
+                    ceilings.append(model_ceiling(Path(workdir), args.model_seconds))
+                    args.ceiling = ceilings[-1]
                 for server, depth in turns[r % len(turns) :] + turns[: r % len(turns)]:
                     metrics_dir = tempfile.mkdtemp(dir=workdir)  # each server's own prometheus-client files
                     web = WEB_SERVERS[server](env | {"PROMETHEUS_MULTIPROC_DIR": metrics_dir}, logs / f"{server}.log")
@@ -91,8 +108,32 @@ def main() -> None:
                     finally:
                         worker.stop()
                         web.stop()
+            if args.model_seconds:
+                ceilings.append(model_ceiling(Path(workdir), args.model_seconds))
+                print(f"model ceilings: {', '.join(f'{c:.1f}' for c in ceilings)} images/s")
         finally:
             redis.stop()
+
+
+def model_ceiling(workdir: Path, seconds: float) -> float:
+    """The real model's best images/s now, timed in a process of its own (which ends before the path runs)."""
+    argv = [sys.executable, "-m", "bench.path_ceiling", "--time-model", str(seconds), str(workdir)]
+    env = os.environ | {"TF_CPP_MIN_LOG_LEVEL": "2"}
+    child = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
+    if child.returncode:
+        raise SystemExit(f"timing the model failed:\n{child.stderr[-3000:]}")
+    rates = json.loads(child.stdout.splitlines()[-1])
+    print(f"model: {', '.join(f'batch {b} {rate:.1f}' for b, rate in rates.items())} images/s", flush=True)
+    return max(rates.values())
+
+
+def time_model(workdir: Path, seconds: float) -> dict[int, float]:
+    """The child's part: ResNet50 loaded as the suite loads it (its weights and converted model kept in
+    workdir, so later rounds load from there), then images/s at each batch size."""
+    from bench.benchmark import Lab, raw_rate
+
+    classifier = Lab(workdir).load_model()
+    return {b: raw_rate(classifier, b, "predict_on_batch", seconds)["images_per_s"] for b in (8, 16, 32)}
 
 
 def request_shape(text: str) -> tuple[str, int]:
@@ -146,8 +187,9 @@ def measure(url: str, images: list[bytes], args, pids: dict, worker_pid: int) ->
             cpu = {name: (cpu_seconds(pids()) - before[name]) * 1000 / ok for name, pids in processes.items()}
             cpu["load generator"] += run.children_cpu_s * 1000 / ok
             service_cpu = sum(v for k, v in cpu.items() if k != "load generator")
+            times = f" ({summary['images_per_s'] / args.ceiling:.1f} x the model)" if args.model_seconds else ""
             print(
-                f"{clients:>3} clients, {label(shape)}: {summary['images_per_s']:.0f} images/s, p50 "
+                f"{clients:>3} clients, {label(shape)}: {summary['images_per_s']:.0f} images/s{times}, p50 "
                 f"{summary['latency_ms']['p50']:.0f} ms, p99 {summary['latency_ms']['p99']:.0f} ms, "
                 f"failed {summary['failed'] or 0}, {time.monotonic() - started:.0f} s; CPU ms per image: "
                 + ", ".join(f"{name} {ms:.2f}" for name, ms in cpu.items())
