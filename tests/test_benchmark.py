@@ -212,6 +212,24 @@ def test_the_path_ceiling_runs_the_stand_in_worker_behind_each_web_server_and_re
 
 
 @pytest.mark.slow
+def test_the_path_ceiling_times_the_real_model_before_and_after_and_says_each_rate_as_a_multiple_of_it():
+    """--model-seconds: ResNet50 timed in a process of its own before the round and after it; each line's
+    multiple is its images/s over the ceiling timed before it."""
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.path_ceiling", "--seconds", "1", "--clients", "2", "--requests", "pixels:2",
+         "--model-seconds", "0.3"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    timed = re.findall(r"^model: batch 8 ([\d.]+), batch 16 ([\d.]+), batch 32 ([\d.]+) images/s$", result.stdout, re.M)
+    assert len(timed) == 2 and all(float(rate) > 0 for rates in timed for rate in rates), result.stdout
+    (line,) = re.findall(r"^ +2 clients, pixels:2: (\d+) images/s \(([\d.]+) x the model\)", result.stdout, re.M)
+    ceiling = max(float(rate) for rate in timed[0])
+    assert float(line[1]) == pytest.approx(int(line[0]) / ceiling, abs=0.1), result.stdout
+    assert re.search(r"^model ceilings: [\d.]+, [\d.]+ images/s$", result.stdout, re.M), result.stdout
+
+
+@pytest.mark.slow
 def test_the_micro_benchmarks_jpeg_section_runs_and_reports_the_draft_speedup(tmp_path):
     """bench.micro --quick --only jpeg_draft: a section of the lab that nothing else runs (it broke once, silently)."""
     out = tmp_path / "micro.json"
