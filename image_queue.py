@@ -57,9 +57,10 @@ Steps, each one round trip (scripts and MULTI blocks are atomic):
     answers()   web: BLMOVE of the request's own result key onto itself (a blocking read that leaves the
                 answer there, so a reply lost on the way is read again), at most REDIS_BLOCK_S per
                 call, until the deadline (then 504); then DEL. No sleeping, no polling of a shared key.
-                A request of N images (v2) blocks on its first answer only, then reads every later one
-                already written (LINDEX each, one pipeline) and deletes them (one DEL): a batch's answers
-                are written together, so N answers take 3 round trips, not 2 N. (wait_for(): one answer.)
+                A request of N images (v2) blocks on its first answer only, then deletes it and reads every
+                later answer already written in one pipeline (LINDEX, which leaves each in place), and deletes
+                those with one DEL: a batch's answers are written together, so N answers in one batch take 3
+                round trips, N answers in N batches 2 N, as before. (wait_for(): one answer.)
     claim()     worker, one MULTI: a script registers the worker (ZADD workers) and reads TIME, then up to
                 BATCH_SIZE LMOVEs queue -> processing list of one of the worker's lanes. On an empty queue
                 the worker blocks in BLMOVE (REDIS_BLOCK_S), so a lone request starts at once;
@@ -866,26 +867,33 @@ class ImageQueue:
 
     def answers(self, request_ids: list[str], deadline: float) -> Iterator[bytes | None]:
         """Each request's answer in order, by the time.monotonic() deadline: None for the first not answered in
-        time, and nothing after it. Blocks only for the first answer not yet read, then reads every later one
-        already written in one round trip (a batch's answers arrive together) and deletes those read in one
-        more: a lone answer costs 2 round trips, a v2 request's N images answered in one batch 3, not 2 N."""
-        ready: dict[str, bytes] = {}
-        for i, request_id in enumerate(request_ids):
-            key = self.keys.result(request_id)
-            if key in ready:
-                yield ready.pop(key)
-                continue
-            answer = self._block_for(request_id, key, deadline)
-            if answer is None:
-                yield None
-                return
-            later = [k for k in map(self.keys.result, request_ids[i + 1 :]) if k not in ready]
-            found = self._read_written(later)
-            ready |= found
-            self._delete_read([key, *found], request_id)
-            yield answer
+        time, and nothing after it. Blocks only for the first answer not yet read; then, in one pipeline,
+        deletes the answers read so far and reads every later one already written (LINDEX: left in place, so
+        a reply lost on the way is read again); once all are read, one DEL. A batch's answers are written
+        together, so a v2 request's N images answered in one batch cost 3 round trips, one in each of N
+        batches 2 N, as a lone answer costs 2: never more than reading them one by one."""
+        keys = [self.keys.result(request_id) for request_id in request_ids]
+        ready: dict[str, bytes] = {}  # answers read, not yet given out
+        undeleted: list[str] = []  # their keys still in Redis
+        for i, (request_id, key) in enumerate(zip(request_ids, keys, strict=True)):
+            if key not in ready:
+                answer = self._block_for(request_id, key, deadline)
+                if answer is None:
+                    yield None
+                    return
+                ready[key] = answer
+                undeleted.append(key)
+                missing = [k for k in keys[i + 1 :] if k not in ready]
+                found = self._delete_and_read(undeleted, missing, request_id)
+                ready |= found
+                undeleted = list(found)
+                if found and len(found) == len(missing):  # every answer read: nothing to wait on with them
+                    self._delete_and_read(undeleted, [], request_id)
+                    undeleted = []
+            yield ready.pop(key)
 
     def _block_for(self, request_id: str, key: str, deadline: float) -> bytes | None:
+        """The answer under key, by a blocking read that leaves it there; None at the deadline."""
         backoff = Backoff()
         while (remaining := deadline - time.monotonic()) > 0:
             try:
@@ -903,27 +911,25 @@ class ImageQueue:
                 return answer
         return None
 
-    def _read_written(self, keys: list[str]) -> dict[str, bytes]:
-        """The answers already under these result keys, left there (LINDEX), in one round trip; on a Redis
-        error none, so that each is waited for on its own."""
-        if not keys:
-            return {}
+    def _delete_and_read(self, delete: list[str], read: list[str], request_id: str) -> dict[str, bytes]:
+        """One round trip: DEL the answers already read, and LINDEX each key in read, giving the answers
+        already written there. On a Redis error nothing is read (each is then waited for on its own) and
+        what was to be deleted expires after RESULT_TTL_S instead."""
         try:
+            if not read:
+                self.redis.delete(*delete)
+                return {}
             with self.redis.pipeline(transaction=False) as pipe:
-                for key in keys:
+                pipe.delete(*delete)
+                for key in read:
                     pipe.lindex(key, -1)
-                written = pipe.execute()
+                written = pipe.execute()[1:]
         except REDIS_ERRORS as exc:
-            if redis_trouble(exc) == "configuration":
+            if read and redis_trouble(exc) == "configuration":
                 raise unavailable(exc) from exc
-            return {}
-        return {key: answer for key, answer in zip(keys, written, strict=True) if answer is not None}
-
-    def _delete_read(self, keys: list[str], request_id: str) -> None:
-        try:
-            self.redis.delete(*keys)
-        except REDIS_ERRORS as exc:  # they expire after RESULT_TTL_S anyway
             log.warning("could not delete the answer of %s (%s); it expires by itself", request_id, exc)
+            return {}
+        return {key: answer for key, answer in zip(read, written, strict=True) if answer is not None}
 
     # --- operators (admin.py) -----------------------------------------------------------------
 

@@ -236,9 +236,13 @@ TIME_PARTS = ("prepare", "queue", "inference", "return")  # Server-Timing's spli
 
 
 def batch_sizes(results: list[Result]) -> dict[int, int]:
-    """Batches the answered requests ran in, by size: n requests answered in batches of b make n / b batches."""
-    requests_by_size = Counter(int(r.timing["batch"]) for r in results if r.outcome == "200" and "batch" in r.timing)
-    return {size: round(n / size) for size, n in sorted(requests_by_size.items())}
+    """Batches the answered requests ran in, by size: n images answered in batches of b make n / b batches (a
+    request of several images is counted by its first image's batch, the one its Server-Timing gives)."""
+    images_by_size = Counter()
+    for r in results:
+        if r.outcome == "200" and "batch" in r.timing:
+            images_by_size[int(r.timing["batch"])] += r.images
+    return {size: round(n / size) for size, n in sorted(images_by_size.items())}
 
 
 def time_split(results: list[Result]) -> dict[str, float]:

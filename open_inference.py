@@ -241,6 +241,7 @@ def encode_pixels_request(pixels: list[bytes], height: int, width: int, classifi
 
 
 def binary_infer_request(name: str, datatype: str, shape: list, data: bytes, classification: int) -> tuple[bytes, dict]:
+    """An infer request of one input in binary, asking for the top `classification` classes of each image."""
     tensor = {"name": name, "datatype": datatype, "shape": shape, "parameters": {"binary_data_size": len(data)}}
     header = {
         "inputs": [tensor],

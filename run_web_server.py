@@ -8,6 +8,7 @@ import ctypes
 import hashlib
 import heapq
 import hmac
+import io
 import logging
 import math
 import socket
@@ -515,7 +516,7 @@ class Trip:
         self.queued = time.monotonic()
         try:
             answers = [self.check(raw, probabilities) for raw in self.shard.answers(ids, self.deadline)]
-        except (Late, Refused):
+        except (Late, Refused, image_queue.QueueUnavailable):
             if len(messages) > 1:  # the request fails as a whole: its other images need not run
                 self.shard.withdraw(messages, ids)
             raise
@@ -665,7 +666,8 @@ def read_upload() -> bytes:
     """The image bytes from a multipart form or a raw image body; 400 says how to send one."""
     if request.mimetype == "multipart/form-data":
         try:
-            files = request.files.getlist("image")
+            form, uploads = parse_form()
+            files = uploads.getlist("image")
         except ClientDisconnected:
             raise BadRequest(CUT_SHORT) from None
         except UnicodeDecodeError:
@@ -674,10 +676,10 @@ def read_upload() -> bytes:
             raise BadRequest(f"the multipart form is malformed or cut short ({exc})") from None
         if len(files) > 1:
             raise BadRequest(f"send one image per request, not {len(files)} 'image' fields")
-        if not files and "image" in request.form:
+        if not files and "image" in form:
             raise BadRequest("the 'image' field is text, not a file: send the file itself (curl -F image=@photo.jpg)")
         if not files:
-            sent = sorted({name or "(no name)" for name in (*request.files, *request.form)})  # a part may have none
+            sent = sorted({name or "(no name)" for name in (*uploads, *form)})  # a part may have none
             raise BadRequest(f"no 'image' field in the form (fields sent: {', '.join(sent) or 'none'})")
         return files[0].read()
     if request.mimetype.startswith("image/") or request.mimetype == "application/octet-stream":
@@ -688,22 +690,53 @@ def read_upload() -> bytes:
     )
 
 
+def parse_form():
+    """The multipart form (form, files), parsed as request.form and request.files would be, from the body
+    read 1 MB at a time: werkzeug's parser reads 64 KB at a time, and gunicorn (27) answers each of those from
+    a read-ahead buffer of up to 1 MB that it copies whole every time (see read_body)."""
+    stream = io.BufferedReader(request.stream, buffer_size=READ_SIZE)
+    try:
+        _, form, files = request.make_form_data_parser().parse(
+            stream, request.mimetype, request.content_length, request.mimetype_params
+        )
+    finally:
+        stream.detach()  # not closed with it: request.stream stays open (drain_unread_body reads on)
+    return form, files
+
+
+READ_SIZE = 1 << 20  # bytes per read of an upload: gunicorn's largest read-ahead
+
+
 CUT_SHORT = "the upload was cut short: the body ended before the length its Content-Length header gave"
 
 
 def read_body() -> bytes:
     """The raw request body. werkzeug quietly stops a chunked body at MAX_CONTENT_LENGTH and returns what
-    arrived of a body cut short: the first is refused with 413, the second with 400."""
+    arrived of a body cut short: the first is refused with 413, the second with 400.
+
+    A body of known length is read in one call: werkzeug's get_data() reads 64 KB at a time, and gunicorn
+    (27) answers each of those from a read-ahead buffer of up to 1 MB that it copies whole every time, so a
+    1.2 MB body arriving faster than it was read cost the web most of its CPU (BENCHMARKS.md)."""
+    declared = request.content_length
     try:
-        data = request.get_data(cache=False)
+        data = read_exactly(request.stream, declared) if declared is not None else request.get_data(cache=False)
     except ClientDisconnected:
         raise BadRequest(CUT_SHORT) from None
-    declared = request.content_length
     if declared is None and len(data) >= request.max_content_length and request.input_stream.read(1):
         raise RequestEntityTooLarge()
     if declared is not None and len(data) < declared:
         raise BadRequest(CUT_SHORT)
     return data
+
+
+def read_exactly(stream, size: int) -> bytes:
+    """size bytes from stream, fewer only if it ends first: in as few reads as the server gives (one under
+    gunicorn; a WSGI server may return less than asked)."""
+    chunks, got = [], 0
+    while got < size and (chunk := stream.read(size - got)):
+        chunks.append(chunk)
+        got += len(chunk)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def error_response(status: int, message: str, retry_after: int | None = None):

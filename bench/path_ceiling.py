@@ -66,6 +66,7 @@ def main() -> None:
         "--requests", default="predict", help="what a request carries, comma-separated: predict, images:N, pixels:N"
     )
     parser.add_argument("--model-seconds", type=float, default=0.0, help="time the real model too (see above)")
+    parser.add_argument("--photos", type=Path, default=ROOT / "images", help="a folder of the JPEGs to send")
     parser.add_argument("--time-model", nargs=2, help=argparse.SUPPRESS)  # SECONDS DIR: the child that does it
     args = parser.parse_args()
     if args.time_model:
@@ -75,7 +76,9 @@ def main() -> None:
         args.requests = [request_shape(r) for r in args.requests.split(",")]
     except ValueError as exc:
         parser.error(str(exc))
-    images = [path.read_bytes() for path in sorted((ROOT / "images").glob("*.jpg"))]
+    images = [path.read_bytes() for path in sorted(args.photos.glob("*.jpg"))]
+    if not images:
+        parser.error(f"no .jpg in {args.photos}")
     depths = [d for d in args.depths.split(",") if d] or [None]
     servers = args.servers.split(",")
     if unknown := set(servers) - set(WEB_SERVERS):
@@ -94,7 +97,6 @@ def main() -> None:
             for r in range(args.rounds):
                 if args.model_seconds:
                     ceilings.append(model_ceiling(Path(workdir), args.model_seconds))
-                    args.ceiling = ceilings[-1]
                 for server, depth in turns[r % len(turns) :] + turns[: r % len(turns)]:
                     metrics_dir = tempfile.mkdtemp(dir=workdir)  # each server's own prometheus-client files
                     web = WEB_SERVERS[server](env | {"PROMETHEUS_MULTIPROC_DIR": metrics_dir}, logs / f"{server}.log")
@@ -104,7 +106,8 @@ def main() -> None:
                     try:
                         stack.wait_until_ready(url, [redis, web, worker], 60)
                         print(f"round {r + 1}, {server}, PIPELINE_DEPTH {depth or 'as set'}:", flush=True)
-                        measure(url, images, args, {"Redis": redis.pid, "web": web.pid}, worker.pid)
+                        ceiling = ceilings[-1] if ceilings else None
+                        measure(url, images, args, {"Redis": redis.pid, "web": web.pid}, worker.pid, ceiling)
                     finally:
                         worker.stop()
                         web.stop()
@@ -147,6 +150,7 @@ def request_shape(text: str) -> tuple[str, int]:
 
 
 def label(shape: tuple[str, int]) -> str:
+    """A request shape as --requests names it."""
     kind, n = shape
     return kind if kind == "predict" else f"{kind}:{n}"
 
@@ -164,9 +168,9 @@ def load_run(url: str, images: list[bytes], shape: tuple[str, int]) -> LoadRun:
     return LoadRun(infer, pixels, per_request=n, pixels=(height, width))
 
 
-def measure(url: str, images: list[bytes], args, pids: dict, worker_pid: int) -> None:
-    """Closed loops at each concurrency and request shape: images/s, latency, and each process's CPU per
-    answered image."""
+def measure(url: str, images: list[bytes], args, pids: dict, worker_pid: int, ceiling: float | None) -> None:
+    """Closed loops at each concurrency and request shape: images/s (with the model's ceiling, also as a
+    multiple of it), latency, and each process's CPU per answered image."""
     redis_pid, web_pid = pids["Redis"], pids["web"]
     processes = {
         "web": lambda: [web_pid, *children(web_pid)],
@@ -178,16 +182,17 @@ def measure(url: str, images: list[bytes], args, pids: dict, worker_pid: int) ->
         load_run(url, images, shape).closed_loop(8, duration_s=2)  # warm: connections, first requests
     for clients in (int(c) for c in args.clients.split(",")):
         for shape in args.requests:
+            run = load_run(url, images, shape)  # (its set-up, a pixels decode, not counted)
             before = {name: cpu_seconds(pids()) for name, pids in processes.items()}
             started = time.monotonic()
-            run = load_run(url, images, shape)
+            run.start = started
             run.closed_loop(clients, duration_s=args.seconds, processes=args.load_processes)
             summary = summarize(run.results)
             ok = max(1, sum(r.images for r in run.results if r.outcome == "200"))
             cpu = {name: (cpu_seconds(pids()) - before[name]) * 1000 / ok for name, pids in processes.items()}
             cpu["load generator"] += run.children_cpu_s * 1000 / ok
             service_cpu = sum(v for k, v in cpu.items() if k != "load generator")
-            times = f" ({summary['images_per_s'] / args.ceiling:.1f} x the model)" if args.model_seconds else ""
+            times = f" ({summary['images_per_s'] / ceiling:.1f} x the model)" if ceiling else ""
             print(
                 f"{clients:>3} clients, {label(shape)}: {summary['images_per_s']:.0f} images/s{times}, p50 "
                 f"{summary['latency_ms']['p50']:.0f} ms, p99 {summary['latency_ms']['p99']:.0f} ms, "

@@ -22,6 +22,8 @@ def result(latency_ms: float, outcome="200", batch=None, **parts) -> Result:
 def test_batches_by_size_count_batches_not_requests():
     runs = [result(90, batch=4)] * 8 + [result(40, batch=1)] * 3 + [result(5, "503"), result(80)]
     assert batch_sizes(runs) == {1: 3, 4: 2}  # 8 requests in batches of 4 = 2 batches; errors and untimed skipped
+    several = [Result(0.0, 0.1, "200", {"batch": 8}, images=4)] * 6  # v2 requests of 4 images each
+    assert batch_sizes(several) == {8: 3}  # 24 images in batches of 8
 
 
 def test_time_split_is_the_mean_of_each_part_over_the_answered():

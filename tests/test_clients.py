@@ -143,6 +143,14 @@ def test_requests_of_several_images_or_pixels_go_over_v2_and_are_counted_per_ima
         LoadRun(url, pixels, per_request=2, pixels=(2, 4)).closed_loop(1, count=1)
         tensor, data = bodies[0]
         assert (tensor["datatype"], tensor["shape"], data) == ("UINT8", [2, 2, 4, 3], pixels[0] + pixels[1])
+
+        bodies.clear()  # the same from processes of their own (closed_loop(processes=2): the job crosses a pipe)
+        spread = LoadRun(url, pixels, per_request=2, pixels=(2, 4))
+        spread.closed_loop(2, count=4, processes=2)
+        assert [(t["datatype"], t["shape"]) for t, _ in bodies] == [("UINT8", [2, 2, 4, 3])] * 4
+        assert [r.images for r in spread.results] == [2] * 4 and all(
+            data == pixels[0] + pixels[1] for _, data in bodies
+        )
     finally:
         server.shutdown()
         server.server_close()

@@ -16,6 +16,7 @@ from image_queue import (
     NoModelNamed,
     NoWorker,
     QueueFull,
+    QueueUnavailable,
     UnknownModel,
     connect,
 )
@@ -346,17 +347,76 @@ def command_calls(redis_client) -> dict[str, int]:
     return {name.removeprefix("cmdstat_"): row["calls"] for name, row in redis_client.info("commandstats").items()}
 
 
-def test_a_batch_of_answers_is_read_in_three_round_trips_in_order_and_deleted(make_queue, redis_client):
+@pytest.fixture
+def reader(redis_url, monkeypatch):
+    """reader(queue): a web-side ImageQueue on the same keys with a client of its own, and the list of what it
+    has sent to Redis in one go (a command, or a whole pipeline: one round trip each); others are not counted."""
+    from redis.connection import AbstractConnection
+
+    sent = []
+    send = AbstractConnection.send_packed_command
+
+    def counted(self, command, *args, **kwargs):
+        if self.client_name == "reader":
+            sent.append(command)
+        return send(self, command, *args, **kwargs)
+
+    monkeypatch.setattr(AbstractConnection, "send_packed_command", counted)
+
+    def make(queue: ImageQueue) -> tuple[ImageQueue, list]:
+        web = ImageQueue(connect(f"{redis_url}?client_name=reader", 2.0), queue.keys.name, block_s=2.0)
+        web.redis.ping()  # connected (and named) before anything is counted
+        sent.clear()
+        return web, sent
+
+    return make
+
+
+def read_all(web: ImageQueue, ids: list[str], sent: list) -> tuple[list, int]:
+    """web.answers(ids) read to the end, and the round trips that took."""
+    sent.clear()
+    got = list(web.answers(ids, time.monotonic() + 3))
+    return got, len(sent)
+
+
+def test_a_batch_of_answers_is_read_in_three_round_trips_in_order_and_deleted(make_queue, redis_client, reader):
     queue = make_queue()
+    web, sent = reader(queue)
     ids = [f"r{i}" for i in range(8)]
     queue.enqueue(*(i.encode() for i in ids))
     answer_all(queue, "w1", queue.claim("w1", 8).messages)
     redis_client.config_resetstat()
-    assert list(queue.answers(ids, time.monotonic() + 2)) == [f"answer:{i}".encode() for i in ids]
+    got, trips = read_all(web, ids, sent)
+    assert got == [f"answer:{i}".encode() for i in ids]
+    # a blocking read; DEL of the first + LINDEX of the other 7, pipelined; one DEL of those 7
+    assert trips == 3
     calls = command_calls(redis_client)
-    # one blocking read, one pipeline of 7 reads that leave the answers in place, one DEL of all 8
-    assert (calls.get("blmove"), calls.get("lindex"), calls.get("del")) == (1, 7, 1)
+    assert (calls.get("blmove"), calls.get("lindex"), calls.get("del")) == (1, 7, 2)
     assert not any(redis_client.exists(queue.keys.result(i)) for i in ids)
+
+
+def test_answers_from_several_batches_cost_no_more_round_trips_than_one_by_one(make_queue, redis_client, reader):
+    queue = make_queue()
+    web, sent = reader(queue)
+    queue.enqueue(b"a", b"b")  # each answered in a batch of its own, the second after the first was read
+    answer_all(queue, "w1", queue.claim("w1", 1).messages)
+    threading.Timer(0.3, lambda: answer_all(queue, "w1", queue.claim("w1", 1).messages)).start()
+    got, trips = read_all(web, ["a", "b"], sent)
+    assert got == [b"answer:a", b"answer:b"] and trips == 4  # 2 each, as a lone answer
+
+    queue.enqueue(*(f"m{i}".encode() for i in range(6)))  # two batches of 3, both answered before the read
+    answer_all(queue, "w1", queue.claim("w1", 3).messages)
+    answer_all(queue, "w1", queue.claim("w1", 3).messages)
+    got, trips = read_all(web, [f"m{i}" for i in range(6)], sent)
+    assert got == [f"answer:m{i}".encode() for i in range(6)] and trips == 3  # all there: one pipeline reads them
+
+    queue.enqueue(*(f"n{i}".encode() for i in range(6)))
+    answer_all(queue, "w1", queue.claim("w1", 3).messages)  # n0-n2 now, n3-n5 a moment later
+    threading.Timer(0.3, lambda: answer_all(queue, "w1", queue.claim("w1", 3).messages)).start()
+    got, trips = read_all(web, [f"n{i}" for i in range(6)], sent)
+    assert got == [f"answer:n{i}".encode() for i in range(6)]
+    assert trips == 5  # 2 for the first batch (its DEL rides with the second's reads), 3 for the second
+    assert not any(redis_client.exists(queue.keys.result(f"n{i}")) for i in range(6))
 
 
 def test_answers_wait_for_each_one_still_missing_and_stop_at_the_deadline(make_queue, redis_client):
@@ -377,11 +437,53 @@ def test_a_reader_that_stops_early_reads_no_further(make_queue, redis_client):
     queue = make_queue(block_s=0.2)
     queue.enqueue(b"x", b"y")
     answer_all(queue, "w1", queue.claim("w1", 1).messages)  # x answered; y still queued
+    redis_client.config_resetstat()
     answers = queue.answers(["x", "y"], time.monotonic() + 5)
     started = time.monotonic()
     assert next(answers) == b"answer:x"  # (a web request whose first answer is an error stops here)
-    assert time.monotonic() - started < 0.15  # no wait for y
     answers.close()
+    assert time.monotonic() - started < 0.15  # no wait for y
+    calls = command_calls(redis_client)
+    assert (calls.get("blmove"), calls.get("lindex"), calls.get("del")) == (1, 1, 1)  # y looked at once, not waited on
+    assert not redis_client.exists(queue.keys.result("x")) and redis_client.llen(queue.keys.queue) == 1
+
+
+def test_later_answers_whose_read_is_lost_on_the_way_are_read_again_in_order(redis_server, queue_name, redis_client):
+    """The pipelined read of the later answers loses its reply (the connection drops after Redis ran it):
+    nothing was taken, so each answer is then waited for on its own, and none is lost or repeated."""
+    from support.proxy import ReplyDroppingProxy
+
+    proxy = ReplyDroppingProxy(redis_server["port"])
+    try:
+        queue = ImageQueue(connect(f"redis://127.0.0.1:{proxy.port}/0", 0.2), queue_name, block_s=0.2)
+        for request_id in ("r0", "r1", "r2"):
+            redis_client.rpush(queue.keys.result(request_id), f"answer:{request_id}".encode())
+        proxy.drop_reply_containing(b"answer:r1")  # the pipeline's reply: r0's DEL, r1's and r2's LINDEX
+        assert list(queue.answers(["r0", "r1", "r2"], time.monotonic() + 3)) == [
+            b"answer:r0",
+            b"answer:r1",
+            b"answer:r2",
+        ]
+        assert proxy.dropped == 1
+        assert not any(redis_client.exists(queue.keys.result(r)) for r in ("r0", "r1", "r2"))
+    finally:
+        proxy.close()
+
+
+def test_a_user_that_may_not_lindex_gets_queue_unavailable_not_a_silent_slow_path(
+    redis_server, queue_name, redis_client
+):
+    redis_client.acl_setuser("no-lindex", enabled=True, passwords=["+pw"], keys=["*"], commands=["+@all", "-lindex"])
+    try:
+        url = f"redis://no-lindex:pw@127.0.0.1:{redis_server['port']}/0"
+        queue = ImageQueue(connect(url, 0.2), queue_name, block_s=0.2)
+        for request_id in ("r0", "r1"):
+            redis_client.rpush(queue.keys.result(request_id), b"answer")
+        with pytest.raises(QueueUnavailable, match="ACL"):
+            list(queue.answers(["r0", "r1"], time.monotonic() + 2))
+        assert queue.wait_for("r1", time.monotonic() + 2) == b"answer"  # one answer needs no LINDEX
+    finally:
+        redis_client.acl_deluser("no-lindex")
 
 
 def test_wait_for_gives_up_at_its_deadline(make_queue):

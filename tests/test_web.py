@@ -12,6 +12,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
 from PIL import Image
 from support import ROOT
@@ -240,6 +241,65 @@ def test_no_decode_slot_free_by_the_deadline_is_503_with_retry_after(app, client
 def test_bad_uploads_get_a_clear_4xx_and_the_next_good_request_is_served(client, worker, kwargs, status, words):
     assert_json_error(client.post("/predict", **kwargs), status, words)
     assert post_image(client).status_code == 200
+
+
+class CountedReads:
+    """A wsgi.input that counts the reads the app makes of it."""
+
+    def __init__(self, stream):
+        self.stream, self.reads = stream, []
+
+    def read(self, size=-1):
+        data = self.stream.read(size)
+        self.reads.append(len(data))
+        return data
+
+    def readinto(self, buffer):
+        size = self.stream.readinto(buffer)
+        self.reads.append(size)
+        return size
+
+    def __getattr__(self, name):  # the rest as the stream has it
+        return getattr(self.stream, name)
+
+
+def counted_upload(client, **builder_options):
+    """POST /predict (werkzeug's EnvironBuilder options: data, content_type), counting the body's reads."""
+    from werkzeug.test import EnvironBuilder
+
+    environ = EnvironBuilder(path="/predict", method="POST", **builder_options).get_environ()
+    environ["wsgi.input"] = counted = CountedReads(environ["wsgi.input"])
+    return client.open(environ), counted
+
+
+def test_an_upload_is_read_in_large_pieces_not_64_kb_ones(make_app, worker):
+    """werkzeug reads a body 64 KB at a time; gunicorn answers each read from a read-ahead buffer of up to
+    1 MB that it copies whole each time, so a large upload cost the web far more CPU than its size: the
+    form is read through a 1 MB buffer, and a raw body of known length in one read."""
+    noise = np.random.default_rng(3).integers(0, 256, (700, 1000, 3), dtype=np.uint8)
+    big = encode(Image.fromarray(noise), "PNG")  # ~2.1 MB, incompressible
+    client = make_app(MAX_UPLOAD_MB=4).test_client()
+    response, counted = counted_upload(client, data={"image": (io.BytesIO(big), "big.png")})
+    assert response.status_code == 200, response.get_data(as_text=True)
+    assert len(big) > 2 * 2**20 and sum(counted.reads) > len(big)
+    assert len(counted.reads) <= 4, counted.reads  # 1 MB at a time (64 KB at a time: ~34 reads)
+    assert response.json["predictions"][0]["label"] == expected_checksum(big)  # what the worker got: the image
+
+    response, counted = counted_upload(client, data=big, content_type="image/png")
+    assert response.status_code == 200 and counted.reads == [len(big)]  # one read of the declared length
+
+
+def test_a_body_is_read_whole_however_the_server_hands_it_out():
+    class Trickle:  # a WSGI server may return less than each read asks for
+        def __init__(self, data):
+            self.data = io.BytesIO(data)
+
+        def read(self, size):
+            return self.data.read(min(size, 1000))
+
+    assert run_web_server.read_exactly(Trickle(b"x" * 4500), 4500) == b"x" * 4500
+    assert run_web_server.read_exactly(Trickle(b"x" * 4500), 9000) == b"x" * 4500  # ended first: what there is
+    assert run_web_server.read_exactly(Trickle(b""), 10) == b""
 
 
 def test_wrong_method_and_unknown_path_are_json(client):
