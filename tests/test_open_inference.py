@@ -237,6 +237,24 @@ def test_each_image_is_its_own_message_and_the_answers_come_back_in_order(client
                                            "data": [1.0, 0.0]}  # fmt: skip
 
 
+def test_a_requests_images_are_decoded_in_turn_under_one_decode_slot(app, client, worker):
+    """A request's images take one decode slot for all of them, not one each: each new turn at the slot
+    let other requests in between, and under load some requests waited turn after turn (p99)."""
+    slots = app.extensions["decode_slots"]
+    taken = []
+    acquire = slots.acquire
+
+    def counted(*args, **kwargs):
+        taken.append(1)
+        return acquire(*args, **kwargs)
+
+    slots.acquire = counted
+    response = infer_json(client, [CAT, encode(photo("coffee"), "PNG"), CAT])
+    assert response.status_code == 200, response.text
+    assert len(taken) == 1 and sum(worker.batches) == 3
+    assert post_image(client).status_code == 200 and len(taken) == 2  # /predict: one image, one turn
+
+
 def test_uint8_pixels_reach_the_worker_unchanged(client, worker):
     pixels = helpers.prepare_image(helpers.open_image(CAT, 10**8), SIZE)[None]
     header = {
