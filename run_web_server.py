@@ -8,7 +8,6 @@ import ctypes
 import hashlib
 import heapq
 import hmac
-import io
 import logging
 import math
 import socket
@@ -19,8 +18,9 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import multipart
 import numpy as np
-from flask import Blueprint, Flask, Request, current_app, g, jsonify, request
+from flask import Blueprint, Flask, current_app, g, jsonify, request
 from flask_limiter import Limiter, RateLimitExceeded
 from werkzeug.exceptions import (
     BadRequest,
@@ -124,7 +124,6 @@ bp = Blueprint("api", __name__)
 def create_app(config: dict | None = None) -> Flask:
     """The Flask app; config overrides settings (tests pass their Redis URL, queue name, ...)."""
     app = Flask(__name__)
-    app.request_class = UploadRequest
     app.config.from_mapping({key: getattr(settings, key) for key in CONFIG_KEYS})
     app.config.update(config or {})
     app.config["MAX_CONTENT_LENGTH"] = int(app.config["MAX_UPLOAD_MB"] * 1024 * 1024)
@@ -658,36 +657,19 @@ def requested_top() -> int:
     return int(raw)
 
 
-class UploadRequest(Request):
-    """Flask's request, except that a multipart form werkzeug cannot parse raises (read_upload says why)
-    instead of reading as an empty form, which made a cut-short or malformed upload look like a missing field."""
-
-    def make_form_data_parser(self):
-        parser = super().make_form_data_parser()
-        parser.silent = False
-        return parser
-
-
 def read_upload() -> bytes:
     """The image bytes from a multipart form or a raw image body; 400 says how to send one."""
     if request.mimetype == "multipart/form-data":
-        try:
-            form, uploads = parse_form()
-            files = uploads.getlist("image")
-        except ClientDisconnected:
-            raise BadRequest(CUT_SHORT) from None
-        except UnicodeDecodeError:
-            raise BadRequest("a form part's headers are not UTF-8: send the file name in UTF-8") from None
-        except ValueError as exc:
-            raise BadRequest(f"the multipart form is malformed or cut short ({exc})") from None
+        parts = parse_form()
+        files = [data for name, is_file, data in parts if name == "image" and is_file]
         if len(files) > 1:
             raise BadRequest(f"send one image per request, not {len(files)} 'image' fields")
-        if not files and "image" in form:
+        if not files and any(name == "image" for name, _, _ in parts):
             raise BadRequest("the 'image' field is text, not a file: send the file itself (curl -F image=@photo.jpg)")
         if not files:
-            sent = sorted({name or "(no name)" for name in (*uploads, *form)})  # a part may have none
+            sent = sorted({name or "(no name)" for name, _, _ in parts})  # a part may have none
             raise BadRequest(f"no 'image' field in the form (fields sent: {', '.join(sent) or 'none'})")
-        return files[0].read()
+        return files[0]
     if request.mimetype.startswith("image/") or request.mimetype == "application/octet-stream":
         return read_body()
     raise BadRequest(
@@ -696,20 +678,43 @@ def read_upload() -> bytes:
     )
 
 
-def parse_form():
-    """The multipart form (form, files), parsed as request.form and request.files would be, from the body
-    read 1 MB at a time: werkzeug's parser reads 64 KB at a time, and gunicorn (27) answers each of those from
-    a read-ahead buffer of up to 1 MB that it copies whole every time (see read_body)."""
-    stream = io.BufferedReader(request.stream, buffer_size=READ_SIZE)
+def parse_form() -> list[tuple[str | None, bool, bytes]]:
+    """The parts of a multipart form as (field name, whether it is a file, its bytes); the bytes of the
+    'image' fields only, the others' are dropped as they arrive. 400 for a malformed or cut-short form.
+
+    The body is read READ_SIZE at a time and parsed by multipart's push parser (the parser Python's docs
+    name in place of the cgi module): it finds the boundary with bytes.find. werkzeug's, which Flask's
+    request.files uses, compiles a regular expression for each request's boundary, which Python's regex
+    cache cannot keep: ~0.4 ms of a /predict request's ~5 ms of web CPU against ~0.05 ms (BENCHMARKS.md).
+    """
+    boundary = request.mimetype_params.get("boundary")
+    if not boundary:
+        raise BadRequest("the multipart form is malformed: its Content-Type has no boundary parameter")
+    parts = []
     try:
-        _, form, files = request.make_form_data_parser().parse(
-            stream, request.mimetype, request.content_length, request.mimetype_params
-        )
-    finally:
-        stream.detach()  # not closed with it: request.stream stays open (drain_unread_body reads on)
-    return form, files
+        with multipart.PushMultipartParser(
+            boundary, request.content_length or -1, max_segment_count=FORM_PARTS_MAX
+        ) as parser:
+            while not parser.closed:
+                chunk = request.stream.read(READ_SIZE)  # b"" at the end: the parser checks the form was whole
+                for event in parser.parse(chunk):
+                    if isinstance(event, multipart.MultipartSegment):
+                        data = [] if event.name == "image" else None
+                        parts.append((event.name, event.filename is not None, data))
+                    elif event and data is not None:
+                        data.append(event)
+    except ClientDisconnected:
+        raise BadRequest(CUT_SHORT) from None
+    except multipart.ParserLimitReached as exc:
+        raise BadRequest(f"the multipart form is over a limit ({exc})") from None
+    except multipart.MultipartError as exc:
+        if any(isinstance(arg, UnicodeDecodeError) for arg in exc.args):
+            raise BadRequest("a form part's headers are not UTF-8: send the file name in UTF-8") from None
+        raise BadRequest(f"the multipart form is malformed or cut short ({exc})") from None
+    return [(name, is_file, b"".join(data) if data is not None else b"") for name, is_file, data in parts]
 
 
+FORM_PARTS_MAX = 1000  # parts in one form (Flask's own MAX_FORM_PARTS)
 READ_SIZE = 1 << 20  # bytes per read of an upload: gunicorn's largest read-ahead
 
 
@@ -879,6 +884,8 @@ def drain_unread_body(response):
     length = request.content_length
     if sock is None or not length or length > request.max_content_length:
         return response
+    if getattr(request.stream, "is_exhausted", False):
+        return response  # read to its end already: the usual case, and no socket call (each releases the GIL)
     deadline = time.monotonic() + DRAIN_S
     try:
         while (left := deadline - time.monotonic()) > 0:

@@ -21,7 +21,7 @@ DIR=.gpu
 GPU_PYTHON=${GPU_PYTHON:-3.12}  # the GPU machine's python3 (the device tool's KINDS.md: 3.12.3)
 # What the service and the suite import that the GPU image does not have, at the versions .venv holds (the image
 # has werkzeug and prometheus-client too: these, first on PYTHONPATH, are the versions the service is tested with)
-WHEELS="keras namex optree flask werkzeug itsdangerous blinker gunicorn redis flask-limiter limits ordered-set
+WHEELS="keras namex optree flask multipart werkzeug itsdangerous blinker gunicorn redis flask-limiter limits ordered-set
 deprecated prometheus-client"
 # What the GPU image already holds of their needs and the suite's (checked at the start of a run; a test checks
 # that WHEELS and this cover requirements-web.txt, Keras and every requirement of each wheel)
