@@ -682,10 +682,11 @@ def parse_form() -> list[tuple[str | None, bool, bytes]]:
     """The parts of a multipart form as (field name, whether it is a file, its bytes); the bytes of the
     'image' fields only, the others' are dropped as they arrive. 400 for a malformed or cut-short form.
 
-    The body is read READ_SIZE at a time and parsed by multipart's push parser (the parser Python's docs
-    name in place of the cgi module): it finds the boundary with bytes.find. werkzeug's, which Flask's
-    request.files uses, compiles a regular expression for each request's boundary, which Python's regex
-    cache cannot keep: ~0.4 ms of a /predict request's ~5 ms of web CPU against ~0.05 ms (BENCHMARKS.md).
+    The body is read in one piece when its length is known (body_chunks), and parsed by multipart's push
+    parser (the parser Python's docs name in place of the cgi module), which finds the boundary with
+    bytes.find. werkzeug's, which Flask's request.files uses, compiles regular expressions for each request's
+    boundary, and every client makes a new one, so Python's regex cache never helps: 0.5-1.1 ms of CPU per
+    /predict form against 0.14-0.27 ms now (BENCHMARKS.md).
     """
     boundary = request.mimetype_params.get("boundary")
     if not boundary:
@@ -695,14 +696,15 @@ def parse_form() -> list[tuple[str | None, bool, bytes]]:
         with multipart.PushMultipartParser(
             boundary, request.content_length or -1, max_segment_count=FORM_PARTS_MAX
         ) as parser:
-            while not parser.closed:
-                chunk = request.stream.read(READ_SIZE)  # b"" at the end: the parser checks the form was whole
+            for chunk in body_chunks():
                 for event in parser.parse(chunk):
                     if isinstance(event, multipart.MultipartSegment):
                         data = [] if event.name == "image" else None
                         parts.append((event.name, event.filename is not None, data))
                     elif event and data is not None:
                         data.append(event)
+                if parser.closed:
+                    break
     except ClientDisconnected:
         raise BadRequest(CUT_SHORT) from None
     except multipart.ParserLimitReached as exc:
@@ -715,6 +717,19 @@ def parse_form() -> list[tuple[str | None, bool, bytes]]:
 
 
 FORM_PARTS_MAX = 1000  # parts in one form (Flask's own MAX_FORM_PARTS)
+
+
+def body_chunks():
+    """The request body in pieces, then b"" (the end): a body of known length in one read, else (chunked)
+    READ_SIZE at a time. Fed to multipart's parser in pieces, a 3.6 MB form took 5 ms of CPU (it copies what
+    it keeps from one piece to the next), whole 0.4 ms."""
+    if request.content_length:
+        yield read_exactly(request.stream, request.content_length)
+    while chunk := request.stream.read(READ_SIZE):
+        yield chunk
+    yield b""
+
+
 READ_SIZE = 1 << 20  # bytes per read of an upload: gunicorn's largest read-ahead
 
 
