@@ -309,13 +309,18 @@ def test_a_body_is_read_whole_however_the_server_hands_it_out():
 
 def test_a_form_is_parsed_whole_however_the_server_hands_it_out(make_app):
     """The parts come out byte for byte when the body arrives a few bytes at a time, and when the image's own
-    bytes contain the start of a delimiter; only the 'image' fields' bytes are kept."""
+    bytes contain the start of a delimiter, with a Content-Length or chunked; only the 'image' fields' bytes
+    are kept."""
     tricky = b"\xff\xd8\xff" + b"\r\n--" + BOUNDARY.encode()[:-1] + b"\r\n--\r\n" + bytes(range(256)) * 40
     parts = ("note", None, None, b"hello"), ("image", b"cat.jpg", "image/jpeg", tricky), ("", b"t", None, b"x")
     body, app = multipart(*parts), make_app()
     for size in (1, 7, 4096, len(body)):
         environ = EnvironBuilder(path="/predict", method="POST").get_environ()
         environ.update({"wsgi.input": Trickle(body, size), "CONTENT_LENGTH": str(len(body)), "CONTENT_TYPE": MULTIPART})
+        with app.request_context(environ):
+            assert run_web_server.parse_form() == [("note", False, b""), ("image", True, tricky), ("", True, b"")]
+        del environ["CONTENT_LENGTH"]  # chunked: the server ends the stream, the form is read READ_SIZE at a time
+        environ.update({"wsgi.input": Trickle(body, size), "wsgi.input_terminated": True})
         with app.request_context(environ):
             assert run_web_server.parse_form() == [("note", False, b""), ("image", True, tricky), ("", True, b"")]
 
