@@ -325,6 +325,44 @@ def test_a_form_is_parsed_whole_however_the_server_hands_it_out(make_app):
             assert run_web_server.parse_form() == [("note", False, b""), ("image", True, tricky), ("", True, b"")]
 
 
+def test_a_form_of_exactly_the_upload_limit_is_served(make_app, worker):
+    """Under gunicorn (wsgi.input_terminated) werkzeug bounds the stream by the upload limit, not by
+    Content-Length: a form is read once, so one of exactly MAX_UPLOAD_MB is not refused as too large."""
+    head = multipart(("image", b"cat.jpg", "image/jpeg", CAT), ("note", None, None, b""))
+    body = multipart(("image", b"cat.jpg", "image/jpeg", CAT), ("note", None, None, b"x" * (2**20 - len(head))))
+    client = make_app(MAX_UPLOAD_MB=1).test_client()
+    gunicorn_like = {"wsgi.input_terminated": True}
+    response = client.post("/predict", data=body, content_type=MULTIPART, environ_overrides=gunicorn_like)
+    assert len(body) == 2**20 and response.status_code == 200, response.get_data(as_text=True)
+    response = client.post("/predict", data=body + b"x", content_type=MULTIPART, environ_overrides=gunicorn_like)
+    assert_json_error(response, 413, "larger than 1 MB")
+
+
+class TimeoutsSet:
+    """Stands in for gunicorn's socket (environ["gunicorn.socket"]): the timeouts drain_unread_body sets on it."""
+
+    def __init__(self):
+        self.timeouts = []
+
+    def settimeout(self, seconds):
+        self.timeouts.append(seconds)
+
+
+def test_a_body_read_to_its_end_is_not_drained_and_one_left_unread_is(client, worker):
+    """drain_unread_body reads what a refused upload left unread (gunicorn would reset the connection); a body
+    already read makes no socket call at all."""
+    form = multipart(("image", b"cat.jpg", "image/jpeg", CAT))
+    for data, content_type in ((CAT, "image/jpeg"), (form, MULTIPART)):
+        sock = TimeoutsSet()
+        overrides = {"gunicorn.socket": sock, "wsgi.input_terminated": True}
+        response = client.post("/predict", data=data, content_type=content_type, environ_overrides=overrides)
+        assert response.status_code == 200 and sock.timeouts == []
+        sock = TimeoutsSet()
+        overrides = {"gunicorn.socket": sock, "wsgi.input_terminated": True}
+        response = client.post("/predict?top=0", data=data, content_type=content_type, environ_overrides=overrides)
+        assert response.status_code == 400 and len(sock.timeouts) >= 2 and sock.timeouts[-1] is None  # drained
+
+
 def test_a_form_costs_no_regular_expression_per_request(make_app, monkeypatch):
     """werkzeug's form parser compiled a regular expression for each request's boundary, and boundaries differ
     from one request to the next, so Python's regex cache never helped: ~0.4 ms of a /predict's web CPU."""
