@@ -680,31 +680,28 @@ def read_upload() -> bytes:
 
 def parse_form() -> list[tuple[str | None, bool, bytes]]:
     """The parts of a multipart form as (field name, whether it is a file, its bytes); the bytes of the
-    'image' fields only, the others' are dropped as they arrive. 400 for a malformed or cut-short form.
+    'image' fields only, the others' are dropped. 400 for a malformed or cut-short form.
 
-    The body is read in one piece when its length is known (body_chunks), and parsed by multipart's push
-    parser (the parser Python's docs name in place of the cgi module), which finds the boundary with
-    bytes.find. werkzeug's, which Flask's request.files uses, compiles regular expressions for each request's
-    boundary, and every client makes a new one, so Python's regex cache never helps: 0.5-1.1 ms of CPU per
-    /predict form against 0.14-0.27 ms now (BENCHMARKS.md).
+    The body is read as a raw one is (read_body: one read when its length is known), and parsed in one piece
+    by multipart's push parser (the parser Python's docs name in place of the cgi module), which finds the
+    boundary with bytes.find. Fed in 1 MB pieces, it copies what it keeps from one to the next: a 3.6 MB form
+    took 5 ms of CPU that way, 0.4 ms whole. werkzeug's parser, which Flask's request.files uses, compiles
+    regular expressions for each request's boundary, and every client makes a new one, so Python's regex cache
+    never helps: 0.5-1.1 ms of CPU per /predict form against 0.14-0.27 ms now (BENCHMARKS.md).
     """
     boundary = request.mimetype_params.get("boundary")
     if not boundary:
         raise BadRequest("the multipart form is malformed: its Content-Type has no boundary parameter")
-    parts = []
+    body, parts = read_body(), []
     try:
-        with multipart.PushMultipartParser(
-            boundary, request.content_length or -1, max_segment_count=FORM_PARTS_MAX
-        ) as parser:
-            for chunk in body_chunks():
+        with multipart.PushMultipartParser(boundary, len(body), max_segment_count=FORM_PARTS_MAX) as parser:
+            for chunk in (body, b""):  # b"": the end, where the parser checks that the form was whole
                 for event in parser.parse(chunk):
                     if isinstance(event, multipart.MultipartSegment):
                         data = [] if event.name == "image" else None
                         parts.append((event.name, event.filename is not None, data))
                     elif event and data is not None:
                         data.append(event)
-    except ClientDisconnected:
-        raise BadRequest(CUT_SHORT) from None
     except multipart.ParserLimitReached as exc:
         raise BadRequest(f"the multipart form is over a limit ({exc})") from None
     except multipart.MultipartError as exc:
@@ -717,32 +714,12 @@ def parse_form() -> list[tuple[str | None, bool, bytes]]:
 FORM_PARTS_MAX = 1000  # parts in one form (Flask's own MAX_FORM_PARTS)
 
 
-def body_chunks():
-    """The request body in pieces, then b"" (the end): a body of known length in one read, else (chunked)
-    READ_SIZE at a time. Fed to multipart's parser in pieces, a 3.6 MB form took 5 ms of CPU (it copies what
-    it keeps from one piece to the next), whole 0.4 ms.
-
-    A body of known length is not read again once it has arrived: under gunicorn, werkzeug bounds the stream
-    by MAX_CONTENT_LENGTH, not by Content-Length, so one more read of a body of exactly that size was a 413."""
-    if request.content_length:
-        body = read_exactly(request.stream, request.content_length)  # shorter only if cut short: the parser says
-        g.body_read = len(body) == request.content_length
-        yield body
-    else:
-        while chunk := request.stream.read(READ_SIZE):
-            yield chunk
-    yield b""
-
-
-READ_SIZE = 1 << 20  # bytes per read of an upload: gunicorn's largest read-ahead
-
-
 CUT_SHORT = "the upload was cut short: the body ended before the length its Content-Length header gave"
 
 
 def read_body() -> bytes:
-    """The raw request body. werkzeug quietly stops a chunked body at MAX_CONTENT_LENGTH and returns what
-    arrived of a body cut short: the first is refused with 413, the second with 400.
+    """The request body, a raw image's or a form's. werkzeug quietly stops a chunked body at MAX_CONTENT_LENGTH
+    and returns what arrived of a body cut short: the first is refused with 413, the second with 400.
 
     A body of known length is read in one call: werkzeug's get_data() reads 64 KB at a time, and gunicorn
     (27) answers each of those from a read-ahead buffer of up to 1 MB that it copies whole every time, so a

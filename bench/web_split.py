@@ -51,7 +51,6 @@ def main() -> None:
     from werkzeug.wrappers import Request
 
     import run_web_server
-    from run_web_server import create_app
 
     with tempfile.TemporaryDirectory() as workdir:
         port = stack.free_port()
@@ -68,7 +67,7 @@ def main() -> None:
             )
             threading.Thread(target=worker.run, daemon=True).start()
             time.sleep(1)
-            app = create_app(config | {"DECODE_MEGAPIXELS_S": 0})
+            app = run_web_server.create_app(config | {"DECODE_MEGAPIXELS_S": 0})
             client = app.test_client()
             web_queue = queue_from_config(
                 config, 0.5, "standin"

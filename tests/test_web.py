@@ -319,7 +319,7 @@ def test_a_form_is_parsed_whole_however_the_server_hands_it_out(make_app):
         environ.update({"wsgi.input": Trickle(body, size), "CONTENT_LENGTH": str(len(body)), "CONTENT_TYPE": MULTIPART})
         with app.request_context(environ):
             assert run_web_server.parse_form() == [("note", False, b""), ("image", True, tricky), ("", True, b"")]
-        del environ["CONTENT_LENGTH"]  # chunked: the server ends the stream, the form is read READ_SIZE at a time
+        del environ["CONTENT_LENGTH"]  # chunked: read until the server ends the stream
         environ.update({"wsgi.input": Trickle(body, size), "wsgi.input_terminated": True})
         with app.request_context(environ):
             assert run_web_server.parse_form() == [("note", False, b""), ("image", True, tricky), ("", True, b"")]
