@@ -3,7 +3,7 @@
 #   model worker:       python run_model_server.py
 #
 #   docker build -t keras-rest-api:1 .                                  web + worker, TensorFlow with CUDA
-#   docker build -t keras-rest-api:1-cpu --build-arg TENSORFLOW=cpu .   web + worker, TensorFlow for the CPU
+#   docker build -t keras-rest-api:1-cpu --build-arg TENSORFLOW=cpu .   web + worker, TensorFlow + OpenVINO (CPU)
 #   docker build -t keras-rest-api-web:1 --build-arg TENSORFLOW=none .  web only: requirements-web.txt, no TensorFlow
 #
 # No model weights are fetched at build time: mount them and point MODEL_WEIGHTS at the file (see
@@ -28,19 +28,24 @@ COPY requirements-web.txt requirements.txt ./
 RUN pip install -r requirements-web.txt
 
 # cuda: TensorFlow with NVIDIA's CUDA and cuDNN wheels (the host needs only the driver and the NVIDIA
-# container toolkit); cpu: TensorFlow alone; none: a web-only image. The pins are requirements.txt's
-# "Model worker" lines.
+# container toolkit); cpu: TensorFlow and OpenVINO (MODEL_RUNTIME=auto serves on OpenVINO where there is no
+# GPU: 1.3-7 x TensorFlow's images/s on the CPUs in BENCHMARKS.md); none: a web-only image. The pins are
+# requirements.txt's "Model worker" lines; the count check fails the build if one is missing.
 ARG TENSORFLOW=cuda
 RUN case "$TENSORFLOW" in \
       none) exit 0 ;; \
-      cpu) extra="" ;; \
-      cuda) extra="[and-cuda]" ;; \
+      cpu) extra=""; pins="tensorflow|keras|h5py|openvino|openvino-telemetry" ;; \
+      cuda) extra="[and-cuda]"; pins="tensorflow|keras|h5py" ;; \
       *) echo "TENSORFLOW must be cuda, cpu or none, not $TENSORFLOW" >&2; exit 1 ;; \
     esac \
-    && grep -E '^(tensorflow|keras|h5py)==' requirements.txt | sed "s/^tensorflow==/tensorflow${extra}==/" > /tmp/worker.txt \
-    && [ "$(wc -l < /tmp/worker.txt)" -eq 3 ] \
+    && grep -E "^(${pins})==" requirements.txt | sed "s/^tensorflow==/tensorflow${extra}==/" > /tmp/worker.txt \
+    && [ "$(wc -l < /tmp/worker.txt)" -eq "$(echo "$pins" | tr "|" "\n" | wc -l)" ] \
     && pip install -r /tmp/worker.txt \
     && rm /tmp/worker.txt
+
+# MODEL_CACHE_DIR's default for this user: OpenVINO's converted and compiled model, so a restart does neither
+# again. Made here, the app user's, so that a volume mounted on it (docker-compose.yml) starts writable.
+RUN install -d -o app -g app /home/app/.cache/keras-rest-api
 
 COPY . .
 

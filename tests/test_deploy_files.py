@@ -169,10 +169,66 @@ def test_the_dockerfile_health_check_command_passes_on_healthz_and_fails_without
     assert run(*command, env=env).returncode != 0  # nothing listens now
 
 
-def test_the_worker_step_of_the_dockerfile_finds_its_three_pins_in_requirements_txt():
-    """The image installs TensorFlow, Keras and h5py with requirements.txt's pins (grep ... | wc -l == 3)."""
-    pins = re.findall(r"^(tensorflow|keras|h5py)==\S+", (ROOT / "requirements.txt").read_text(), re.MULTILINE)
-    assert sorted(pins) == ["h5py", "keras", "tensorflow"]
+def pins(*names: str) -> list[str]:
+    """requirements.txt's lines for these packages, as written."""
+    lines = (ROOT / "requirements.txt").read_text().splitlines()
+    return [line for name in names for line in lines if line.startswith(f"{name}==")]
+
+
+def run_worker_step(variant: str, requirements: str, folder: Path) -> tuple[subprocess.CompletedProcess, list[str]]:
+    """The Dockerfile's worker step, run as the image runs it (its SHELL) in folder, beside the given
+    requirements.txt, with TENSORFLOW=variant and pip replaced by a stand-in: (the result, the lines pip got)."""
+    (shell,) = [json.loads(args) for name, args in instructions() if name == "SHELL"]
+    (step,) = [args for name, args in instructions() if name == "RUN" and "$TENSORFLOW" in args]
+    (folder / "requirements.txt").write_text(requirements)
+    script = step.replace("/tmp/worker.txt", str(folder / "worker.txt"))
+    stub = f'pip() {{ [ "$1 $2" = "install -r" ] && cp "$3" {folder / "installed.txt"}; }}\n'
+    env = os.environ | {"TENSORFLOW": variant}
+    result = subprocess.run([*shell, stub + script], cwd=folder, env=env, capture_output=True, text=True, timeout=30)
+    installed = folder / "installed.txt"
+    return result, installed.read_text().splitlines() if installed.exists() else []
+
+
+def test_the_dockerfiles_worker_step_installs_requirements_txts_pins_with_openvino_in_the_cpu_image(tmp_path):
+    """The cpu image gets OpenVINO, or MODEL_RUNTIME=auto would serve on TensorFlow there (1.3-7 x slower)."""
+    requirements = (ROOT / "requirements.txt").read_text()
+    tensorflow, keras_and_h5py = pins("tensorflow")[0], pins("keras", "h5py")
+    expected = {
+        "cpu": [tensorflow, *keras_and_h5py, *pins("openvino", "openvino-telemetry")],
+        "cuda": [tensorflow.replace("tensorflow==", "tensorflow[and-cuda]=="), *keras_and_h5py],
+        "none": [],
+    }
+    assert len(expected["cpu"]) == 5 and len(expected["cuda"]) == 3
+    for variant, lines in expected.items():
+        result, installed = run_worker_step(variant, requirements, tmp_path)
+        assert result.returncode == 0, result.stderr
+        assert installed == lines, variant
+        (tmp_path / "installed.txt").unlink(missing_ok=True)
+
+    # A pin missing from requirements.txt fails the build instead of installing less.
+    without_openvino = "".join(line for line in requirements.splitlines(True) if not line.startswith("openvino=="))
+    result, installed = run_worker_step("cpu", without_openvino, tmp_path)
+    assert result.returncode != 0 and installed == []
+    result, installed = run_worker_step("gpu", requirements, tmp_path)
+    assert result.returncode != 0 and "TENSORFLOW must be cuda, cpu or none" in result.stderr
+
+
+def test_the_workers_model_cache_is_a_volume_the_image_user_owns(monkeypatch):
+    """OpenVINO's converted and compiled model outlives the container: compose mounts a named volume on the
+    image user's MODEL_CACHE_DIR default, which the Dockerfile makes as that user's (a new volume copies it)."""
+    import classifier
+
+    monkeypatch.setenv("HOME", "/home/app")
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    cache_dir = classifier.default_cache_dir()
+    config = compose_config()
+    assert f"model-cache:{cache_dir}:rw" in config["services"]["worker"]["volumes"]
+    assert "model-cache" in config["volumes"]
+    runs = [args for name, args in instructions() if name == "RUN"]
+    assert f"install -d -o app -g app {cache_dir}" in runs
+    user = [args for name, args in instructions() if name == "USER"][-1]
+    assert user.split(":")[0] == "10001"
+    assert "--uid 10001 --gid app --create-home --home-dir /home/app" in " ".join(runs)
 
 
 def test_dockerignore_keeps_out_the_venv_tests_and_weights_but_not_the_service():
