@@ -264,3 +264,17 @@ def test_the_worker_feed_benchmark_runs_serial_and_pipelined_workers_in_turn():
     assert [row[1] for row in rows] == ["1", "3"], result.stdout
     for row in rows:
         assert float(row[2]) > 0 and 0 < float(row[3]) <= 1.2 and float(row[4]) > 0, result.stdout
+
+
+def test_the_chunked_read_benchmark_reads_each_body_whole_through_gunicorns_own_reader():
+    """bench.chunked_read: every body, in every chunk size, read back byte for byte both ways (its own assert),
+    through gunicorn's Body and ChunkedReader; the figures are the benchmark's to judge."""
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.chunked_read", "--n", "1"], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line.split() for line in result.stdout.splitlines() if line.strip().endswith("ms")]
+    assert [(row[0], row[1]) for row in rows] == [
+        (f"{size:.2f}MB", f"{chunk}KB") for size in (0.07, 0.3, 3.6) for chunk in (16, 64, 1024)
+    ], result.stdout
+    assert all(float(row[2]) > 0 and float(row[4]) > 0 for row in rows), result.stdout
