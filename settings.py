@@ -202,6 +202,11 @@ class Settings:
                 f"REDIS_BLOCK_S ({self.REDIS_BLOCK_S:g} s) must be shorter than REQUEST_TIMEOUT_S "
                 f"({self.REQUEST_TIMEOUT_S:g} s): a request waits for its answer in calls of REDIS_BLOCK_S"
             )
+        if self.GUNICORN_TIMEOUT_S <= self.REQUEST_TIMEOUT_S:
+            raise SettingError(
+                f"GUNICORN_TIMEOUT_S ({self.GUNICORN_TIMEOUT_S} s) must be longer than REQUEST_TIMEOUT_S "
+                f"({self.REQUEST_TIMEOUT_S:g} s): under uWSGI it is harakiri, which kills a request still waiting"
+            )
         if self.REDIS_BLOCK_S >= self.WORKER_TTL_S:
             raise SettingError(
                 f"REDIS_BLOCK_S ({self.REDIS_BLOCK_S:g} s) must be shorter than WORKER_TTL_S "
@@ -390,7 +395,9 @@ class Settings:
             WEB_PORT=read.whole("WEB_PORT", 5000, 1),  # TCP port gunicorn binds
             WEB_WORKERS=read.whole("WEB_WORKERS", 2, 1),  # gunicorn worker processes
             WEB_THREADS=read.whole("WEB_THREADS", 32, 1),  # per gunicorn worker: 2 x 32 = two full batches in flight
-            GUNICORN_TIMEOUT_S=read.whole("GUNICORN_TIMEOUT_S", 30, 1),  # seconds; must exceed REQUEST_TIMEOUT_S
+            # Seconds gunicorn lets a worker process go silent; uWSGI's harakiri and mod_wsgi's request-timeout in
+            # the recipes, which kill a request running this long. Must exceed REQUEST_TIMEOUT_S: raise both together.
+            GUNICORN_TIMEOUT_S=read.whole("GUNICORN_TIMEOUT_S", 30, 1),
             MAX_UPLOAD_MB=read.number("MAX_UPLOAD_MB", 16.0, 0.001),  # megabytes: larger bodies get 413 unread
             # Images one web process decodes at once; more wait their turn (503 at the deadline). A decode takes up
             # to ~12 bytes per pixel, so this x WEB_WORKERS x that is the web tier's worst case for image memory.

@@ -151,7 +151,7 @@ def daemon_user_reads_the_venv():
 @pytest.fixture(scope="module")
 def apache(make_module_stack, daemon_user_reads_the_venv):
     """A ResNet50 worker on a queue of its own, and Apache serving the app for that queue; no gunicorn."""
-    s = make_module_stack(API_KEYS=API_KEY, REQUEST_TIMEOUT_S=60)
+    s = make_module_stack(API_KEYS=API_KEY, REQUEST_TIMEOUT_S=60, GUNICORN_TIMEOUT_S=90)
     worker = s.start_worker()
     server = Apache(s.env)
     try:

@@ -103,7 +103,7 @@ def test_the_page_loads_only_its_own_files_and_puts_server_text_in_through_text_
 
 @pytest.fixture(scope="module")
 def served(make_module_stack):
-    return make_module_stack.serve(REQUEST_TIMEOUT_S=60)
+    return make_module_stack.serve(REQUEST_TIMEOUT_S=60, GUNICORN_TIMEOUT_S=90)
 
 
 @pytest.fixture(scope="module")

@@ -42,7 +42,7 @@ def post_all(url: str, images: list[bytes]) -> list[requests.Response]:
 @pytest.fixture(scope="module")
 def served(make_module_stack):
     """One worker and gunicorn shared by the tests that leave them running as they found them."""
-    return make_module_stack.serve(REQUEST_TIMEOUT_S=60, MAX_UPLOAD_MB=2)
+    return make_module_stack.serve(REQUEST_TIMEOUT_S=60, GUNICORN_TIMEOUT_S=90, MAX_UPLOAD_MB=2)
 
 
 # --- Correctness ------------------------------------------------------------------------------
@@ -83,7 +83,7 @@ def test_50_concurrent_requests_each_get_their_own_images_answer_in_shared_batch
 def test_with_batch_tune_the_worker_serves_batches_up_to_its_fastest_size_per_image(make_stack, resnet):
     """BATCH_TUNE (on by default): the worker times batches of 1, 2, 4, ..., BATCH_SIZE at warm-up, serves batches
     up to the largest within BATCH_TUNE_TOLERANCE of the fastest per image, and a burst gets its own answers."""
-    s = make_stack.serve(BATCH_SIZE=16, BATCH_TUNE="on", REQUEST_TIMEOUT_S=60)
+    s = make_stack.serve(BATCH_SIZE=16, BATCH_TUNE="on", REQUEST_TIMEOUT_S=60, GUNICORN_TIMEOUT_S=90)
     log = s.worker_logs()
     tuned, timed = re.search(r"batches of up to (\d+) \(BATCH_TUNE, BATCH_SIZE 16\): ms per image (.*)", log).groups()
     per_image = {int(n): float(ms) for ms, n in re.findall(r"([\d.]+) at (\d+)", timed)}

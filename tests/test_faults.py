@@ -458,7 +458,9 @@ def test_twice_the_capacity_for_60_s_rejects_fast_keeps_p99_bounded_and_redis_me
 
 def test_a_flood_of_huge_images_decodes_two_at_a_time_in_bounded_memory(make_stack, redis_url):
     """16 uploads of 50 megapixels at once: ~600 MB each while it decodes, 8.5 GB if all decode at once."""
-    s = make_stack(WEB_WORKERS=1, DECODE_SLOTS=2, DECODE_MEGAPIXELS_S=0, REQUEST_TIMEOUT_S=60)  # memory, not budget
+    s = make_stack(
+        WEB_WORKERS=1, DECODE_SLOTS=2, DECODE_MEGAPIXELS_S=0, REQUEST_TIMEOUT_S=60, GUNICORN_TIMEOUT_S=90
+    )  # memory, not budget
     s.start_web()
     wait_for(lambda: requests.get(s.url + "healthz", timeout=2).ok, 60)
     worker = StandInWorker(s.queue(connect(redis_url, 0.2), block_s=0.2))

@@ -199,7 +199,7 @@ def send(port: int, case: Case) -> tuple[int, str, bytes]:
 
 @pytest.fixture(scope="module")
 def served(make_module_stack):
-    return make_module_stack.serve(MAX_UPLOAD_MB=MAX_UPLOAD_MB, REQUEST_TIMEOUT_S=60)
+    return make_module_stack.serve(MAX_UPLOAD_MB=MAX_UPLOAD_MB, REQUEST_TIMEOUT_S=60, GUNICORN_TIMEOUT_S=90)
 
 
 @pytest.mark.slow

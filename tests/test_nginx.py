@@ -136,7 +136,7 @@ def gunicorn_predicts(served) -> int:
 
 @pytest.fixture(scope="module")
 def served(make_module_stack):
-    return make_module_stack.serve(TRUSTED_PROXIES=1, REQUEST_TIMEOUT_S=60)
+    return make_module_stack.serve(TRUSTED_PROXIES=1, REQUEST_TIMEOUT_S=60, GUNICORN_TIMEOUT_S=90)
 
 
 @pytest.fixture(scope="module")

@@ -341,7 +341,7 @@ def mobilenet_weights(tmp_path_factory):
 @pytest.fixture(scope="module")
 def two_models(make_module_stack, mobilenet_weights):
     """One gunicorn, a ResNet50 worker and a MobileNetV2 worker: the web finds both in Redis."""
-    stack = make_module_stack(REQUEST_TIMEOUT_S=60)
+    stack = make_module_stack(REQUEST_TIMEOUT_S=60, GUNICORN_TIMEOUT_S=90)
     stack.start_worker()
     stack.start_worker(MODEL_NAME="MobileNetV2", MODEL_WEIGHTS=str(mobilenet_weights))
     stack.start_web()

@@ -239,7 +239,7 @@ def test_the_rate_limit_answer_matches_the_document(make_app):
 
 @pytest.fixture(scope="module")
 def live(make_module_stack):
-    return make_module_stack.serve(REQUEST_TIMEOUT_S=60, MAX_UPLOAD_MB=2)
+    return make_module_stack.serve(REQUEST_TIMEOUT_S=60, GUNICORN_TIMEOUT_S=90, MAX_UPLOAD_MB=2)
 
 
 @pytest.mark.slow

@@ -64,6 +64,7 @@ def test_own_model_classifies_held_out_digits_over_http(make_stack, digits_model
         MODEL_PREPROCESS="none",
         MODEL_WEIGHTS="",
         REQUEST_TIMEOUT_S=60,
+        GUNICORN_TIMEOUT_S=90,
     )
     s.start_worker()
     s.start_web()

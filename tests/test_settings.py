@@ -95,11 +95,21 @@ def test_bad_values_fail_with_the_setting_named(env, words):
             {"WORKER_HEARTBEAT_S": "5", "WORKER_TTL_S": "5"},
             "WORKER_HEARTBEAT_S (5 s) must be shorter than WORKER_TTL_S",
         ),
+        (  # uWSGI's harakiri and mod_wsgi's request-timeout would kill requests the app still waits on
+            {"REQUEST_TIMEOUT_S": "45"},
+            "GUNICORN_TIMEOUT_S (30 s) must be longer than REQUEST_TIMEOUT_S (45 s)",
+        ),
+        ({"GUNICORN_TIMEOUT_S": "10"}, "GUNICORN_TIMEOUT_S (10 s) must be longer than REQUEST_TIMEOUT_S (10 s)"),
     ],
 )
 def test_combinations_that_break_the_timeouts_order_are_refused(env, words):
     with pytest.raises(SettingError, match=words.replace("(", r"\(").replace(")", r"\)")):
         Settings.from_env(env)
+
+
+def test_a_longer_request_timeout_is_accepted_with_a_longer_worker_timeout():
+    s = Settings.from_env({"REQUEST_TIMEOUT_S": "45", "GUNICORN_TIMEOUT_S": "60"})
+    assert (s.REQUEST_TIMEOUT_S, s.GUNICORN_TIMEOUT_S) == (45, 60)
 
 
 def test_a_changed_copy_is_checked_again():

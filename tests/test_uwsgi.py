@@ -87,7 +87,13 @@ def test_uwsgi_exits_when_the_app_cannot_load_instead_of_serving_without_it():
 def served(make_module_stack, tmp_path_factory):
     metrics_dir = tmp_path_factory.mktemp("uwsgi-metrics")
     (metrics_dir / "counter_999999.db").write_bytes(b"a stale file of an earlier run")
-    s = make_module_stack(REQUEST_TIMEOUT_S=60, MAX_UPLOAD_MB=2, WEB_THREADS=8, PROMETHEUS_MULTIPROC_DIR=metrics_dir)
+    s = make_module_stack(
+        REQUEST_TIMEOUT_S=60,
+        GUNICORN_TIMEOUT_S=90,
+        MAX_UPLOAD_MB=2,
+        WEB_THREADS=8,
+        PROMETHEUS_MULTIPROC_DIR=metrics_dir,
+    )
     s.start_worker()
     s.web = stack.start_uwsgi(s.env, s.logdir / "uwsgi.log")
     s.wait_ready()
