@@ -27,8 +27,8 @@ install_requirements() {
 if [ -z "${REDIS_URL:-}${REDIS_HOST:-}${REDIS_PORT:-}" ]; then
   command -v redis-server >/dev/null 2>&1 || apt_install redis-server  # scripts/stack.sh starts its own
 fi
-"$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 10))' || {
-  echo "setup: Python 3.10 or newer is needed ($PYTHON is $("$PYTHON" --version))" >&2
+"$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' || {
+  echo "setup: Python 3.11 or newer is needed ($PYTHON is $("$PYTHON" --version))" >&2
   exit 1
 }
 if ! "$PYTHON" -c 'import venv, ensurepip' >/dev/null 2>&1; then

@@ -60,7 +60,8 @@ def seconds(value: str) -> float:
 
 def compose_config() -> dict:
     """The file as docker-compose resolves it (anchors merged, variables at their defaults)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("API_KEYS", "RATE_LIMIT", "TRUSTED_PROXIES", "QUEUE_MAX")}
+    ours = ("API_KEYS", "RATE_LIMIT", "TRUSTED_PROXIES", "QUEUE_MAX", "REQUEST_TIMEOUT_S", "GUNICORN_TIMEOUT_S")
+    env = {k: v for k, v in os.environ.items() if k not in ours}
     check = run(tool("docker-compose"), "-f", "docker-compose.yml", "config", "-q", env=env)
     assert check.returncode == 0 and check.stderr == "", check.stderr
     resolved = run(tool("docker-compose"), "-f", "docker-compose.yml", "config", env=env)
@@ -82,6 +83,9 @@ def test_compose_file_is_valid_and_wires_redis_web_and_a_gpu_worker():
         assert service["depends_on"] == {"redis": {"condition": "service_healthy"}}
         assert service["environment"]["REDIS_URL"] == "redis://redis:6379/0"
         assert service["environment"]["IMAGE_QUEUE"] == web["environment"]["IMAGE_QUEUE"]
+        # The worker sizes its batches for the web's deadline: one value for both.
+        assert service["environment"]["REQUEST_TIMEOUT_S"] == "10"
+    assert int(web["environment"]["GUNICORN_TIMEOUT_S"]) > float(web["environment"]["REQUEST_TIMEOUT_S"])
     assert "command" not in web  # the image's default: gunicorn -c gunicorn_conf.py
     assert web["environment"]["WEB_HOST"] == "0.0.0.0" and web["environment"]["TRUSTED_PROXIES"] == "0"
     assert web["ports"] == ["127.0.0.1:5000:5000/tcp"]
@@ -243,6 +247,15 @@ def test_dockerignore_keeps_out_the_venv_tests_and_weights_but_not_the_service()
         parts = Path(path).parts
         prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
         assert not [p for p in patterns for prefix in prefixes if Path(prefix).match(p.removeprefix("**/"))], path
+
+
+def test_the_readmes_systemd_recipe_installs_the_workers_pins_openvino_included():
+    """The README's install line for a systemd box, run: a CPU-only worker there serves on OpenVINO."""
+    (line,) = [x for x in (ROOT / "README.md").read_text().splitlines() if x.startswith("grep -E") and "pip" in x]
+    select = line.split(" | ")[0]
+    result = run("bash", "-c", select)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == pins("tensorflow", "keras", "h5py", "openvino", "openvino-telemetry")
 
 
 # --- systemd units ------------------------------------------------------------------------------------------

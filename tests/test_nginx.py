@@ -195,7 +195,7 @@ def test_a_burst_beyond_the_rate_limit_gets_429_json_from_nginx_and_never_reache
     raw = predict_request(image)
     reached_before, answered_before = gunicorn_predicts(served), len(answered_ids(served.worker_logs()))
     started = time.monotonic()
-    with ThreadPoolExecutor(30) as pool:  # 30 at once from one address: under its connection limit (32)
+    with ThreadPoolExecutor(30) as pool:  # 30 at once from one address: under its connection limit (64)
         replies = list(pool.map(lambda _: request(nginx.port, raw, source="127.0.0.3"), range(60)))
     elapsed = time.monotonic() - started
     # Right after, another address is served at once: the limit is per client.
