@@ -412,7 +412,8 @@ class Settings:
             TOP_K=read.whole("TOP_K", 5, 1),  # predictions per answer unless the request asks ?top=K
             # --- Security (web) ---------------------------------------------------------------------------
             # API keys, comma-separated: empty (the default, for local use) leaves the service open; with keys set,
-            # every request but /, /healthz, /readyz and /openapi.json needs "Authorization: Bearer <key>" or
+            # every request but /, /healthz, /readyz, /openapi.json and the v2 server checks (/v2, /v2/health/live,
+            # /v2/health/ready; run_web_server.OPEN_PATHS) needs "Authorization: Bearer <key>" or
             # "X-API-Key: <key>". Keys are secrets: set them from the environment or a secret store, never in code
             # or a committed file. Each must be at least API_KEY_MIN_LENGTH characters, or the service refuses to start.
             API_KEYS=read.api_keys("API_KEYS"),
