@@ -189,6 +189,11 @@ class Settings:
             )
         if self.REDIS_CLUSTER and self.REDIS_SENTINELS:
             raise SettingError("set REDIS_CLUSTER or REDIS_SENTINELS, not both: a cluster fails over by itself")
+        if not self.IMAGE_QUEUE or any(c in self.IMAGE_QUEUE for c in "{}: "):
+            raise SettingError(
+                f"IMAGE_QUEUE must be non-empty, without braces, colons or spaces (it names Redis keys and their "
+                f"cluster hash tag), got {self.IMAGE_QUEUE!r}"
+            )
         for name in ("MODEL_ID", "DEFAULT_MODEL"):
             value = getattr(self, name)
             if (value or name == "MODEL_ID") and not MODEL_ID_PATTERN.fullmatch(value):
@@ -317,7 +322,7 @@ class Settings:
             # QUEUE_SHARDS spreads it over several.
             REDIS_CLUSTER=read.flag("REDIS_CLUSTER"),
             # --- Queue ------------------------------------------------------------------------------------
-            IMAGE_QUEUE=read.text("IMAGE_QUEUE", "image_queue"),  # queue name; every key is "{IMAGE_QUEUE}:..."
+            IMAGE_QUEUE=read.text("IMAGE_QUEUE", "image_queue"),  # the service's name in Redis: "{IMAGE_QUEUE...}:..."
             # Hash tags the queue is spread over: shard 0 is IMAGE_QUEUE, shard s IMAGE_QUEUE-s, each its own slot,
             # so on a Redis Cluster its own master. The web sends each request to one (round-robin), every worker
             # serves all; QUEUE_MAX is shared out among them. Web and model workers must agree on it.

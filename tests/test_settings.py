@@ -107,6 +107,12 @@ def test_combinations_that_break_the_timeouts_order_are_refused(env, words):
         Settings.from_env(env)
 
 
+@pytest.mark.parametrize("name", ["", "a:b", "{a}", "my queue"])
+def test_an_image_queue_name_that_would_break_its_keys_is_refused_at_start(name):
+    with pytest.raises(SettingError, match="IMAGE_QUEUE must be non-empty, without braces, colons or spaces"):
+        Settings.from_env({"IMAGE_QUEUE": name})
+
+
 def test_a_longer_request_timeout_is_accepted_with_a_longer_worker_timeout():
     s = Settings.from_env({"REQUEST_TIMEOUT_S": "45", "GUNICORN_TIMEOUT_S": "60"})
     assert (s.REQUEST_TIMEOUT_S, s.GUNICORN_TIMEOUT_S) == (45, 60)
