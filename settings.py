@@ -302,9 +302,10 @@ class Settings:
             # --- Redis ------------------------------------------------------------------------------------
             # Full URL (redis://[:password@]host:port/db, rediss:// for TLS, unix:///path.sock); wins over the above.
             REDIS_URL=read.text("REDIS_URL", "") or f"redis://{redis_host}:{redis_port}/{redis_db}",
-            # True when the operator named a Redis; the stack launcher starts its own redis-server otherwise.
+            # True when the operator named a Redis (a variable set and not empty: scripts/setup.sh's test too); the
+            # stack launcher starts its own redis-server otherwise. REDIS_CLUSTER needs REDIS_URL to name a node.
             REDIS_CONFIGURED=any(
-                name in env for name in ("REDIS_URL", "REDIS_HOST", "REDIS_PORT", "REDIS_SENTINELS", "REDIS_CLUSTER")
+                env.get(name) for name in ("REDIS_URL", "REDIS_HOST", "REDIS_PORT", "REDIS_SENTINELS")
             ),
             REDIS_BLOCK_S=read.number("REDIS_BLOCK_S", 1.0, 0.1),  # seconds: the longest single blocking Redis call
             # Redis Sentinel: the sentinels' host:port pairs, comma-separated. Set, the web, the workers, admin.py

@@ -24,7 +24,7 @@ install_requirements() {
   fi
 }
 
-if [ -z "${REDIS_URL:-}${REDIS_HOST:-}${REDIS_PORT:-}" ]; then
+if [ -z "${REDIS_URL:-}${REDIS_HOST:-}${REDIS_PORT:-}${REDIS_SENTINELS:-}" ]; then  # settings.REDIS_CONFIGURED
   command -v redis-server >/dev/null 2>&1 || apt_install redis-server  # scripts/stack.sh starts its own
 fi
 "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' || {

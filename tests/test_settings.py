@@ -14,6 +14,7 @@ from settings import SettingError, Settings
 def test_defaults_are_the_documented_ones():
     s = Settings.from_env({})
     assert s.REDIS_URL == "redis://localhost:6379/0" and s.REDIS_CONFIGURED is False
+    assert Settings.from_env({"REDIS_URL": "", "REDIS_HOST": ""}).REDIS_CONFIGURED is False  # empty names none
     assert s.IMAGE_QUEUE == "image_queue" and s.BATCH_SIZE == 32 and s.MAX_BATCH_WAIT_MS == 0 and s.BATCH_TUNE
     assert s.PIPELINE_DEPTH == 0  # auto: see test_pipeline_depth_auto_is_serial_on_the_hosts_cores_pipelined_on_a_gpu
     assert s.MODEL_NAME == "ResNet50" and s.MODEL_WEIGHTS == "imagenet" and s.TOP_K == 5
