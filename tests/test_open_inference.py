@@ -436,8 +436,11 @@ def test_tritonclient_uint8_binary_pixels_give_the_models_own_probabilities(two_
         expected = np.stack([own_answer(direct[model], d)[0] for d in images])
         assert served.shape == (2, 1000) and served.dtype == np.float32
         assert np.allclose(served, expected, atol=PROBABILITY_TOLERANCE, rtol=0), np.abs(served - expected).max()
-    with pytest.raises(Exception, match="no model 'nope'|nope"):
+    from tritonclient.utils import InferenceServerException
+
+    with pytest.raises(InferenceServerException, match="no model 'nope'") as refused:
         client.infer("nope", [tensor])
+    assert refused.value.status() == "404"
 
 
 @pytest.mark.slow
