@@ -31,6 +31,7 @@ from support.stand_in import (
 from support.traffic import PROBABILITY_TOLERANCE, batch_sizes, same_answer, wait_for
 
 import helpers
+import image_queue
 import open_inference
 from image_queue import ModelDirectory
 from open_inference import HEADER_LENGTH, ProtocolError, encode_pixels_request, infer_response, parse_infer_request
@@ -276,10 +277,16 @@ def test_uint8_pixels_reach_the_worker_unchanged(client, worker):
     assert response.data[head_length + 4 : head_length + 4 + size].decode().split(":", 2)[2] == expected_checksum(CAT)
 
 
-def test_a_bad_image_fails_the_whole_request_before_anything_is_queued(client, worker):
+def test_a_bad_image_fails_the_whole_request_before_anything_is_queued(client, worker, monkeypatch):
+    pushed = []
+    enqueue = image_queue.ImageQueue.enqueue
+    monkeypatch.setattr(
+        image_queue.ImageQueue, "enqueue", lambda self, *m, **k: pushed.append(m) or enqueue(self, *m, **k)
+    )
     response = infer_json(client, [CAT, b"not an image"])
     assert response.status_code == 400 and "image" in response.json["error"] and set(response.json) == {"error"}
-    assert worker.batches == []
+    assert pushed == [] and worker.batches == []  # nothing pushed, so nothing withdrawn or claimed later
+    assert infer_json(client, [CAT]).status_code == 200 and len(pushed) == 1  # the spy sees what is pushed
     assert client.post(f"/v2/models/{TEST_MODEL}/infer", data=b"{").status_code == 400
     gzipped = client.post(f"/v2/models/{TEST_MODEL}/infer", data=b"\x1f\x8b", headers={"Content-Encoding": "gzip"})
     assert gzipped.status_code == 415 and "uncompressed" in gzipped.json["error"]

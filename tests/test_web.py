@@ -22,6 +22,7 @@ from support.stand_in import CAT, MODEL, StandInWorker, app_queue, assert_json_e
 from werkzeug.test import EnvironBuilder
 
 import helpers
+import image_queue
 import run_web_server
 
 
@@ -136,10 +137,27 @@ def test_a_request_right_after_the_last_worker_left_is_503_at_once_though_the_st
     with StandInWorker(app_queue(app)) as worker:
         assert post_image(client).status_code == 200  # the status read here is open: reused for a moment
     app_queue(app).unregister(worker.worker_id)  # a graceful stop: the worker leaves the set at once
+    reads, refusals = [], []
+    status, enqueue = image_queue.ImageQueue.status, image_queue.ImageQueue.enqueue
+
+    def counted_status(self, *args, **kwargs):
+        reads.append(1)
+        return status(self, *args, **kwargs)
+
+    def recorded_enqueue(self, *args, **kwargs):
+        try:
+            return enqueue(self, *args, **kwargs)
+        except image_queue.NoWorker as exc:
+            refusals.append(exc)
+            raise
+
+    monkeypatch.setattr(image_queue.ImageQueue, "status", counted_status)
+    monkeypatch.setattr(image_queue.ImageQueue, "enqueue", recorded_enqueue)
     started = time.monotonic()
     response = post_image(client)
     assert_json_error(response, 503, "no model worker")
     assert response.headers["Retry-After"] == "5" and time.monotonic() - started < 0.5
+    assert reads == [] and len(refusals) == 1  # the reused status let it through; the push itself refused it
     assert app_queue(app).redis.llen(app_queue(app).keys.queue) == 0  # its message was taken off again
 
 
@@ -192,9 +210,13 @@ def test_a_full_queue_is_refused_before_the_upload_is_read(make_app, monkeypatch
     queue = app_queue(app)
     queue.heartbeat("busy-elsewhere", MODEL)
     queue.enqueue(b"waiting")
-    monkeypatch.setattr(helpers, "open_image", lambda *a: pytest.fail("read an upload it could not queue"))
+    for reader in ("read_body", "parse_form"):
+        monkeypatch.setattr(run_web_server, reader, lambda *a: pytest.fail("read an upload it could not queue"))
+    monkeypatch.setattr(helpers, "open_image", lambda *a: pytest.fail("opened an image it could not queue"))
     monkeypatch.setattr(helpers, "prepare_image", lambda *a: pytest.fail("decoded an image it could not queue"))
     assert_json_error(post_image(app.test_client()), 503, "queue holds 1")
+    raw = app.test_client().post("/predict", data=CAT, content_type="image/jpeg")
+    assert_json_error(raw, 503, "queue holds 1")  # a raw body too
 
 
 def test_decode_slots_bound_how_many_images_one_process_decodes_at_once(make_app, monkeypatch):
