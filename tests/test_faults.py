@@ -420,6 +420,7 @@ def test_twice_the_capacity_for_60_s_rejects_fast_keeps_p99_bounded_and_redis_me
         time.sleep(60)
     sampling.set()
     sampler.join()
+    assert len(held) > 100, len(held)  # the sampler ran throughout (a sample that raised would end it early)
 
     assert_books(traffic, s, f"2x capacity ({2 * capacity:.1f}/s) for 60 s", {200, 503}, 10)
     rejected = sorted(r.latency for r in traffic.replies if r.status == 503)
@@ -466,12 +467,17 @@ def test_a_flood_of_huge_images_decodes_two_at_a_time_in_bounded_memory(make_sta
     worker = StandInWorker(s.queue(connect(redis_url, 0.2), block_s=0.2))
     huge = encode(Image.new("RGBA", (7000, 7000), (200, 100, 50, 128)), "PNG")  # 49 M pixels in 200 KB
     web_worker = int(subprocess.run(["pgrep", "-P", str(s.web.pid)], capture_output=True, text=True).stdout)
-    peak, sampling = [0], threading.Event()
+
+    def rss() -> int:
+        return int(re.search(r"VmRSS:\s+(\d+) kB", Path(f"/proc/{web_worker}/status").read_text())[1]) * 1024
+
+    idle = rss()
+    peak, samples, sampling = [idle], [], threading.Event()
 
     def sample():
         while not sampling.wait(0.02):
-            status = Path(f"/proc/{web_worker}/status").read_text()
-            peak[0] = max(peak[0], int(re.search(r"VmRSS:\s+(\d+) kB", status)[1]) * 1024)
+            peak[0] = max(peak[0], rss())
+            samples.append(1)
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
@@ -486,6 +492,8 @@ def test_a_flood_of_huge_images_decodes_two_at_a_time_in_bounded_memory(make_sta
         f"\n16 x 50-megapixel PNGs at once: {statuses.count(200)} answered, web worker peak RSS {peak[0] / 1e6:.0f} MB"
     )
     assert statuses == [200] * 16
+    # It sampled throughout, and saw a decode: one 7000 x 7000 RGBA image alone is 196 MB.
+    assert len(samples) > 10 and peak[0] - idle > 150e6, (len(samples), idle, peak[0])
     assert peak[0] < 2.0e9  # two decodes at a time (~1.2 GB); sixteen would take ~8.5 GB
 
 
