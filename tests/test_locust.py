@@ -23,7 +23,7 @@ USERS, SECONDS = 4, 8
 
 @pytest.fixture(scope="module")
 def served(make_module_stack):
-    return make_module_stack.serve(REQUEST_TIMEOUT_S=30)
+    return make_module_stack.serve(REQUEST_TIMEOUT_S=30, GUNICORN_TIMEOUT_S=60)
 
 
 def run_locust(url: str, csv_prefix: Path, *options: str) -> subprocess.CompletedProcess:
