@@ -114,7 +114,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from settings import MAX_PIPELINE_DEPTH, MODEL_ID_PATTERN
+from settings import MAX_PIPELINE_DEPTH, MODEL_ID_PATTERN, is_queue_name
 
 log = logging.getLogger(__name__)
 
@@ -273,7 +273,7 @@ class Keys:
     name: str
 
     def __post_init__(self):
-        if not self.name or any(c in self.name for c in "{}: "):
+        if not is_queue_name(self.name):
             raise ValueError(f"queue name must be non-empty without braces, colons or spaces: {self.name!r}")
 
     @property

@@ -31,6 +31,12 @@ MAX_PIPELINE_DEPTH = 3  # a model worker's lanes: the queue protocol's processin
 MODEL_ID_PATTERN = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")  # a model id: lower case, safe in URLs and Redis keys
 
 
+def is_queue_name(name: str) -> bool:
+    """Whether Redis keys can be built from name (IMAGE_QUEUE, and the queues made from it): non-empty, without
+    braces (the keys' cluster hash tag is "{name}"), colons (the keys' separator) or spaces."""
+    return bool(name) and not any(c in name for c in "{}: ")
+
+
 def default_model_id(model_name: str, model_path: str) -> str:
     """MODEL_ID's default: the file stem of MODEL_PATH, else MODEL_NAME, lower-cased, other characters as "-"."""
     stem = os.path.basename(model_path).split(".")[0] if model_path else model_name
@@ -189,7 +195,7 @@ class Settings:
             )
         if self.REDIS_CLUSTER and self.REDIS_SENTINELS:
             raise SettingError("set REDIS_CLUSTER or REDIS_SENTINELS, not both: a cluster fails over by itself")
-        if not self.IMAGE_QUEUE or any(c in self.IMAGE_QUEUE for c in "{}: "):
+        if not is_queue_name(self.IMAGE_QUEUE):
             raise SettingError(
                 f"IMAGE_QUEUE must be non-empty, without braces, colons or spaces (it names Redis keys and their "
                 f"cluster hash tag), got {self.IMAGE_QUEUE!r}"
