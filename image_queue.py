@@ -815,15 +815,16 @@ class ImageQueue:
         keys = [self.keys.queue, self.keys.workers, self.keys.paused]
         args = [self.keys.processing(""), self.queue_max, len(messages), self.worker_ttl_s if need_worker else 0]
         try:
-            with self.redis.pipeline(transaction=True) as pipe:
-                pipe.lpush(self.keys.queue, *messages)
-                pipe.execute_command("EVAL", _ADMIT, len(keys), *keys, *args)  # cluster pipelines have no eval()
-                _, held = pipe.execute()
+            if self.wait_replicas:
+                held = self._push_and_wait(messages, keys, args)
+            else:
+                with self.redis.pipeline(transaction=True) as pipe:
+                    pipe.lpush(self.keys.queue, *messages)
+                    pipe.execute_command("EVAL", _ADMIT, len(keys), *keys, *args)  # cluster pipelines have no eval()
+                    _, held = pipe.execute()
         except REDIS_ERRORS as exc:
             self._recent = None  # the next request reads a status afresh: with shards, that one passes this shard over
             raise unavailable(exc) from exc
-        if self.wait_replicas and held >= 0:
-            self._wait_for_replicas()
         recent = self._recent
         if recent is not None:  # the next recent_status() sees this count, or reads afresh after a refusal
             self._recent = (recent[0], replace(recent[1], held=held)) if held >= 0 else None
@@ -849,17 +850,37 @@ class ImageQueue:
         except REDIS_ERRORS as exc:
             log.warning("could not withdraw %d messages of a failed request (%s)", len(messages), exc)
 
-    def _wait_for_replicas(self) -> None:
-        """REDIS_WAIT_REPLICAS: hold the request until that many replicas have its message (Redis WAIT, at
-        most REDIS_BLOCK_S). Fewer in time is logged and the request goes on: the message is queued on the
-        master either way, and refusing it now would not take it back."""
-        try:
-            acked = self.redis.wait(self.wait_replicas, int(self.block_s * 1000))
-        except REDIS_ERRORS as exc:
-            log.warning("WAIT for %d replicas failed (%s); the message is queued", self.wait_replicas, exc)
-            return
-        if acked < self.wait_replicas:
+    def _push_and_wait(self, messages: tuple[bytes, ...], keys: list[str], args: list) -> int:
+        """REDIS_WAIT_REPLICAS: enqueue's push (MULTI, LPUSH, the admission script, EXEC), then Redis WAIT until
+        that many replicas have it (at most REDIS_BLOCK_S), all on one connection in one round trip. WAIT counts
+        the replicas that have the writes made on its own connection: on another pooled connection (another
+        thread's older write, or none) it could answer at once, before any replica had the message. On a
+        Cluster, the connection is the queue's master's. Fewer replicas in time, or a failed WAIT, is logged and
+        the request goes on: the message is queued on the master either way, and refusing it now would not take
+        it back. Returns the admission's held count."""
+        client = self.redis
+        if isinstance(client, redis.RedisCluster):  # the cluster client would send WAIT to some other node
+            client = client.get_redis_connection(client.get_node_from_key(self.keys.queue))
+        with client.pipeline(transaction=False) as pipe:
+            pipe.execute_command("MULTI")
+            pipe.lpush(self.keys.queue, *messages)
+            pipe.execute_command("EVAL", _ADMIT, len(keys), *keys, *args)
+            pipe.execute_command("EXEC")
+            pipe.execute_command("WAIT", self.wait_replicas, int(self.block_s * 1000))
+            *pushed, acked = pipe.execute(raise_on_error=False)
+        error = next((reply for reply in pushed if isinstance(reply, Exception)), None)
+        if error is None and isinstance(pushed[-1], list):
+            error = next((reply for reply in pushed[-1] if isinstance(reply, Exception)), None)
+        if error is not None:
+            raise error
+        held = pushed[-1][1]
+        if held < 0:  # refused: nothing was pushed for a replica to have
+            return held
+        if isinstance(acked, Exception):
+            log.warning("WAIT for %d replicas failed (%s); the message is queued", self.wait_replicas, acked)
+        elif acked < self.wait_replicas:
             log.warning("only %d of %d replicas had the message within %g s", acked, self.wait_replicas, self.block_s)
+        return held
 
     def wait_for(self, request_id: str, deadline: float) -> bytes | None:
         """Block on the request's result key until an answer or the time.monotonic() deadline."""
@@ -1056,14 +1077,16 @@ class ImageQueue:
         A claim whose reply was lost, or an ack that could not be written, leaves messages on the
         worker's processing list that it does not have in hand; no peer looks there while it lives.
         """
-        return self._requeue_worker(worker_id, 0, forget=False, lane=lane)
+        return self._requeue_worker(worker_id, 0, forget=False, lanes=None if lane is None else [lane])
 
     def unregister(self, worker_id: str) -> int:
         """A worker leaving: requeue whatever it still holds and drop its heartbeat."""
         return self._requeue_worker(worker_id, 0, forget=True)
 
-    def _requeue_worker(self, worker_id: str, min_silence_s: float, forget: bool, lane: int | None = None) -> int:
-        lists = self.keys.lanes(worker_id) if lane is None else [self.keys.processing(worker_id, lane)]
+    def _requeue_worker(
+        self, worker_id: str, min_silence_s: float, forget: bool, lanes: list[int] | None = None
+    ) -> int:
+        lists = self.keys.lanes(worker_id) if lanes is None else [self.keys.processing(worker_id, n) for n in lanes]
         keys = [self.keys.workers, self.keys.queue, self.keys.stats, *lists]
         return int(self._requeue(keys=keys, args=[worker_id, min_silence_s, int(forget)]))
 
@@ -1130,7 +1153,18 @@ class ShardedQueue:
         return self.shards[next(self._turn) % len(self.shards)]
 
     def status(self) -> Status:
-        each = [shard.status() for shard in self.shards]
+        """The shards' statuses added up, of those whose Redis answers: one master failing over leaves the web
+        serving through the others (live_shard), so /readyz stays ready too. QueueUnavailable when none answers."""
+        each, error = [], None
+        for shard in self.shards:
+            try:
+                each.append(shard.status())
+            except QueueMisconfigured:  # a setting to fix, not one shard's outage
+                raise
+            except QueueUnavailable as exc:
+                error = error or exc
+        if not each:
+            raise error
         return Status(
             server_time=each[0].server_time,
             live_workers=max(s.live_workers for s in each),  # every worker registers on every shard
@@ -1282,7 +1316,7 @@ class ShardedQueue:
                 continue
             try:
                 if s in self._down:
-                    self.shards[s].requeue_own(worker_id)
+                    self._hand_back(s, worker_id)
                 now, messages = self.shards[s]._take_now(worker_id, max(0, count - len(taken)), lane)
             except REDIS_ERRORS as exc:
                 self._shard_failed(s, exc)
@@ -1295,6 +1329,16 @@ class ShardedQueue:
         if not now and error is not None:  # no shard answered
             raise error
         return now, taken
+
+    def _hand_back(self, s: int, worker_id: str) -> int:
+        """A shard answering again: requeue what failed calls may have left on this worker's lists there, on
+        every lane with none of that shard's messages in hand and no blocking take into it running. A batch in
+        flight keeps its messages (requeued, they would run twice and its ack would drop their answers)."""
+        busy = {lane for shard, lane, _ in list(self._origin.values()) if shard == s}
+        if s in self._blocked:
+            busy.add(self._blocked[s][0])
+        lanes = [lane for lane in range(LANES) if lane not in busy]
+        return self.shards[s]._requeue_worker(worker_id, 0, forget=False, lanes=lanes) if lanes else 0
 
     def _shard_failed(self, s: int, exc: redis.RedisError) -> None:
         if redis_trouble(exc) == "configuration":  # the same for every shard: the worker loop exits

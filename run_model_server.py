@@ -134,8 +134,12 @@ class Heartbeat:
         self._thread.join()
 
     def beat(self) -> None:
-        self.queue.heartbeat(self.worker_id, self.model_info)  # also rewrites the model hash a restart lost
-        self.queue.requeue_dead_workers()
+        """Beat, then requeue dead peers' batches, also when the beat failed: with QUEUE_SHARDS, one shard's Redis
+        failing (it raises after the others' beats) must not leave a dead peer's batches on the others' lists."""
+        try:
+            self.queue.heartbeat(self.worker_id, self.model_info)  # also rewrites the model hash a restart lost
+        finally:
+            self.queue.requeue_dead_workers()
 
     def _run(self) -> None:
         backoff, delay = Backoff(), 0.0

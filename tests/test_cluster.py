@@ -174,6 +174,37 @@ def test_three_shards_spread_one_queue_over_the_three_masters_and_every_request_
     assert not thread.is_alive()
 
 
+def test_wait_replicas_on_a_cluster_waits_on_the_queues_own_master(tmp_path, caplog):
+    """REDIS_WAIT_REPLICAS=1 on a cluster: WAIT must go to the master that holds the queue (the cluster client
+    sends a keyless command to its default node, whose WAIT would count that node's writes: none). With the
+    queue master's replica stopped, the enqueue waits REDIS_BLOCK_S and says the replica lacks the message."""
+    from image_queue import ImageQueue, connect
+
+    c = Cluster(tmp_path, masters=3, replicas=1)
+    try:
+        url = f"redis://127.0.0.1:{c.ports[0]}/0"
+        client = connect(url, 0.5, cluster=True)
+        default = client.get_default_node().port
+        name = next(f"wq{i}" for i in range(100) if c.master_of(Keys(f"wq{i}").queue) != default)
+        queue = ImageQueue(client, name, block_s=0.5, wait_replicas=1)
+        started = time.monotonic()
+        queue.enqueue(b"first")
+        assert time.monotonic() - started < 0.4 and "replicas had" not in caplog.text  # its replica has it
+        master = redis.Redis(host="127.0.0.1", port=c.master_of(Keys(name).queue))
+        replica_port = int(master.info("replication")["slave0"]["port"])
+        c.processes[replica_port].send_signal(signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            queue.enqueue(b"second")
+            assert time.monotonic() - started >= 0.45
+        finally:
+            c.processes[replica_port].send_signal(signal.SIGCONT)
+        assert "only 0 of 1 replicas had the message" in caplog.text
+        assert master.llen(Keys(name).queue) == 2
+    finally:
+        c.stop()
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_a_master_killed_under_load_its_replica_takes_over_and_the_other_shards_serve_on(

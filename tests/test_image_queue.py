@@ -584,6 +584,66 @@ def test_wait_replicas_holds_the_enqueue_for_the_replicas_then_goes_on_saying_so
     assert "only 0 of 1 replicas had the message" in caplog.text
 
 
+@pytest.fixture
+def master_and_replica(tmp_path):
+    """(the master's URL, the replica's server): two redis-servers of the test's own, the replica in sync."""
+    import redis
+
+    import stack
+
+    ports = stack.free_port(), stack.free_port()
+    for name in ("master", "replica"):
+        (tmp_path / name).mkdir()
+    master = stack.start_redis(ports[0], str(tmp_path / "master"), None, "--repl-diskless-sync-delay", "0")
+    replica = stack.start_redis(ports[1], str(tmp_path / "replica"), None, "--replicaof", "127.0.0.1", str(ports[0]))
+    try:
+        link = lambda: redis.Redis(port=ports[1]).info("replication").get("master_link_status") == "up"  # noqa: E731
+        deadline = time.monotonic() + 10
+        while not link() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        yield f"redis://127.0.0.1:{ports[0]}/0", replica
+    finally:
+        import signal
+
+        replica.process.send_signal(signal.SIGCONT)
+        replica.stop()
+        master.stop()
+
+
+def test_wait_replicas_waits_for_the_push_made_on_its_own_connection(master_and_replica, caplog):
+    """Redis WAIT counts the replicas that have the writes of the connection it runs on. Here the pool holds a
+    second connection whose last write (another request's) the replica has, another thread takes the push's
+    connection the moment it is released (as under load), and the replica is stopped: only a WAIT on the
+    push's own connection sees that the replica lacks the message; on the other it answers 1 at once."""
+    import signal
+
+    url, replica = master_and_replica
+    queue = ImageQueue(connect(url, 0.5), "waitq", block_s=0.5, wait_replicas=1)
+    started = time.monotonic()
+    queue.enqueue(b"first")
+    assert time.monotonic() - started < 0.4 and "replicas had" not in caplog.text  # the replica has it
+    pool, taken = queue.redis.connection_pool, []
+    pooled = [pool.get_connection() for _ in range(2)]
+    for command in (("SET", "another-request", 1), ("WAIT", 1, 2000)):
+        pooled[1].send_command(*command)
+        assert pooled[1].read_response() in (True, b"OK", 1)  # its write is on the replica
+    for connection in reversed(pooled):
+        pool.release(connection)  # pooled[0] is the next one taken
+    release = pool.release
+
+    def released_then_taken(connection):
+        release(connection)
+        taken.append(pool.get_connection())  # another request's thread
+
+    pool.release = released_then_taken
+    replica.process.send_signal(signal.SIGSTOP)
+    started = time.monotonic()
+    queue.enqueue(b"second")
+    assert time.monotonic() - started >= 0.45  # WAIT held it up to REDIS_BLOCK_S
+    assert "only 0 of 1 replicas had the message" in caplog.text
+    assert queue.status().queue_depth == 2  # queued on the master either way
+
+
 # --- The model registry: ModelDirectory --------------------------------------------------------
 
 

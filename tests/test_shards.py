@@ -31,7 +31,7 @@ from image_queue import (
     queue_from_config,
     shard_names,
 )  # fmt: skip
-from run_model_server import ModelWorker
+from run_model_server import Heartbeat, ModelWorker
 
 MODEL = ModelInfo("StandIn", 4, 4)
 
@@ -238,6 +238,54 @@ def test_a_shard_whose_redis_is_down_is_skipped_while_the_others_are_served(one_
     queue._down[1] = (queue._down[1][0], 0.0)  # its backoff is due
     queue.shards[1].enqueue(message(f"{1:032x}"))
     assert [raw[7:39].decode() for raw in queue.claim("w", 8).messages] == [f"{1:032x}"]
+
+
+def test_with_one_shard_down_a_dead_workers_batches_on_the_others_are_still_requeued(one_shard_down):
+    """The heartbeat raises for the shard that is down, after beating the others; the requeue of dead peers
+    must still run on the shards that answer, or their batches wait there until the shard comes back."""
+    dead, peer = one_shard_down(), one_shard_down()
+    with pytest.raises(redis.ConnectionError):
+        dead.heartbeat("dead", MODEL)
+    for s in (0, 2):
+        dead.shards[s].enqueue(message(f"{s:032x}"))
+    assert len(dead.claim("dead", 8).messages) == 2  # ... and the worker dies holding them
+    time.sleep(2.2)  # WORKER_TTL_S 2
+    with pytest.raises(redis.ConnectionError):  # the outage is still reported ...
+        Heartbeat(peer, "peer", MODEL, every_s=1.0).beat()
+    assert [peer.shards[s].status().queue_depth for s in (0, 2)] == [1, 1]  # ... and the batch is back
+
+
+def test_a_shard_answering_again_hands_back_free_lanes_but_not_a_batch_in_flight(one_shard_down, redis_client):
+    """When a shard that failed answers again, what failed calls left on this worker's lists there goes back
+    to its queue, except on a lane whose batch is still in flight: that batch keeps its messages, so they
+    are not run twice and its ack answers them."""
+    queue = one_shard_down()
+    good, names, options = queue.shards[0].redis, [q.keys.name for q in queue.shards], {"block_s": 0.3}
+    revived = ImageQueue(good, names[1], worker_ttl_s=2.0, **options)
+    revived.enqueue(message(f"{1:032x}"))
+    revived.heartbeat("w", MODEL)
+    in_flight = revived.claim("w", 8, lane=1).messages  # lane 1's batch, taken before the shard failed
+    revived.enqueue(message(f"{2:032x}"))
+    revived.claim("w", 8, lane=2)  # a take whose reply was lost: lane 2 holds a message nobody has in hand
+    queue._origin.update((id(raw), (1, 1, raw)) for raw in in_flight)  # the sharded queue's view of lane 1
+    queue._take_round("w", 8, 0)  # shard 1 fails: backing off
+    queue.shards[1] = revived  # its Redis is back
+    queue._down[1] = (queue._down[1][0], 0.0)  # its backoff is due
+    taken = queue.claim("w", 8, lane=0).messages
+    assert [raw[7:39].decode() for raw in taken] == [f"{2:032x}"]  # lane 2's leftover, handed back and taken
+    assert redis_client.llen(revived.keys.processing("w", 1)) == 1  # lane 1's batch kept its message
+    assert queue.ack("w", [Done(raw, f"{1:032x}", b"answer", 1e18) for raw in in_flight], lane=1)[0] == [f"{1:032x}"]
+
+
+def test_with_one_shard_down_the_status_adds_up_the_others_and_the_web_stays_ready(one_shard_down, make_app):
+    queue = one_shard_down()
+    with pytest.raises(redis.ConnectionError):
+        queue.heartbeat("w", MODEL)
+    queue.shards[0].enqueue(message(f"{0:032x}"))
+    assert queue.status().queue_depth == 1 and queue.status().live_workers == 1
+    app = make_app(QUEUE_SHARDS=3)
+    app.extensions["models"]._queues[TEST_MODEL] = one_shard_down()
+    assert app.test_client().get("/readyz").get_json()["ready"] is True
 
 
 def test_the_web_passes_over_a_shard_whose_redis_is_down_and_every_request_is_served(one_shard_down, make_app):
