@@ -16,10 +16,10 @@ import time
 import uuid
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import multipart
 import numpy as np
+import redis
 from flask import Blueprint, Flask, current_app, g, jsonify, request
 from flask_limiter import Limiter, RateLimitExceeded
 from werkzeug.exceptions import (
@@ -31,6 +31,11 @@ from werkzeug.exceptions import (
     UnsupportedMediaType,
 )
 from werkzeug.middleware.proxy_fix import ProxyFix
+
+try:  # gunicorn's chunked reader raises its own parse errors, neither OSError nor ValueError, which werkzeug passes on
+    from gunicorn.http.errors import ParseException as ChunkedFramingError
+except ImportError:  # served by another WSGI server (mod_wsgi, uWSGI): theirs raise OSError
+    ChunkedFramingError = OSError
 
 import helpers
 import image_queue
@@ -236,9 +241,9 @@ def rate_limiter(app: Flask) -> Limiter:
     """
     prefix = f"{{{app.config['IMAGE_QUEUE']}}}:ratelimit"  # the queue's hash tag: its slot on a cluster too
     if app.config.get("REDIS_CLUSTER"):  # a cluster client has no one pool: limits' cluster storage, same node
-        storage_uri = "redis+cluster://" + urlsplit(app.config["REDIS_URL"]).netloc
+        storage_uri, options = cluster_storage(app.config["REDIS_URL"])
         timeout = app.config["REDIS_BLOCK_S"] + image_queue.WEB_SOCKET_MARGIN_S
-        storage_options = {"key_prefix": prefix, "socket_timeout": timeout, "socket_connect_timeout": timeout}
+        storage_options = options | {"key_prefix": prefix, "socket_timeout": timeout, "socket_connect_timeout": timeout}
     else:  # limits' Redis storage, through the queue's own pool (also a Sentinel one)
         storage_uri = "redis://"
         storage_options = {"connection_pool": app.extensions["models"].client.connection_pool, "key_prefix": prefix}
@@ -253,6 +258,19 @@ def rate_limiter(app: Flask) -> Limiter:
     )
     limiter.request_filter(lambda: request.endpoint not in LIMITED)  # health checks are never limited
     return limiter
+
+
+def cluster_storage(url: str) -> tuple[str, dict]:
+    """limits' URI of REDIS_URL's cluster node, and the options that give its client what the queue's has from
+    the same URL: the password and user percent-decoded as redis-py decodes them (limits would send them as
+    written), TLS and its ssl_* options for rediss:// (a URI of host and port alone would drop them), port 6379
+    when none is given (limits refuses a URI without one)."""
+    from_url = redis.connection.parse_url(url)
+    host, port = from_url.pop("host", "localhost"), from_url.pop("port", 6379)
+    from_url.pop("db", None)  # a cluster has one database
+    if from_url.pop("connection_class", None) is redis.SSLConnection:
+        from_url["ssl"] = True
+    return f"redis+cluster://{f'[{host}]' if ':' in host else host}:{port}", from_url
 
 
 LIMITED = frozenset({"api.predict", "api.v2_infer"})  # what RATE_LIMIT counts: requests to classify images
@@ -310,7 +328,7 @@ def readyz():
     balancers without a key; with API_KEYS set, the figures are shown only to a request with a valid key,
     as on /metrics.
     """
-    wanted = request.args.get("model")
+    wanted = query_arg("model")
     if wanted:
         models().queue(wanted)  # 404 for a model nobody serves
     each = ready_statuses([wanted] if wanted else models().ids())
@@ -636,20 +654,22 @@ def check_live(status: image_queue.Status) -> image_queue.Status:
     return status
 
 
+def query_arg(name: str) -> str | None:
+    """A query string parameter; 400 for a raw byte that is not UTF-8 (gunicorn refuses one itself, mod_wsgi
+    passes it on and werkzeug raises UnicodeDecodeError)."""
+    try:
+        return request.args.get(name)
+    except UnicodeDecodeError:
+        raise BadRequest("the query string is not valid UTF-8 (percent-encode it)") from None
+
+
 def requested_model() -> str:
     """The model a request names (?model=<id>), else DEFAULT_MODEL, else the only one served."""
-    try:
-        model_id = request.args.get("model")
-    except UnicodeDecodeError:
-        model_id = None  # requested_top() says what is wrong with the query string
-    return model_id or models().default_id()  # ?model= (empty) names none
+    return query_arg("model") or models().default_id()  # ?model= (empty) names none
 
 
 def requested_top() -> int:
-    try:
-        raw, most = request.args.get("top"), current_app.config["TOP_K_MAX"]
-    except UnicodeDecodeError:  # a raw byte that is not UTF-8: gunicorn refuses it itself, mod_wsgi passes it on
-        raise BadRequest("the query string is not valid UTF-8 (percent-encode it)") from None
+    raw, most = query_arg("top"), current_app.config["TOP_K_MAX"]
     if raw is None:
         return current_app.config["TOP_K"]
     if not (raw.isascii() and raw.isdecimal() and len(raw) <= 3 and 1 <= int(raw) <= most):
@@ -715,6 +735,7 @@ FORM_PARTS_MAX = 1000  # parts in one form (Flask's own MAX_FORM_PARTS)
 
 
 CUT_SHORT = "the upload was cut short: the body ended before the length its Content-Length header gave"
+BAD_CHUNKS = "the chunked upload is malformed or cut short"
 
 
 def read_body() -> bytes:
@@ -726,11 +747,16 @@ def read_body() -> bytes:
     1.2 MB body arriving faster than it was read cost the web most of its CPU (BENCHMARKS.md)."""
     declared = request.content_length
     try:
-        data = read_exactly(request.stream, declared) if declared is not None else request.get_data(cache=False)
+        if declared is not None:
+            data = read_exactly(request.stream, declared)
+        else:
+            data = request.get_data(cache=False)
+            if len(data) >= request.max_content_length and request.input_stream.read(1):
+                raise RequestEntityTooLarge()
     except ClientDisconnected:
-        raise BadRequest(CUT_SHORT) from None
-    if declared is None and len(data) >= request.max_content_length and request.input_stream.read(1):
-        raise RequestEntityTooLarge()
+        raise BadRequest(CUT_SHORT if declared is not None else BAD_CHUNKS) from None
+    except (OSError, ChunkedFramingError):  # a chunk size that is not hex, a chunk without its end, a dropped client
+        raise BadRequest(BAD_CHUNKS if declared is None else CUT_SHORT) from None
     if declared is not None and len(data) < declared:
         raise BadRequest(CUT_SHORT)
     g.body_read = True

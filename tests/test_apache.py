@@ -187,9 +187,12 @@ def test_a_raw_byte_that_is_not_utf8_in_the_query_string_is_a_400_not_a_500(redi
     from run_web_server import create_app
 
     app = create_app({"REDIS_URL": redis_url, "IMAGE_QUEUE": queue_name})
-    response = app.test_client().post("/predict", environ_overrides={"QUERY_STRING": "top=\xff"})
-    assert response.status_code == 400
-    assert response.json == {"success": False, "error": "the query string is not valid UTF-8 (percent-encode it)"}
+    client = app.test_client()
+    for method, path, query in [("POST", "/predict", "top=\xff"), ("POST", "/predict", "model=\xff"),
+                                ("GET", "/readyz", "model=\xff")]:  # fmt: skip
+        response = client.open(path, method=method, environ_overrides={"QUERY_STRING": query})
+        assert response.status_code == 400, (path, query)
+        assert response.json == {"success": False, "error": "the query string is not valid UTF-8 (percent-encode it)"}
 
 
 def test_settings_reach_the_app_through_apaches_environment_and_a_bad_one_shows_at_start(

@@ -7,12 +7,14 @@ in the cluster) and the real worker loop in a thread, with the stand-in model; t
 that has a replica under load, with gunicorn and the ResNet50 worker as processes.
 """
 
+import os
 import random
 import signal
 import socket
 import subprocess
 import threading
 import time
+from urllib.parse import quote
 
 import pytest
 import redis
@@ -37,8 +39,9 @@ class Cluster:
     create, each node stopped by its pid. A node is written off after 1 s of silence, so a dead master's
     replica is promoted within a few seconds."""
 
-    def __init__(self, workdir, masters: int = 3, replicas: int = 0, full_coverage: bool = True):
+    def __init__(self, workdir, masters: int = 3, replicas: int = 0, full_coverage: bool = True, password: str = ""):
         self.ports = [cluster_port() for _ in range(masters * (1 + replicas))]
+        self.password = password
         self.processes: dict[int, subprocess.Popen] = {}
         for port in self.ports:
             node_dir = workdir / str(port)
@@ -48,27 +51,32 @@ class Cluster:
             argv += ["--cluster-node-timeout", "1000"]
             # no: the masters that are up serve their slots while one fails over (what a sharded queue wants)
             argv += ["--cluster-require-full-coverage", "yes" if full_coverage else "no"]
+            argv += ["--requirepass", password, "--masterauth", password] if password else []
             self.processes[port] = subprocess.Popen(argv, stdout=subprocess.DEVNULL)
         for port in self.ports:
-            wait_for(lambda port=port: _answers(port), 10)
+            wait_for(lambda port=port: _answers(port, password), 10)
         nodes = [f"127.0.0.1:{port}" for port in self.ports]
+        auth = {"REDISCLI_AUTH": password} if password else {}  # empty, redis-cli would send AUTH ""
         subprocess.run(
             ["redis-cli", "--cluster", "create", *nodes, "--cluster-replicas", str(replicas), "--cluster-yes"],
-            check=True, capture_output=True, timeout=30,
+            check=True, capture_output=True, timeout=30, env=os.environ | auth,
         )  # fmt: skip
         wait_for(lambda: self.ok(self.ports[0]) and self._replicas_in_sync(replicas), 30)
 
+    def node(self, port: int) -> redis.Redis:
+        return redis.Redis(host="127.0.0.1", port=port, password=self.password or None)
+
     def ok(self, port: int) -> bool:
-        return b"cluster_state:ok" in redis.Redis(host="127.0.0.1", port=port).execute_command("CLUSTER", "INFO")
+        return b"cluster_state:ok" in self.node(port).execute_command("CLUSTER", "INFO")
 
     def _replicas_in_sync(self, replicas: int) -> bool:
-        up = sum(redis.Redis(host="127.0.0.1", port=p).info("replication").get("master_link_status") == "up"
-                 for p in self.ports)  # fmt: skip
+        up = sum(self.node(p).info("replication").get("master_link_status") == "up" for p in self.ports)
         return up == len(self.ports) - len(self.ports) // (1 + replicas)
 
     def master_of(self, key: str, via: int | None = None) -> int:
         """The port of the master that holds key's slot now, as a node asked afresh sees it."""
-        return RedisCluster(host="127.0.0.1", port=via or self.ports[0]).get_node_from_key(key).port
+        cluster = RedisCluster(host="127.0.0.1", port=via or self.ports[0], password=self.password or None)
+        return cluster.get_node_from_key(key).port
 
     def stop(self) -> None:
         for process in self.processes.values():
@@ -97,9 +105,9 @@ def cluster_port() -> int:
         return port
 
 
-def _answers(port: int) -> bool:
+def _answers(port: int, password: str = "") -> bool:
     try:
-        return redis.Redis(host="127.0.0.1", port=port, socket_timeout=1).ping()
+        return redis.Redis(host="127.0.0.1", port=port, socket_timeout=1, password=password or None).ping()
     except redis.RedisError:
         return False
 
@@ -172,6 +180,36 @@ def test_three_shards_spread_one_queue_over_the_three_masters_and_every_request_
         worker.request_stop()
         thread.join(10)
     assert not thread.is_alive()
+
+
+def test_the_rate_limit_reaches_a_cluster_with_the_password_as_the_queue_does(tmp_path):
+    """REDIS_URL's password is percent-encoded ("@" and "/" in it): redis-py decodes it for the queue's client,
+    and the rate limiter's cluster client must get the same decoded password (it failed to authenticate, and the
+    web to start, when limits was given the URL's netloc as written)."""
+    from run_web_server import create_app
+
+    password = "p@ss/w rd"
+    c = Cluster(tmp_path, password=password)
+    try:
+        url = f"redis://:{quote(password, safe='')}@127.0.0.1:{c.ports[0]}/0"
+        config = {"REDIS_URL": url, "REDIS_CLUSTER": True, "IMAGE_QUEUE": "pq", "REDIS_BLOCK_S": 0.2}
+        config |= {"REQUEST_TIMEOUT_S": 3, "WORKER_TTL_S": 2.0, "QUEUE_MAX": 64, "RESULT_TTL_S": 30}
+        worker = ModelWorker(queue_from_config(config, 0.5, TEST_MODEL), StandInClassifier(), batch_size=8,
+                             max_wait_s=0, heartbeat_s=0.2)  # fmt: skip
+        thread = threading.Thread(target=worker.run, daemon=True)
+        thread.start()
+        try:
+            client = create_app(config | {"RATE_LIMIT": "3/minute"}).test_client()
+            wait_for(lambda: post_image(client).status_code == 200, 10)
+            statuses = [post_image(client).status_code for _ in range(3)]
+            assert statuses[-1] == 429, statuses
+            owner = c.node(c.master_of(Keys("pq").models))
+            assert any(b"ratelimit" in key for key in owner.scan_iter(match="{pq}:*"))  # counted in the cluster
+        finally:
+            worker.request_stop()
+            thread.join(10)
+    finally:
+        c.stop()
 
 
 def test_wait_replicas_on_a_cluster_waits_on_the_queues_own_master(tmp_path, caplog):

@@ -195,6 +195,25 @@ def test_a_chunked_body_over_the_limit_gets_413(gunicorn_on_password_redis, mult
     assert sent < offered / 4  # the server stopped reading soon after the limit (the rest is socket buffers)
 
 
+@pytest.mark.parametrize(
+    "framing",
+    [b"zz\r\n\xff\xd8\xff\r\n0\r\n\r\n", b"3\r\n\xff\xd8\xffXY0\r\n\r\n"],
+    ids=["bad-chunk-size", "chunk-without-its-end"],
+)
+def test_a_malformed_chunked_body_gets_a_400_that_says_so(gunicorn_on_password_redis, framing):
+    """gunicorn's chunk reader raises its own parse errors (neither OSError nor ValueError), which werkzeug
+    passes on: they are the client's framing, a 400, not a 500 with a traceback in the log."""
+    with socket.create_connection(("127.0.0.1", gunicorn_on_password_redis["port"]), timeout=10) as sock:
+        sock.sendall(
+            f"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nX-API-Key: {KEY_A}\r\n"
+            f"Content-Type: image/jpeg\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
+            + framing
+        )
+        status, _, body = read_response(sock)
+    assert status == 400, body
+    assert json.loads(body) == {"success": False, "error": "the chunked upload is malformed or cut short"}
+
+
 # --- TLS ----------------------------------------------------------------------------------------
 
 
