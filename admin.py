@@ -17,8 +17,10 @@ import argparse
 import sys
 import time
 
+import redis
+
 import settings
-from image_queue import ImageQueue, ModelDirectory, ShardedQueue
+from image_queue import ImageQueue, ModelDirectory, QueueUnavailable, ShardedQueue
 
 
 def show(queue: ImageQueue | ShardedQueue) -> None:
@@ -53,6 +55,14 @@ def drain(queues: list[ImageQueue | ShardedQueue], wait_s: float) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return run(argv)
+    except (QueueUnavailable, redis.RedisError) as exc:  # one line that says which setting to check
+        print(f"admin.py: {exc}; is REDIS_URL set to the service's Redis?", file=sys.stderr)
+        return 1
+
+
+def run(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="act on this model's queue only (default: every model served)")
     commands = parser.add_subparsers(dest="command", required=True)

@@ -469,6 +469,7 @@ def build_application(name: str, weights: str):
 
     constructor = getattr(keras.applications, name)
     if weights in ("", "none"):
+        log.warning("MODEL_WEIGHTS=none: %s with random weights, so its answers mean nothing", name)
         return constructor(weights=None)
     try:
         if weights.endswith(".weights.h5"):  # Keras 3 format: build, then load

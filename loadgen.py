@@ -48,7 +48,11 @@ def target_url(predict_url: str, model: str | None, protocol: str) -> str:
     if protocol == "predict":
         return f"{predict_url}?{urlencode({'model': model})}" if model else predict_url
     if not model:
-        served = list(requests.get(f"{service_url(predict_url)}/readyz", timeout=10).json().get("models", {}))
+        readyz = f"{service_url(predict_url)}/readyz"
+        try:
+            served = list(requests.get(readyz, timeout=10).json().get("models", {}))
+        except (OSError, ValueError) as exc:  # requests' errors are OSErrors; a body that is not JSON, ValueError
+            raise SystemExit(f"could not list the models at {readyz} ({exc}): is the service up?") from None
         if len(served) != 1:
             raise SystemExit(f"name the model with --model (the service lists {served or 'none'})")
         model = served[0]

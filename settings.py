@@ -25,6 +25,7 @@ TOP_K_MAX = 20  # the largest ?top=K accepted
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"  # one format for every process
 MODEL_PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
 MODEL_RUNTIMES = ("auto", "keras", "openvino")
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 BATCH_BUCKET_MODES = ("auto", "on", "off")
 BATCH_TUNE_TOLERANCE = 0.05  # BATCH_TUNE: a larger batch stays unless this much slower per image (timing noise)
 MAX_PIPELINE_DEPTH = 3  # a model worker's lanes: the queue protocol's processing lists per worker (image_queue.LANES)
@@ -378,7 +379,8 @@ class Settings:
             # request gets 400 asking for ?model=). Models are found from the workers' registrations in Redis.
             DEFAULT_MODEL=read.text("DEFAULT_MODEL", ""),
             # "imagenet" (Keras downloads and caches it), a local weights file (.h5 or .weights.h5), or "none".
-            MODEL_WEIGHTS=read.text("MODEL_WEIGHTS", "imagenet"),
+            # Empty (MODEL_WEIGHTS= in an env file) is the default, not random weights.
+            MODEL_WEIGHTS=read.text("MODEL_WEIGHTS", "") or "imagenet",
             MODEL_PATH=read.text("MODEL_PATH", ""),  # your own saved Keras model (.keras or .h5); wins over MODEL_NAME
             # Labels file: a JSON list, or the ImageNet index format {"0": [wnid, label], ...}. Required with
             # MODEL_PATH; for keras.applications it replaces the ImageNet index Keras would download.
@@ -435,7 +437,7 @@ class Settings:
             # Proxies in front of gunicorn (nginx: 1) whose X-Forwarded-For/-Proto are trusted; 0: none. Behind a
             # proxy with 0, every client has the proxy's address, and so shares one rate-limit counter.
             TRUSTED_PROXIES=read.whole("TRUSTED_PROXIES", 0),
-            LOG_LEVEL=read.text("LOG_LEVEL", "INFO").upper(),  # DEBUG logs every request id a worker answers
+            LOG_LEVEL=read.choice("LOG_LEVEL", "info", LOG_LEVELS).upper(),  # DEBUG logs every request id answered
             # One JSON object per log line (time, level, logger, pid, message, request_id where known) from the web
             # app, gunicorn's own and access logs, and the model worker; off: the text format above. See logs.py.
             LOG_JSON=read.flag("LOG_JSON"),

@@ -82,6 +82,17 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def check_can_listen(host: str, port: int) -> None:
+    """RuntimeError naming the settings when gunicorn could not listen on host:port (another server there):
+    gunicorn itself retries for seconds, and another stack's /readyz would answer for it meanwhile."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gunicorn binds: only a listener is in the way
+        try:
+            s.bind((host.removeprefix("[").removesuffix("]"), port))
+        except OSError as exc:
+            raise RuntimeError(f"cannot listen on {host}:{port} ({exc.strerror}): set WEB_PORT or WEB_HOST") from None
+
+
 def web_url(host: str, port: int) -> str:
     """The URL this machine reaches a web server bound to host:port at: a wildcard address becomes the
     loopback of its family (0.0.0.0 -> 127.0.0.1, :: -> ::1), and an IPv6 address goes in brackets."""
@@ -242,7 +253,11 @@ def main() -> int:
     if args.workers is not None and args.workers < 0:
         parser.error("--workers must be 0 (one per GPU) or more")
 
-    import settings
+    try:
+        import settings
+    except ValueError as exc:  # settings.SettingError: one line naming the setting, not a traceback
+        print(f"stack: {exc}", file=sys.stderr, flush=True)
+        return 1
 
     count = settings.MODEL_WORKERS if args.workers is None else args.workers
     gpus = detect_gpus()
@@ -261,11 +276,16 @@ def main() -> int:
     signal.signal(signal.SIGINT, stop_requested)
     with tempfile.TemporaryDirectory(prefix="stack-redis-") as redis_dir:
         try:
+            check_can_listen(settings.WEB_HOST, settings.WEB_PORT)
             if not settings.REDIS_CONFIGURED:
                 port = free_port()
                 services.append(start_redis(port, redis_dir))
                 env["REDIS_URL"] = f"redis://127.0.0.1:{port}/0"
-                print(f"stack: started redis-server on 127.0.0.1:{port} (set REDIS_URL to use your own)", flush=True)
+                print(
+                    f"stack: started redis-server on 127.0.0.1:{port}: REDIS_URL={env['REDIS_URL']} for admin.py "
+                    "(set REDIS_URL to use your own)",
+                    flush=True,
+                )
             for worker_env in workers:
                 services.append(start_model_worker(env | worker_env, relay=True))
             where = f"on GPUs {', '.join(w['CUDA_VISIBLE_DEVICES'] for w in workers)}" if gpus else "on the CPU"
@@ -278,7 +298,8 @@ def main() -> int:
             print(f"stack: ready. curl -X POST -F image=@images/chelsea.jpg {url}predict  (Ctrl-C stops)", flush=True)
             pid, status = os.wait()  # until a child dies or Ctrl-C
             dead = next((s for s in services if s.pid == pid), None)
-            print(f"stack: {dead.name if dead else pid} exited ({status}); stopping the rest", flush=True)
+            code = os.waitstatus_to_exitcode(status)  # a signal's is negative
+            print(f"stack: {dead.name if dead else pid} exited ({code}); stopping the rest", flush=True)
             return 1
         except KeyboardInterrupt:
             print("\nstack: stopping", flush=True)

@@ -46,7 +46,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.processes > 1 and not args.concurrency:
         parser.error("--processes spreads a closed loop: give --concurrency too")
 
-    images = [path.read_bytes() for path in (args.image or [DEFAULT_IMAGE])]
+    try:
+        images = [path.read_bytes() for path in (args.image or [DEFAULT_IMAGE])]
+    except OSError as exc:
+        parser.error(f"cannot read {exc.filename}: {exc.strerror}")
     url = target_url(args.url, args.model, args.protocol)
     run = LoadRun(url, images, args.timeout)
     if args.processes == 1:  # other processes' answers arrive only when they end

@@ -108,3 +108,13 @@ def test_the_command_line_shows_the_queue_and_asks_before_purging(redis_url, que
     refused = run("purge")
     assert refused.returncode == 2 and "--yes" in refused.stdout and queue.status().queue_depth == 1
     assert run("purge", "--yes").returncode == 0 and queue.status().queue_depth == 0
+
+
+def test_the_command_line_says_in_one_line_when_redis_cannot_be_reached():
+    """The Troubleshooting's first step: a Redis that is not there is one line naming REDIS_URL, not a traceback."""
+    from stack import free_port
+
+    env = {"REDIS_URL": f"redis://127.0.0.1:{free_port()}/0", "PATH": "/usr/bin:/bin"}
+    done = subprocess.run([sys.executable, "admin.py", "status"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert "Redis is unavailable" in done.stderr and "REDIS_URL" in done.stderr

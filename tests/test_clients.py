@@ -156,3 +156,20 @@ def test_requests_of_several_images_or_pixels_go_over_v2_and_are_counted_per_ima
         server.server_close()
     with pytest.raises(ValueError, match="v2"):
         LoadRun("http://127.0.0.1:9/predict", images, per_request=2)
+
+
+def test_the_clients_say_in_one_line_what_is_wrong_with_a_missing_image_or_a_service_that_is_down():
+    import subprocess
+    import sys
+
+    from support import ROOT
+
+    from stack import free_port
+
+    down = f"http://127.0.0.1:{free_port()}/predict"
+    for argv, words in [
+        (["--image", "no-such-photo.jpg"], "cannot read no-such-photo.jpg: No such file or directory"),
+        (["--protocol", "v2", "--url", down], "could not list the models at"),
+    ]:
+        done = subprocess.run([sys.executable, "stress_test.py", *argv], cwd=ROOT, capture_output=True, text=True)
+        assert done.returncode != 0 and "Traceback" not in done.stderr and words in done.stderr, done.stderr

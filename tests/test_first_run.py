@@ -7,6 +7,7 @@ internet" is made sure of with a proxy on a closed port, so the test means the s
 """
 
 import os
+import socket
 import subprocess
 import sys
 
@@ -110,3 +111,25 @@ def test_an_offline_first_run_of_stack_sh_ends_with_that_line_last(files):
     line = last_line(result.stderr)
     assert line.startswith("stack: model worker exited with status 1: ") and "MODEL_WEIGHTS=" in line, output
     assert "README's Offline section" in line
+
+
+def test_stack_py_names_a_bad_setting_or_a_taken_port_in_one_line_before_starting_anything():
+    """A bad setting was a traceback from `import settings`; a port another server holds let gunicorn retry for
+    seconds while the other server's /readyz answered for it ("stack: ready")."""
+    bad = subprocess.run(
+        [sys.executable, "stack.py"], cwd=ROOT, env=clean_environment(LOG_LEVEL="verbose"), capture_output=True,
+        text=True, timeout=60,
+    )  # fmt: skip
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr, bad.stderr
+    assert last_line(bad.stderr) == (
+        "stack: LOG_LEVEL must be one of debug, info, warning, error, critical, got 'verbose'"
+    )
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        busy = subprocess.run(
+            [sys.executable, "stack.py"], cwd=ROOT, env=clean_environment(WEB_PORT=str(port)), capture_output=True,
+            text=True, timeout=60,
+        )  # fmt: skip
+    assert busy.returncode == 1 and "Traceback" not in busy.stderr, busy.stderr
+    assert f"cannot listen on 127.0.0.1:{port}" in last_line(busy.stderr) and "set WEB_PORT" in busy.stderr
+    assert "started redis-server" not in busy.stdout  # refused before starting anything

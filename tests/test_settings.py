@@ -77,11 +77,20 @@ def test_every_setting_is_read_from_its_variable():
         ({"PIPELINE_DEPTH": "0"}, "PIPELINE_DEPTH must be at least 1"),
         ({"PIPELINE_DEPTH": "deep"}, "PIPELINE_DEPTH must be a whole number or auto"),
         ({"LOG_JSON": "maybe"}, "LOG_JSON must be 1/true/yes/on"),
+        ({"LOG_LEVEL": "verbose"}, "LOG_LEVEL must be one of debug, info, warning, error, critical"),
     ],
 )
 def test_bad_values_fail_with_the_setting_named(env, words):
     with pytest.raises(SettingError, match=words):
         Settings.from_env(env)
+
+
+def test_an_empty_model_weights_is_the_default_imagenet_not_random_weights_and_log_level_takes_any_case():
+    """MODEL_WEIGHTS= (an env file's empty line, or $W unset) served ResNet50 with random weights, as `none` does,
+    with the ImageNet labels: confident nonsense."""
+    assert Settings.from_env({"MODEL_WEIGHTS": ""}).MODEL_WEIGHTS == "imagenet"
+    assert Settings.from_env({"MODEL_WEIGHTS": "none"}).MODEL_WEIGHTS == "none"
+    assert Settings.from_env({"LOG_LEVEL": "debug"}).LOG_LEVEL == "DEBUG"
 
 
 @pytest.mark.parametrize(
