@@ -1453,7 +1453,8 @@ class ModelDirectory:
     at most every refresh_s, and at once when a request names one not in the last list (such reads at most
     every FORCED_S, so that made-up ids cannot drive Redis): starting a new model's workers is all it takes
     to serve it, with no web configuration or restart. One thread reads while the others go on with the
-    last list, so a stalled Redis holds up one request, not all of them. When Redis fails, the last list
+    last list, so a stalled Redis holds up one request, not all of them; requests naming an id not in the
+    list wait for that read instead. When Redis fails, the last list
     read is kept (requests then fail on their model's queue, with 503) until the next refresh.
     """
 
@@ -1478,21 +1479,27 @@ class ModelDirectory:
     def ids(self, fresh: bool = False) -> list[str]:
         """The model ids served, sorted: the last list read, read again when it is older than refresh_s (or
         FORCED_S when fresh) unless another thread is reading it. While the list is empty, every call reads
-        it, waiting for another thread's read (up to a Redis call's timeout); QueueUnavailable when the
-        first read fails."""
-        if self._due(fresh) and self._take_read():
+        it, waiting for another thread's read (up to a Redis call's timeout), and so does a call for an id not
+        in the list (fresh) while a read is in flight: its list, not the one it replaces. QueueUnavailable when
+        the first read fails."""
+        due = self._due(fresh)
+        if due and self._take_read(fresh):
             try:
                 if self._due(fresh):  # still: another thread may have read it while this one waited
                     self._read(fresh)
             finally:
                 self._reading.release()
-        elif not self._ever_read:
+        elif fresh and not due and self._reading.acquire(timeout=self.first_wait_s):
+            self._reading.release()  # a forced read began within FORCED_S: waited for, in case it is still running
+        if not self._ever_read:
             raise QueueUnavailable("the model registry could not be read yet")
         return list(self._ids)
 
-    def _take_read(self) -> bool:
-        """The reading lock: at once or not at all while there is a list to go on; waited for while it is empty."""
-        if self._ids:
+    def _take_read(self, fresh: bool) -> bool:
+        """The reading lock: at once or not at all while there is a list to go on; waited for while it is empty,
+        and by a request naming an id not in the list (fresh), which would otherwise get a 404 for a model whose
+        first worker registered while another thread was reading; after the wait the list is that thread's read."""
+        if self._ids and not fresh:
             return self._reading.acquire(blocking=False)
         return self._reading.acquire(timeout=self.first_wait_s)
 

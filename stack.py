@@ -282,8 +282,8 @@ def main() -> int:
                 services.append(start_redis(port, redis_dir))
                 env["REDIS_URL"] = f"redis://127.0.0.1:{port}/0"
                 print(
-                    f"stack: started redis-server on 127.0.0.1:{port}: REDIS_URL={env['REDIS_URL']} for admin.py "
-                    "(set REDIS_URL to use your own)",
+                    f"stack: started redis-server on 127.0.0.1:{port} (admin.py: REDIS_URL={env['REDIS_URL']}; "
+                    "set REDIS_URL to use your own)",
                     flush=True,
                 )
             for worker_env in workers:

@@ -677,6 +677,42 @@ def test_the_directory_lists_registered_models_and_forgets_one_silent_for_model_
         with_default.queue("gamma")
 
 
+def test_requests_for_a_new_model_arriving_together_all_find_it_while_one_of_them_reads_the_registry(
+    make_queue, redis_url, queue_name
+):
+    """A second model's workers register while the web's list holds the first only; requests for the new one
+    arrive together (a web process under load). One of them reads the registry; the others must wait for that
+    read, not answer 404 from the list it is replacing (seen as a flaky 404 under 32-way concurrency)."""
+    config = {"REDIS_URL": redis_url, "IMAGE_QUEUE": queue_name, "REDIS_BLOCK_S": 0.2, "QUEUE_MAX": 10}
+    config |= {"RESULT_TTL_S": 30, "WORKER_TTL_S": 2.0}
+    make_queue("alpha").heartbeat("w1", MODEL)
+    directory = ModelDirectory(config, 0.5)
+    assert directory.ids() == ["alpha"]
+    make_queue("beta").heartbeat("w2", MODEL)
+    read = directory._read_known
+
+    def slow_read(*args, **kwargs):
+        time.sleep(0.3)  # a read in flight while the other requests arrive
+        return read(*args, **kwargs)
+
+    directory._read_known = slow_read
+    time.sleep(ModelDirectory.FORCED_S)
+    found, errors = [], []
+
+    def request_beta():
+        try:
+            found.append(directory.queue("beta").keys.name)
+        except UnknownModel as exc:
+            errors.append(str(exc))
+
+    threads = [threading.Thread(target=request_beta) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(5)
+    assert errors == [] and found == [f"{queue_name}.beta"] * 8
+
+
 # --- Lanes: a pipelined worker holds a batch on each of its processing lists -----------------------
 
 
