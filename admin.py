@@ -39,12 +39,18 @@ def show(queue: ImageQueue | ShardedQueue) -> None:
         print(f"  {worker}: last heartbeat {age:.1f} s ago, {state}")
 
 
+def held_now(queues: list[ImageQueue | ShardedQueue]) -> int:
+    """Messages waiting or being processed, from every shard: stats() raises when one cannot be read, where
+    status() adds up the shards that answer (readiness), which could call a queue drained that is not."""
+    return sum(stats.queue_depth + stats.in_progress for stats in (queue.stats() for queue in queues))
+
+
 def drain(queues: list[ImageQueue | ShardedQueue], wait_s: float) -> int:
     for queue in queues:
         queue.pause()
     print("draining: new requests get 503 with Retry-After; waiting for held messages to be answered")
     deadline = time.monotonic() + wait_s
-    while (held := sum(queue.status().held for queue in queues)) and time.monotonic() < deadline:
+    while (held := held_now(queues)) and time.monotonic() < deadline:
         print(f"  {held} held", flush=True)
         time.sleep(1)
     if held:
@@ -92,7 +98,7 @@ def run(argv: list[str] | None) -> int:
         print("accepting requests")
     elif args.command == "purge":
         if not args.yes:
-            waiting = sum(queue.status().queue_depth for queue in queues)
+            waiting = sum(queue.stats().queue_depth for queue in queues)
             print(f"{waiting} requests are waiting; purge answers each with 503 at once: run again with --yes")
             return 2
         purged = sum(queue.purge("admin.py purge") for queue in queues)

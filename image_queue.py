@@ -851,36 +851,47 @@ class ImageQueue:
             log.warning("could not withdraw %d messages of a failed request (%s)", len(messages), exc)
 
     def _push_and_wait(self, messages: tuple[bytes, ...], keys: list[str], args: list) -> int:
-        """REDIS_WAIT_REPLICAS: enqueue's push (MULTI, LPUSH, the admission script, EXEC), then Redis WAIT until
-        that many replicas have it (at most REDIS_BLOCK_S), all on one connection in one round trip. WAIT counts
-        the replicas that have the writes made on its own connection: on another pooled connection (another
-        thread's older write, or none) it could answer at once, before any replica had the message. On a
-        Cluster, the connection is the queue's master's. Fewer replicas in time, or a failed WAIT, is logged and
-        the request goes on: the message is queued on the master either way, and refusing it now would not take
-        it back. Returns the admission's held count."""
+        """REDIS_WAIT_REPLICAS: enqueue's push (MULTI, LPUSH, the admission script, EXEC in one round trip), then,
+        if it was admitted, Redis WAIT until that many replicas have it (at most REDIS_BLOCK_S), on the same
+        connection: WAIT counts the replicas that have the writes made on its own connection, so on another pooled
+        connection (another thread's older write, or none) it could answer at once, before any replica had the
+        message. On a Cluster, the connection is the queue's master's (a MOVED or ASK there is a 503, transient;
+        the cluster client learns the new slot owner at the next status read). Fewer replicas in time, or a failed
+        WAIT, is logged and the request goes on: the message is queued on the master either way, and refusing it
+        now would not take it back. A refused push does not wait. Returns the admission's held count."""
         client = self.redis
         if isinstance(client, redis.RedisCluster):  # the cluster client would send WAIT to some other node
             client = client.get_redis_connection(client.get_node_from_key(self.keys.queue))
-        with client.pipeline(transaction=False) as pipe:
-            pipe.execute_command("MULTI")
-            pipe.lpush(self.keys.queue, *messages)
-            pipe.execute_command("EVAL", _ADMIT, len(keys), *keys, *args)
-            pipe.execute_command("EXEC")
-            pipe.execute_command("WAIT", self.wait_replicas, int(self.block_s * 1000))
-            *pushed, acked = pipe.execute(raise_on_error=False)
-        error = next((reply for reply in pushed if isinstance(reply, Exception)), None)
-        if error is None and isinstance(pushed[-1], list):
-            error = next((reply for reply in pushed[-1] if isinstance(reply, Exception)), None)
-        if error is not None:
-            raise error
-        held = pushed[-1][1]
-        if held < 0:  # refused: nothing was pushed for a replica to have
+        pool = client.connection_pool
+        connection = pool.get_connection()
+        try:
+            try:
+                push = [("MULTI",), ("LPUSH", self.keys.queue, *messages), ("EVAL", _ADMIT, len(keys), *keys, *args)]
+                connection.send_packed_command(connection.pack_commands([*push, ("EXEC",)]))
+                pushed = [connection.read_response() for _ in range(len(push) + 1)][-1]  # EXEC's: [length, held]
+            except BaseException:
+                connection.disconnect()  # replies may be left unread: the pool must not hand it out as it is
+                raise
+            error = next((reply for reply in pushed if isinstance(reply, Exception)), None)
+            if error is not None:
+                raise error
+            held = pushed[1]
+            if held < 0:  # refused: nothing stays queued for a replica to have
+                return held
+            try:
+                connection.send_command("WAIT", self.wait_replicas, int(self.block_s * 1000))
+                acked = connection.read_response()
+            except REDIS_ERRORS as exc:
+                connection.disconnect()
+                log.warning("WAIT for %d replicas failed (%s); the message is queued", self.wait_replicas, exc)
+                return held
+            if acked < self.wait_replicas:
+                log.warning(
+                    "only %d of %d replicas had the message within %g s", acked, self.wait_replicas, self.block_s
+                )
             return held
-        if isinstance(acked, Exception):
-            log.warning("WAIT for %d replicas failed (%s); the message is queued", self.wait_replicas, acked)
-        elif acked < self.wait_replicas:
-            log.warning("only %d of %d replicas had the message within %g s", acked, self.wait_replicas, self.block_s)
-        return held
+        finally:
+            pool.release(connection)
 
     def wait_for(self, request_id: str, deadline: float) -> bytes | None:
         """Block on the request's result key until an answer or the time.monotonic() deadline."""
@@ -1060,6 +1071,11 @@ class ImageQueue:
         answered, late = self._ack(keys=keys, args=args)
         return [answering[i - 1].request_id for i in answered], [answering[i - 1].request_id for i in late]
 
+    def beat(self, worker_id: str, model: ModelInfo) -> None:
+        """The heartbeat thread's round: the heartbeat, then the requeue of silent peers' batches."""
+        self.heartbeat(worker_id, model)
+        self.requeue_dead_workers()
+
     def requeue_dead_workers(self) -> int:
         """Put the claimed messages of workers silent for WORKER_TTL_S back at the queue's head."""
         requeued = 0
@@ -1148,6 +1164,7 @@ class ShardedQueue:
         self._origin: dict[int, tuple[int, int, bytes]] = {}
         self._relane = [shard.redis.register_script(_RELANE) for shard in shards]
         self._down: dict[int, tuple[Backoff, float]] = {}  # shards whose Redis failed -> backoff, next try
+        self._passed_by: set[tuple[int, int]] = set()  # (shard, lane) a recovery could not hand back yet
 
     def pick(self) -> ImageQueue:
         return self.shards[next(self._turn) % len(self.shards)]
@@ -1214,6 +1231,11 @@ class ShardedQueue:
 
     def requeue_dead_workers(self) -> int:
         return sum(n or 0 for n in self._on_each(lambda shard: shard.requeue_dead_workers()))
+
+    def beat(self, worker_id: str, model: ModelInfo) -> None:
+        """The heartbeat thread's round, shard by shard: a shard whose Redis fails costs its own call once and
+        holds back neither the others' beats nor their requeue of dead peers' batches."""
+        self._on_each(lambda shard: shard.beat(worker_id, model))
 
     def requeue_own(self, worker_id: str, lane: int | None = None) -> int:
         for key, (_, origin_lane, _) in list(self._origin.items()):  # those messages are not in hand any more
@@ -1285,7 +1307,20 @@ class ShardedQueue:
                 late += result[1]
         for d in done:  # acked (a failed ack raised above, and its retry needs the origins)
             self._origin.pop(id(d.raw), None)
+        self._hand_back_passed_by(worker_id)
         return answered, late
+
+    def _hand_back_passed_by(self, worker_id: str) -> None:
+        """The lanes a shard's recovery passed by (_hand_back: a batch was in flight on them), once nothing of that
+        shard is in hand there: what a failed call left on them goes back to the queue. Tried after each ack."""
+        for s, lane in list(self._passed_by):
+            if any(shard == s and held_on == lane for shard, held_on, _ in list(self._origin.values())):
+                continue
+            try:
+                self.shards[s]._requeue_worker(worker_id, 0, forget=False, lanes=[lane])
+            except REDIS_ERRORS:
+                continue  # tried again after the next ack
+            self._passed_by.discard((s, lane))
 
     def _on_each(self, call) -> list:
         """call(shard) for every shard, also when some fail: one master failing over must not hold back the
@@ -1333,10 +1368,11 @@ class ShardedQueue:
     def _hand_back(self, s: int, worker_id: str) -> int:
         """A shard answering again: requeue what failed calls may have left on this worker's lists there, on
         every lane with none of that shard's messages in hand and no blocking take into it running. A batch in
-        flight keeps its messages (requeued, they would run twice and its ack would drop their answers)."""
-        busy = {lane for shard, lane, _ in list(self._origin.values()) if shard == s}
-        if s in self._blocked:
-            busy.add(self._blocked[s][0])
+        flight keeps its messages (requeued, they would run twice and its ack would drop their answers); its
+        lane is handed back after that ack (_hand_back_passed_by)."""
+        in_flight = {lane for shard, lane, _ in list(self._origin.values()) if shard == s}
+        self._passed_by |= {(s, lane) for lane in in_flight}  # handed back once their batches are acked
+        busy = in_flight | ({self._blocked[s][0]} if s in self._blocked else set())
         lanes = [lane for lane in range(LANES) if lane not in busy]
         return self.shards[s]._requeue_worker(worker_id, 0, forget=False, lanes=lanes) if lanes else 0
 
@@ -1386,6 +1422,7 @@ class ShardedQueue:
                         continue  # left on its list: the recovery's requeue_own hands it back
                 if message is not None:
                     taken.append((s, lane, message))
+                    self._origin[id(message)] = (s, lane, message)  # in hand now: a hand-back must pass its lane by
         return taken
 
 
@@ -1469,6 +1506,7 @@ class ModelDirectory:
         self._read_known = self.client.register_script(_KNOWN_MODELS)
         self._ids: list[str] = []
         self._read_at = -float("inf")  # when the last read began (time.monotonic()), whether or not it worked
+        self._done_at = -float("inf")  # when the last read ended, whether or not it worked
         self._forced_at = -float("inf")  # when the last read forced by an id not in the list began
         self._ever_read = False
         self._reading = threading.Lock()  # held by the one thread reading; waited on only while the list is empty
@@ -1482,10 +1520,10 @@ class ModelDirectory:
         it, waiting for another thread's read (up to a Redis call's timeout), and so does a call for an id not
         in the list (fresh) while a read is in flight: its list, not the one it replaces. QueueUnavailable when
         the first read fails."""
-        due = self._due(fresh)
+        due, asked = self._due(fresh), time.monotonic()
         if due and self._take_read(fresh):
             try:
-                if self._due(fresh):  # still: another thread may have read it while this one waited
+                if self._done_at < asked and self._due(fresh):  # no read ended while this one waited for it
                     self._read(fresh)
             finally:
                 self._reading.release()
@@ -1521,6 +1559,8 @@ class ModelDirectory:
             if not self._ever_read:
                 raise unavailable(exc) from exc
             log.warning("could not read the model registry (%s); keeping the last list", exc)
+        finally:
+            self._done_at = time.monotonic()
 
     def queue(self, model_id: str) -> ImageQueue | ShardedQueue:
         """The queue of a served model; UnknownModel when no worker of it registered within MODEL_FORGET_S

@@ -134,12 +134,10 @@ class Heartbeat:
         self._thread.join()
 
     def beat(self) -> None:
-        """Beat, then requeue dead peers' batches, also when the beat failed: with QUEUE_SHARDS, one shard's Redis
-        failing (it raises after the others' beats) must not leave a dead peer's batches on the others' lists."""
-        try:
-            self.queue.heartbeat(self.worker_id, self.model_info)  # also rewrites the model hash a restart lost
-        finally:
-            self.queue.requeue_dead_workers()
+        """Beat, then requeue dead peers' batches (the beat also rewrites the model hash a restart lost). With
+        QUEUE_SHARDS, shard by shard: one shard's Redis failing must not leave a dead peer's batches on the
+        others' lists, nor cost two timeouts (beat and requeue) that would make this worker look dead."""
+        self.queue.beat(self.worker_id, self.model_info)
 
     def _run(self) -> None:
         backoff, delay = Backoff(), 0.0

@@ -34,8 +34,11 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 
 try:  # gunicorn's chunked reader raises its own parse errors, neither OSError nor ValueError, which werkzeug passes on
     from gunicorn.http.errors import ParseException as ChunkedFramingError
-except ImportError:  # served by another WSGI server (mod_wsgi, uWSGI): theirs raise OSError
-    ChunkedFramingError = OSError
+except ImportError:  # served by another WSGI server (mod_wsgi, uWSGI)
+
+    class ChunkedFramingError(Exception):
+        """Never raised: only gunicorn's reader has framing errors of its own."""
+
 
 import helpers
 import image_queue
@@ -755,8 +758,11 @@ def read_body() -> bytes:
                 raise RequestEntityTooLarge()
     except ClientDisconnected:
         raise BadRequest(CUT_SHORT if declared is not None else BAD_CHUNKS) from None
-    except (OSError, ChunkedFramingError):  # a chunk size that is not hex, a chunk without its end, a dropped client
-        raise BadRequest(BAD_CHUNKS if declared is None else CUT_SHORT) from None
+    except ChunkedFramingError:  # a chunk size that is not hex, a chunk without its end
+        raise BadRequest(BAD_CHUNKS) from None
+    except OSError as exc:  # gunicorn: a chunked body cut short (NoMoreData); mod_wsgi, uWSGI: their read failed
+        log.warning("the upload could not be read: %s", exc)
+        raise BadRequest(f"the upload could not be read ({exc}): it was cut short or sent too slowly") from None
     if declared is not None and len(data) < declared:
         raise BadRequest(CUT_SHORT)
     g.body_read = True

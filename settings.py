@@ -25,7 +25,7 @@ TOP_K_MAX = 20  # the largest ?top=K accepted
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"  # one format for every process
 MODEL_PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
 MODEL_RUNTIMES = ("auto", "keras", "openvino")
-LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+LOG_LEVELS = ("debug", "info", "warning", "warn", "error", "critical")  # as logging names them (WARN: WARNING)
 BATCH_BUCKET_MODES = ("auto", "on", "off")
 BATCH_TUNE_TOLERANCE = 0.05  # BATCH_TUNE: a larger batch stays unless this much slower per image (timing noise)
 MAX_PIPELINE_DEPTH = 3  # a model worker's lanes: the queue protocol's processing lists per worker (image_queue.LANES)

@@ -122,7 +122,7 @@ def test_stack_py_names_a_bad_setting_or_a_taken_port_in_one_line_before_startin
     )  # fmt: skip
     assert bad.returncode == 1 and "Traceback" not in bad.stderr, bad.stderr
     assert last_line(bad.stderr) == (
-        "stack: LOG_LEVEL must be one of debug, info, warning, error, critical, got 'verbose'"
+        "stack: LOG_LEVEL must be one of debug, info, warning, warn, error, critical, got 'verbose'"
     )
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]

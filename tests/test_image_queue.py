@@ -4,6 +4,7 @@ import threading
 import time
 
 import pytest
+import redis
 from redis.crc import key_slot
 
 from image_queue import (
@@ -642,6 +643,10 @@ def test_wait_replicas_waits_for_the_push_made_on_its_own_connection(master_and_
     assert time.monotonic() - started >= 0.45  # WAIT held it up to REDIS_BLOCK_S
     assert "only 0 of 1 replicas had the message" in caplog.text
     assert queue.status().queue_depth == 2  # queued on the master either way
+    started = time.monotonic()
+    with pytest.raises(NoWorker):
+        queue.enqueue(b"third", need_worker=True)  # refused: nothing stays for a replica to have, so no wait
+    assert time.monotonic() - started < 0.3
 
 
 # --- The model registry: ModelDirectory --------------------------------------------------------
@@ -711,6 +716,40 @@ def test_requests_for_a_new_model_arriving_together_all_find_it_while_one_of_the
     for thread in threads:
         thread.join(5)
     assert errors == [] and found == [f"{queue_name}.beta"] * 8
+
+
+def test_requests_waiting_for_a_registry_read_that_failed_do_not_read_again_each(make_queue, redis_url, queue_name):
+    """Redis stalls while requests name a model not in the list: one of them reads (and fails, slowly); the ones
+    that waited for it take its outcome instead of each waiting out a read of their own."""
+    config = {"REDIS_URL": redis_url, "IMAGE_QUEUE": queue_name, "REDIS_BLOCK_S": 0.2, "QUEUE_MAX": 10}
+    config |= {"RESULT_TTL_S": 30, "WORKER_TTL_S": 2.0}
+    make_queue("alpha").heartbeat("w1", MODEL)
+    directory = ModelDirectory(config, 0.5)
+    assert directory.ids() == ["alpha"]
+    calls = []
+
+    def stalled_read(*args, **kwargs):
+        calls.append(1)
+        time.sleep(0.3)
+        raise redis.TimeoutError("Timeout reading from socket")
+
+    directory._read_known = stalled_read
+    time.sleep(ModelDirectory.FORCED_S)
+    errors = []
+
+    def request_beta():
+        try:
+            directory.queue("beta")
+        except UnknownModel as exc:
+            errors.append(str(exc))
+
+    threads = [threading.Thread(target=request_beta) for _ in range(4)]
+    started = time.monotonic()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(5)
+    assert len(calls) == 1 and len(errors) == 4 and time.monotonic() - started < 0.6
 
 
 # --- Lanes: a pipelined worker holds a batch on each of its processing lists -----------------------

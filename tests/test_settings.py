@@ -77,7 +77,7 @@ def test_every_setting_is_read_from_its_variable():
         ({"PIPELINE_DEPTH": "0"}, "PIPELINE_DEPTH must be at least 1"),
         ({"PIPELINE_DEPTH": "deep"}, "PIPELINE_DEPTH must be a whole number or auto"),
         ({"LOG_JSON": "maybe"}, "LOG_JSON must be 1/true/yes/on"),
-        ({"LOG_LEVEL": "verbose"}, "LOG_LEVEL must be one of debug, info, warning, error, critical"),
+        ({"LOG_LEVEL": "verbose"}, "LOG_LEVEL must be one of debug, info, warning, warn, error, critical"),
     ],
 )
 def test_bad_values_fail_with_the_setting_named(env, words):

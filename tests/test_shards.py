@@ -258,7 +258,7 @@ def test_with_one_shard_down_a_dead_workers_batches_on_the_others_are_still_requ
 def test_a_shard_answering_again_hands_back_free_lanes_but_not_a_batch_in_flight(one_shard_down, redis_client):
     """When a shard that failed answers again, what failed calls left on this worker's lists there goes back
     to its queue, except on a lane whose batch is still in flight: that batch keeps its messages, so they
-    are not run twice and its ack answers them."""
+    are not run twice and its ack answers them; what else is on that lane goes back after the ack."""
     queue = one_shard_down()
     good, names, options = queue.shards[0].redis, [q.keys.name for q in queue.shards], {"block_s": 0.3}
     revived = ImageQueue(good, names[1], worker_ttl_s=2.0, **options)
@@ -267,14 +267,18 @@ def test_a_shard_answering_again_hands_back_free_lanes_but_not_a_batch_in_flight
     in_flight = revived.claim("w", 8, lane=1).messages  # lane 1's batch, taken before the shard failed
     revived.enqueue(message(f"{2:032x}"))
     revived.claim("w", 8, lane=2)  # a take whose reply was lost: lane 2 holds a message nobody has in hand
+    revived.enqueue(message(f"{3:032x}"))
+    revived.claim("w", 8, lane=1)  # a top-up whose reply was lost: beside lane 1's batch, nobody has it in hand
     queue._origin.update((id(raw), (1, 1, raw)) for raw in in_flight)  # the sharded queue's view of lane 1
     queue._take_round("w", 8, 0)  # shard 1 fails: backing off
     queue.shards[1] = revived  # its Redis is back
     queue._down[1] = (queue._down[1][0], 0.0)  # its backoff is due
     taken = queue.claim("w", 8, lane=0).messages
     assert [raw[7:39].decode() for raw in taken] == [f"{2:032x}"]  # lane 2's leftover, handed back and taken
-    assert redis_client.llen(revived.keys.processing("w", 1)) == 1  # lane 1's batch kept its message
+    assert redis_client.llen(revived.keys.processing("w", 1)) == 2  # lane 1's batch kept its message
     assert queue.ack("w", [Done(raw, f"{1:032x}", b"answer", 1e18) for raw in in_flight], lane=1)[0] == [f"{1:032x}"]
+    assert redis_client.llen(revived.keys.processing("w", 1)) == 0  # its ack done, the lane was handed back:
+    assert revived.status().queue_depth == 1  # the top-up's leftover waits on the queue again
 
 
 def test_with_one_shard_down_the_status_adds_up_the_others_and_the_web_stays_ready(one_shard_down, make_app):
@@ -286,6 +290,8 @@ def test_with_one_shard_down_the_status_adds_up_the_others_and_the_web_stays_rea
     app = make_app(QUEUE_SHARDS=3)
     app.extensions["models"]._queues[TEST_MODEL] = one_shard_down()
     assert app.test_client().get("/readyz").get_json()["ready"] is True
+    with pytest.raises(redis.ConnectionError):  # admin.py drain counts every shard: never "drained" without one
+        admin.held_now([queue])
 
 
 def test_the_web_passes_over_a_shard_whose_redis_is_down_and_every_request_is_served(one_shard_down, make_app):
