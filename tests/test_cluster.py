@@ -14,6 +14,7 @@ import socket
 import subprocess
 import threading
 import time
+from contextlib import contextmanager
 from urllib.parse import quote
 
 import pytest
@@ -112,6 +113,27 @@ def _answers(port: int, password: str = "") -> bool:
         return False
 
 
+def cluster_config(url: str, image_queue: str, **more) -> dict:
+    """Settings for the fast tests' service on a cluster: short timeouts, the queue named image_queue."""
+    config = {"REDIS_URL": url, "REDIS_CLUSTER": True, "IMAGE_QUEUE": image_queue, "REDIS_BLOCK_S": 0.2}
+    return config | {"REQUEST_TIMEOUT_S": 3, "WORKER_TTL_S": 2.0, "QUEUE_MAX": 64, "RESULT_TTL_S": 30} | more
+
+
+@contextmanager
+def worker_thread(config: dict):
+    """The real worker loop with the stand-in model serving config's queue, in a thread; stopped after."""
+    worker = ModelWorker(queue_from_config(config, 0.5, TEST_MODEL), StandInClassifier(), batch_size=8, max_wait_s=0,
+                         heartbeat_s=0.2)  # fmt: skip
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
+    try:
+        yield worker
+    finally:
+        worker.request_stop()
+        thread.join(10)
+    assert not thread.is_alive()
+
+
 def test_the_service_runs_on_a_cluster_through_any_node_with_the_rate_limit_counted_there(cluster):
     from run_web_server import create_app
 
@@ -121,14 +143,8 @@ def test_the_service_runs_on_a_cluster_through_any_node_with_the_rate_limit_coun
     slot_owner = probe.get_node_from_key(Keys(name).queue).port
     service_owner = probe.get_node_from_key(Keys("cq").models).port
     entry = next(port for port in cluster.ports if port != slot_owner)
-    url = f"redis://127.0.0.1:{entry}/0"
-    config = {"REDIS_URL": url, "REDIS_CLUSTER": True, "IMAGE_QUEUE": "cq", "REDIS_BLOCK_S": 0.2}
-    config |= {"REQUEST_TIMEOUT_S": 3, "WORKER_TTL_S": 2.0, "QUEUE_MAX": 64, "RESULT_TTL_S": 30}
-    queue = queue_from_config(config, 0.5, TEST_MODEL)
-    worker = ModelWorker(queue, StandInClassifier(), batch_size=8, max_wait_s=0, heartbeat_s=0.2)
-    thread = threading.Thread(target=worker.run, daemon=True)
-    thread.start()
-    try:
+    config = cluster_config(f"redis://127.0.0.1:{entry}/0", "cq")
+    with worker_thread(config):
         client = create_app(config | {"RATE_LIMIT": "12/minute"}).test_client()
         wait_for(lambda: post_image(client).status_code == 200, 10)
         statuses = [post_image(client).status_code for _ in range(14)]
@@ -145,10 +161,6 @@ def test_the_service_runs_on_a_cluster_through_any_node_with_the_rate_limit_coun
                 assert list(node.scan_iter(match=f"{{{name}}}:*")) == []
             if port != service_owner:
                 assert list(node.scan_iter(match="{cq}:*")) == []
-    finally:
-        worker.request_stop()
-        thread.join(10)
-    assert not thread.is_alive()
 
 
 def test_three_shards_spread_one_queue_over_the_three_masters_and_every_request_is_served(cluster):
@@ -157,14 +169,8 @@ def test_three_shards_spread_one_queue_over_the_three_masters_and_every_request_
     names = shard_names(model_queue_name("sq", TEST_MODEL), 3)
     owners = [cluster.master_of(Keys(name).queue) for name in names]
     assert sorted(owners) == sorted(cluster.ports)  # one shard on each master
-    config = {"REDIS_URL": f"redis://127.0.0.1:{cluster.ports[0]}/0", "REDIS_CLUSTER": True, "IMAGE_QUEUE": "sq"}
-    config |= {"QUEUE_SHARDS": 3, "REDIS_BLOCK_S": 0.2, "REQUEST_TIMEOUT_S": 3, "WORKER_TTL_S": 2.0}
-    config |= {"QUEUE_MAX": 64, "RESULT_TTL_S": 30}
-    worker = ModelWorker(queue_from_config(config, 0.5, TEST_MODEL), StandInClassifier(), batch_size=8, max_wait_s=0,
-                         heartbeat_s=0.2)  # fmt: skip
-    thread = threading.Thread(target=worker.run, daemon=True)
-    thread.start()
-    try:
+    config = cluster_config(f"redis://127.0.0.1:{cluster.ports[0]}/0", "sq", QUEUE_SHARDS=3)
+    with worker_thread(config) as worker:
         client = create_app(config).test_client()
         wait_for(lambda: post_image(client).status_code == 200, 10)
         assert [r.status_code for r in post_concurrently(client, 12)] == [200] * 12
@@ -176,10 +182,6 @@ def test_three_shards_spread_one_queue_over_the_three_masters_and_every_request_
         stats = worker.queue.stats()
         assert sum(n * count for n, count in stats.batch_sizes.items()) == 13 and stats.in_progress == 0
         assert set(stats.shards) == set(names) and stats.live_workers == 1
-    finally:
-        worker.request_stop()
-        thread.join(10)
-    assert not thread.is_alive()
 
 
 def test_the_rate_limit_reaches_a_cluster_with_the_password_as_the_queue_does(tmp_path):
@@ -191,23 +193,14 @@ def test_the_rate_limit_reaches_a_cluster_with_the_password_as_the_queue_does(tm
     password = "p@ss/w rd"
     c = Cluster(tmp_path, password=password)
     try:
-        url = f"redis://:{quote(password, safe='')}@127.0.0.1:{c.ports[0]}/0"
-        config = {"REDIS_URL": url, "REDIS_CLUSTER": True, "IMAGE_QUEUE": "pq", "REDIS_BLOCK_S": 0.2}
-        config |= {"REQUEST_TIMEOUT_S": 3, "WORKER_TTL_S": 2.0, "QUEUE_MAX": 64, "RESULT_TTL_S": 30}
-        worker = ModelWorker(queue_from_config(config, 0.5, TEST_MODEL), StandInClassifier(), batch_size=8,
-                             max_wait_s=0, heartbeat_s=0.2)  # fmt: skip
-        thread = threading.Thread(target=worker.run, daemon=True)
-        thread.start()
-        try:
+        config = cluster_config(f"redis://:{quote(password, safe='')}@127.0.0.1:{c.ports[0]}/0", "pq")
+        with worker_thread(config):
             client = create_app(config | {"RATE_LIMIT": "3/minute"}).test_client()
             wait_for(lambda: post_image(client).status_code == 200, 10)
             statuses = [post_image(client).status_code for _ in range(3)]
             assert statuses[-1] == 429, statuses
             owner = c.node(c.master_of(Keys("pq").models))
             assert any(b"ratelimit" in key for key in owner.scan_iter(match="{pq}:*"))  # counted in the cluster
-        finally:
-            worker.request_stop()
-            thread.join(10)
     finally:
         c.stop()
 
