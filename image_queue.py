@@ -740,6 +740,8 @@ class ImageQueue:
         self._purge = client.register_script(_PURGE)
         self._register_model = client.register_script(_REGISTER_MODEL)
         self._waiting_seen = 0  # messages the last take saw waiting: how many moves the next take sends at once
+        # The web's record of this queue's Redis failing: ShardedQueue.pick passes a shard over until then
+        self.failed_until, self._failures = 0.0, Backoff(first_s=1.0, cap_s=5.0)
         self._recent: tuple[float, Status] | None = None  # (time.monotonic() when read, an open status): recent_status
 
     # --- web side -----------------------------------------------------------------------------
@@ -758,7 +760,10 @@ class ImageQueue:
             except redis.ConnectionError:  # read-only, so safe to retry once: a pooled connection a restart killed
                 sec, usec, live, fields, depth, held, paused = self._status(keys=keys, args=args)
         except REDIS_ERRORS as exc:
-            raise unavailable(exc) from exc
+            raise self._failed(exc) from exc
+        if self.failed_until:
+            self.failed_until = 0.0
+            self._failures.reset()
         info = {k.decode(): v.decode() for k, v in zip(fields[::2], fields[1::2], strict=True)}
         model = None
         if info:
@@ -804,10 +809,11 @@ class ImageQueue:
             paused=bool(paused),
         )
 
-    def enqueue(self, *messages: bytes, need_worker: bool = False) -> int:
+    def enqueue(self, *messages: bytes, need_worker: bool = False, deadline: float | None = None) -> int:
         """Push a request's messages (one per image, taken in this order) unless that would hold more than
         QUEUE_MAX, the queue is draining, or (need_worker) no worker's heartbeat is fresh; all or none.
-        Returns how many are held now.
+        Returns how many are held now. deadline (time.monotonic()): the request's, which bounds the wait for
+        replicas (REDIS_WAIT_REPLICAS) as REDIS_BLOCK_S does.
 
         Held counts the messages waiting and those on workers' processing lists, so Redis never
         holds more than queue_max images for this queue.
@@ -815,16 +821,16 @@ class ImageQueue:
         keys = [self.keys.queue, self.keys.workers, self.keys.paused]
         args = [self.keys.processing(""), self.queue_max, len(messages), self.worker_ttl_s if need_worker else 0]
         try:
-            if self.wait_replicas:
-                held = self._push_and_wait(messages, keys, args)
+            if self.wait_replicas or isinstance(self.redis, redis.RedisCluster):
+                held = self._push_on_master(messages, keys, args, deadline)
             else:
                 with self.redis.pipeline(transaction=True) as pipe:
                     pipe.lpush(self.keys.queue, *messages)
                     pipe.execute_command("EVAL", _ADMIT, len(keys), *keys, *args)  # cluster pipelines have no eval()
                     _, held = pipe.execute()
         except REDIS_ERRORS as exc:
-            self._recent = None  # the next request reads a status afresh: with shards, that one passes this shard over
-            raise unavailable(exc) from exc
+            self._recent = None  # the next request reads a status afresh
+            raise self._failed(exc) from exc
         recent = self._recent
         if recent is not None:  # the next recent_status() sees this count, or reads afresh after a refusal
             self._recent = (recent[0], replace(recent[1], held=held)) if held >= 0 else None
@@ -835,6 +841,13 @@ class ImageQueue:
         if held < 0:
             raise QueueFull(f"the queue holds {self.queue_max} images")
         return held
+
+    def _failed(self, exc: redis.RedisError) -> QueueUnavailable:
+        """A web call found this queue's Redis failing: with QUEUE_SHARDS, the web's requests pass this shard
+        over for a backoff (1 s, doubling to 5 s, until a status read succeeds), so a shard whose Redis hangs
+        costs a socket timeout once in a while, not one request in every QUEUE_SHARDS."""
+        self.failed_until = time.monotonic() + self._failures.next_delay()
+        return unavailable(exc)
 
     def withdraw(self, messages: list[bytes], request_ids: list[str]) -> None:
         """Take a failed request's messages off the queue where they still wait, and drop answers already
@@ -850,23 +863,46 @@ class ImageQueue:
         except REDIS_ERRORS as exc:
             log.warning("could not withdraw %d messages of a failed request (%s)", len(messages), exc)
 
-    def _push_and_wait(self, messages: tuple[bytes, ...], keys: list[str], args: list) -> int:
-        """REDIS_WAIT_REPLICAS: enqueue's push (MULTI, LPUSH, the admission script, EXEC in one round trip), then,
-        if it was admitted, Redis WAIT until that many replicas have it (at most REDIS_BLOCK_S), on the same
-        connection: WAIT counts the replicas that have the writes made on its own connection, so on another pooled
-        connection (another thread's older write, or none) it could answer at once, before any replica had the
-        message. On a Cluster, the connection is the queue's master's (a MOVED or ASK there is a 503, transient;
-        the cluster client learns the new slot owner at the next status read). Fewer replicas in time, or a failed
-        WAIT, is logged and the request goes on: the message is queued on the master either way, and refusing it
-        now would not take it back. A refused push does not wait. Returns the admission's held count."""
+    def _push_on_master(self, messages: tuple[bytes, ...], keys: list[str], args: list, deadline: float | None) -> int:
+        """enqueue's push on the queue's master's own connection (a Cluster, or REDIS_WAIT_REPLICAS): MULTI,
+        LPUSH, the admission script and EXEC in one round trip, then, if REDIS_WAIT_REPLICAS, WAIT (_wait).
+
+        On a Cluster the connection is the master's that holds the queue's slot. While a resharding migrates
+        that slot, the old master answers ASK and the push goes to the new one after ASKING, which answers
+        TRYAGAIN until the migration ends (the admission reads keys that do not exist, such as the pause flag,
+        and it cannot tell they are not still on the old master); then the old master answers MOVED and the
+        client's slot table is corrected. Nothing of a refused MULTI runs (Redis discards the transaction), so
+        it is sent again, every 50 ms for at most REDIS_BLOCK_S; redis-py's cluster pipeline followed none of
+        the three, and each request then got a 503. Returns the admission's held count."""
         client = self.redis
-        if isinstance(client, redis.RedisCluster):  # the cluster client would send WAIT to some other node
-            client = client.get_redis_connection(client.get_node_from_key(self.keys.queue))
+        if not isinstance(client, redis.RedisCluster):
+            return self._push(client, messages, keys, args, deadline, asking=False)
+        node, asking, give_up = client.get_node_from_key(self.keys.queue), False, time.monotonic() + self.block_s
+        while True:
+            try:
+                return self._push(client.get_redis_connection(node), messages, keys, args, deadline, asking)
+            except (redis.exceptions.MovedError, redis.exceptions.AskError, redis.exceptions.TryAgainError) as exc:
+                if time.monotonic() >= give_up:
+                    raise
+                if isinstance(exc, redis.exceptions.MovedError):
+                    client.nodes_manager.move_slot(exc)
+                    node, asking = client.get_node_from_key(self.keys.queue), False
+                elif isinstance(exc, redis.exceptions.AskError):
+                    node, asking = client.get_node(host=exc.host, port=exc.port), True
+                    if node is None:
+                        raise
+                else:
+                    time.sleep(0.05)
+
+    def _push(self, client: redis.Redis, messages, keys: list[str], args: list, deadline: float | None, asking: bool):
+        """One push on one connection of client's pool (ASKING first when a migration redirected it), then the
+        wait for replicas on that same connection. A refused push does not wait."""
         pool = client.connection_pool
         connection = pool.get_connection()
         try:
             try:
-                push = [("MULTI",), ("LPUSH", self.keys.queue, *messages), ("EVAL", _ADMIT, len(keys), *keys, *args)]
+                push = [("ASKING",)] if asking else []
+                push += [("MULTI",), ("LPUSH", self.keys.queue, *messages), ("EVAL", _ADMIT, len(keys), *keys, *args)]
                 connection.send_packed_command(connection.pack_commands([*push, ("EXEC",)]))
                 pushed = [connection.read_response() for _ in range(len(push) + 1)][-1]  # EXEC's: [length, held]
             except BaseException:
@@ -876,22 +912,31 @@ class ImageQueue:
             if error is not None:
                 raise error
             held = pushed[1]
-            if held < 0:  # refused: nothing stays queued for a replica to have
-                return held
-            try:
-                connection.send_command("WAIT", self.wait_replicas, int(self.block_s * 1000))
-                acked = connection.read_response()
-            except REDIS_ERRORS as exc:
-                connection.disconnect()
-                log.warning("WAIT for %d replicas failed (%s); the message is queued", self.wait_replicas, exc)
-                return held
-            if acked < self.wait_replicas:
-                log.warning(
-                    "only %d of %d replicas had the message within %g s", acked, self.wait_replicas, self.block_s
-                )
+            if held >= 0 and self.wait_replicas:  # refused: nothing stays queued for a replica to have
+                self._wait(connection, deadline)
             return held
         finally:
             pool.release(connection)
+
+    def _wait(self, connection, deadline: float | None) -> None:
+        """REDIS_WAIT_REPLICAS: Redis WAIT until that many replicas have the push (at most REDIS_BLOCK_S, and
+        never past the request's deadline: a request with no time left does not wait). It must run on the
+        push's own connection: WAIT counts the replicas that have the writes made on its connection, so on
+        another pooled connection (another thread's older write, or none) it could answer at once, before any
+        replica had the message. Fewer replicas in time, or a failed WAIT, is logged and the request goes on:
+        the message is queued on the master either way, and refusing it now would not take it back."""
+        wait_s = self.block_s if deadline is None else min(self.block_s, deadline - time.monotonic())
+        if wait_s < 0.001:  # WAIT 0 would wait for ever
+            return
+        try:
+            connection.send_command("WAIT", self.wait_replicas, int(wait_s * 1000))
+            acked = connection.read_response()
+        except REDIS_ERRORS as exc:
+            connection.disconnect()
+            log.warning("WAIT for %d replicas failed (%s); the message is queued", self.wait_replicas, exc)
+            return
+        if acked < self.wait_replicas:
+            log.warning("only %d of %d replicas had the message within %.2g s", acked, self.wait_replicas, wait_s)
 
     def wait_for(self, request_id: str, deadline: float) -> bytes | None:
         """Block on the request's result key until an answer or the time.monotonic() deadline."""
@@ -1158,22 +1203,32 @@ class ShardedQueue:
         self.queue_max = sum(shard.queue_max for shard in shards)
         self._turn = itertools.count()  # the web's round-robin
         self._first = itertools.count()  # the shard a worker's next take starts from
-        self._pool = ThreadPoolExecutor(len(shards), thread_name_prefix="blocking-take")
+        self._pool = ThreadPoolExecutor(2 * len(shards), thread_name_prefix="blocking-take")  # and probes
         self._blocked: dict[int, tuple[int, object]] = {}  # shard -> (lane, its blocking take: a Future) running
         # id() of each claimed message not yet acked -> (its shard, lane, the message: so the id stays its own)
         self._origin: dict[int, tuple[int, int, bytes]] = {}
         self._relane = [shard.redis.register_script(_RELANE) for shard in shards]
         self._down: dict[int, tuple[Backoff, float]] = {}  # shards whose Redis failed -> backoff, next try
+        self._probes: dict[int, object] = {}  # shard that failed -> its PING (a Future) running: _answers_again
         self._passed_by: set[tuple[int, int]] = set()  # (shard, lane) a recovery could not hand back yet
 
     def pick(self) -> ImageQueue:
-        return self.shards[next(self._turn) % len(self.shards)]
+        """The next shard in turn, passing over those whose Redis failed lately (ImageQueue.failed_until); when
+        every shard has, the next in turn anyway."""
+        now = time.monotonic()
+        for _ in range(len(self.shards)):
+            shard = self.shards[next(self._turn) % len(self.shards)]
+            if shard.failed_until <= now:
+                return shard
+        return shard
 
     def status(self) -> Status:
         """The shards' statuses added up, of those whose Redis answers: one master failing over leaves the web
-        serving through the others (live_shard), so /readyz stays ready too. QueueUnavailable when none answers."""
-        each, error = [], None
-        for shard in self.shards:
+        serving through the others (live_shard), so /readyz stays ready too. QueueUnavailable when none answers.
+        Shards the web passes over (pick) are not asked, unless every shard is: a hung one would hold up each
+        /readyz for its socket timeout."""
+        now, each, error = time.monotonic(), [], None
+        for shard in [shard for shard in self.shards if shard.failed_until <= now] or self.shards:
             try:
                 each.append(shard.status())
             except QueueMisconfigured:  # a setting to fix, not one shard's outage
@@ -1233,8 +1288,8 @@ class ShardedQueue:
         return sum(n or 0 for n in self._on_each(lambda shard: shard.requeue_dead_workers()))
 
     def beat(self, worker_id: str, model: ModelInfo) -> None:
-        """The heartbeat thread's round, shard by shard: a shard whose Redis fails costs its own call once and
-        holds back neither the others' beats nor their requeue of dead peers' batches."""
+        """Every shard's beat once, in turn (the worker's Heartbeat beats each shard from a thread of its own):
+        a shard whose Redis fails holds back neither the others' beats nor their requeue of dead peers' batches."""
         self._on_each(lambda shard: shard.beat(worker_id, model))
 
     def requeue_own(self, worker_id: str, lane: int | None = None) -> int:
@@ -1262,14 +1317,14 @@ class ShardedQueue:
         if not taken:
             self._block_on_every_shard(worker_id, lane)
             taken = self._finished_blocking_takes(worker_id, lane)
-            if not taken:
+            if not taken and not any(probe.done() for probe in self._probes.values()):
                 return Claim(now, [])
-            now, more = self._take_round(worker_id, max_n - len(taken), lane)  # re-registers, reads the clock
-            taken += more
+            later, more = self._take_round(worker_id, max_n - len(taken), lane)  # re-registers, reads the clock
+            now, taken = later or now, taken + more  # (and takes from a shard whose probe has just answered)
         elif wait_s > 0 and len(taken) < max_n:
             time.sleep(wait_s)  # one bounded hold, not a poll: filling a partial batch
-            now, more = self._take_round(worker_id, max_n - len(taken), lane)
-            taken += more
+            later, more = self._take_round(worker_id, max_n - len(taken), lane)
+            now, taken = later or now, taken + more  # later is 0 when no shard was asked
         return self._claimed(now, taken)
 
     def top_up(self, worker_id: str, count: int, lane: int = 0) -> Claim:
@@ -1340,15 +1395,21 @@ class ShardedQueue:
         """One take on every shard (each registers this worker there), the next shard first each time.
 
         A shard whose Redis fails is skipped for a backoff while the others go on serving (a Cluster master
-        failing over takes seconds); when it answers again, what a failed call may have left on this
-        worker's list there is handed back first. Only when every shard fails does the error go to the
-        worker loop.
+        failing over takes seconds), then until a probe from another thread finds it answering
+        (_answers_again); then what a failed call may have left on this worker's list there is handed back
+        first. Only when no shard answers and one has failed does the error go to the worker loop. The
+        server time returned is 0 when no shard was asked.
         """
         first, taken, now, error = next(self._first), [], 0.0, None
         for i in range(len(self.shards)):
             s = (first + i) % len(self.shards)
-            if s in self._down and time.monotonic() < self._down[s][1]:
-                continue
+            if s in self._down:
+                try:
+                    if not self._answers_again(s):
+                        continue
+                except REDIS_ERRORS as exc:
+                    error = exc
+                    continue
             try:
                 if s in self._down:
                     self._hand_back(s, worker_id)
@@ -1364,6 +1425,26 @@ class ShardedQueue:
         if not now and error is not None:  # no shard answered
             raise error
         return now, taken
+
+    def _answers_again(self, s: int) -> bool:
+        """Whether a shard that failed answers again: once its backoff is due, a PING from another thread (the
+        probe) asks; claims go back to the shard only after it answered. Asked by the claim itself, a shard whose
+        Redis hangs would stall every shard's claims for a socket timeout at each retry. A failed probe raises
+        its error once the shard is marked down again."""
+        probe = self._probes.get(s)
+        if probe is None:
+            if time.monotonic() >= self._down[s][1]:
+                self._probes[s] = self._pool.submit(self.shards[s].redis.ping)
+            return False
+        if not probe.done():
+            return False
+        del self._probes[s]
+        try:
+            probe.result()
+        except REDIS_ERRORS as exc:
+            self._shard_failed(s, exc)
+            raise
+        return True
 
     def _hand_back(self, s: int, worker_id: str) -> int:
         """A shard answering again: requeue what failed calls may have left on this worker's lists there, on
@@ -1386,7 +1467,8 @@ class ShardedQueue:
         self._down[s] = (backoff, time.monotonic() + delay)
 
     def _block_on_every_shard(self, worker_id: str, lane: int) -> None:
-        """Wait until a blocking take on some shard has moved a message, or REDIS_BLOCK_S has passed."""
+        """Wait until a blocking take on some shard has moved a message, a probe of a shard that failed has
+        answered, or REDIS_BLOCK_S has passed."""
         from concurrent.futures import FIRST_COMPLETED, wait
 
         for s, shard in enumerate(self.shards):
@@ -1394,10 +1476,10 @@ class ShardedQueue:
                 move = shard.redis.blmove
                 args = (shard.keys.queue, shard.keys.processing(worker_id, lane), shard.block_s, "RIGHT", "LEFT")
                 self._blocked[s] = (lane, self._pool.submit(move, *args))
-        if self._blocked:
-            futures = [future for _, future in self._blocked.values()]
-            wait(futures, return_when=FIRST_COMPLETED)  # each ends within its block_s
-        else:  # every shard that answered the take is backing off: wait for the first to be due
+        futures = [future for _, future in self._blocked.values()] + list(self._probes.values())
+        if futures:
+            wait(futures, return_when=FIRST_COMPLETED)  # takes end within block_s, probes within a socket timeout
+        else:  # every shard is backing off: wait for the first to be due
             time.sleep(max(0.0, min(due for _, due in self._down.values()) - time.monotonic()))
 
     def _finished_blocking_takes(self, worker_id: str, lane: int) -> list[tuple[int, int, bytes]]:

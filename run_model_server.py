@@ -113,44 +113,57 @@ def answer_batch(classifier, messages: list[bytes], now: float) -> Answered:
 
 
 class Heartbeat:
-    """A thread that says the worker is alive every heartbeat_s and requeues the batches of silent peers.
+    """Threads that say the worker is alive every heartbeat_s and requeue the batches of silent peers: one per
+    queue shard (QUEUE_SHARDS), so a shard whose Redis hangs costs its own thread a socket timeout (as long as
+    WORKER_TTL_S by default) while the others' heartbeats stay fresh; beaten in turn, this live worker would
+    have looked dead on every shard.
 
-    It does not wait for the batch in hand, so a dead worker's last heartbeat is at most heartbeat_s before
+    They do not wait for the batch in hand, so a dead worker's last heartbeat is at most heartbeat_s before
     its death, whatever its batch takes (settings.Settings.takeover_s). A stalled process (SIGSTOP) stalls
-    this thread too, so a stalled worker is still written off, and its late answers dropped by the ack.
+    these threads too, so a stalled worker is still written off, and its late answers dropped by the ack.
     """
 
     def __init__(self, queue: ImageQueue, worker_id: str, model_info: ModelInfo, every_s: float):
         self.queue, self.worker_id, self.model_info, self.every_s = queue, worker_id, model_info, every_s
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
+        shards = getattr(queue, "shards", [queue])
+        self._threads = [
+            threading.Thread(target=self._run, args=(shard, len(shards) > 1), name=f"heartbeat-{n}", daemon=True)
+            for n, shard in enumerate(shards)
+        ]
 
     def start(self) -> None:
-        self._thread.start()
+        for thread in self._threads:
+            thread.start()
 
     def stop(self) -> None:
         """Stop beating; after this returns, nothing re-registers the worker (unregister may follow)."""
         self._stop.set()
-        self._thread.join()
+        for thread in self._threads:
+            thread.join()
 
     def beat(self) -> None:
-        """Beat, then requeue dead peers' batches (the beat also rewrites the model hash a restart lost). With
-        QUEUE_SHARDS, shard by shard: one shard's Redis failing must not leave a dead peer's batches on the
-        others' lists, nor cost two timeouts (beat and requeue) that would make this worker look dead."""
+        """Beat every shard once now, then requeue dead peers' batches (the beat also rewrites the model hash a
+        restart lost); a shard that fails holds back neither the others' beats nor their requeues."""
         self.queue.beat(self.worker_id, self.model_info)
 
-    def _run(self) -> None:
+    def _run(self, shard: ImageQueue, sharded: bool) -> None:
         backoff, delay = Backoff(), 0.0
+        where = f" on shard {shard.keys.name}" if sharded else ""
         while not self._stop.wait(delay):
             try:
-                self.beat()
+                shard.beat(self.worker_id, self.model_info)
                 backoff.reset()
                 delay = self.every_s
             except REDIS_ERRORS as exc:
                 delay = min(backoff.next_delay(), self.every_s)
                 if backoff.failures == 1:  # the main loop logs the outage too: once per outage here
                     log.warning(
-                        "worker %s: heartbeat failed (%s: %s); retrying", self.worker_id, redis_trouble(exc), exc
+                        "worker %s: heartbeat%s failed (%s: %s); retrying",
+                        self.worker_id,
+                        where,
+                        redis_trouble(exc),
+                        exc,
                     )
 
 

@@ -538,7 +538,7 @@ class Trip:
             image_queue.encode_message(i, deadline, top, image, probabilities)
             for i, image in zip(ids, images, strict=True)
         ]
-        self.shard.enqueue(*messages, need_worker=True)  # the status may be STATUS_REUSE_S old: check again
+        self.shard.enqueue(*messages, need_worker=True, deadline=self.deadline)  # the status may be old: check again
         self.queued = time.monotonic()
         try:
             answers = [self.check(raw, probabilities) for raw in self.shard.answers(ids, self.deadline)]

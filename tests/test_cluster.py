@@ -7,6 +7,7 @@ in the cluster) and the real worker loop in a thread, with the stand-in model; t
 that has a replica under load, with gunicorn and the ResNet50 worker as processes.
 """
 
+import itertools
 import os
 import random
 import signal
@@ -24,7 +25,7 @@ from redis.cluster import RedisCluster
 from support.images import distinct_photos
 from support.stacks import StackFactory
 from support.stand_in import TEST_MODEL, StandInClassifier, post_concurrently, post_image
-from support.traffic import Traffic, expected_top5, wait_for
+from support.traffic import Traffic, expected_top5, replicas_streaming, wait_for
 
 from image_queue import Keys, model_queue_name, queue_from_config, shard_names
 from run_model_server import ModelWorker
@@ -63,6 +64,8 @@ class Cluster:
             check=True, capture_output=True, timeout=30, env=os.environ | auth,
         )  # fmt: skip
         wait_for(lambda: self.ok(self.ports[0]) and self._replicas_in_sync(replicas), 30)
+        if replicas:
+            self._replicas_streaming(replicas)
 
     def node(self, port: int) -> redis.Redis:
         return redis.Redis(host="127.0.0.1", port=port, password=self.password or None)
@@ -74,10 +77,37 @@ class Cluster:
         up = sum(self.node(p).info("replication").get("master_link_status") == "up" for p in self.ports)
         return up == len(self.ports) - len(self.ports) // (1 + replicas)
 
+    def _replicas_streaming(self, replicas: int) -> None:
+        """A write on each master, acknowledged by its replicas."""
+        masters = {port for port in self.ports if self.node(port).info("replication")["role"] == "master"}
+        keys = (f"synced{n}" for n in itertools.count())
+        while masters:
+            key = next(keys)
+            port = self.master_of(key)
+            if port in masters:
+                replicas_streaming(self.node(port), key, replicas)
+                masters.discard(port)
+
     def master_of(self, key: str, via: int | None = None) -> int:
         """The port of the master that holds key's slot now, as a node asked afresh sees it."""
         cluster = RedisCluster(host="127.0.0.1", port=via or self.ports[0], password=self.password or None)
         return cluster.get_node_from_key(key).port
+
+    def migrate(self, slot: int, source: int, target: int) -> None:
+        """Start moving a slot between two masters as a resharding does (IMPORTING, MIGRATING, MIGRATE of its
+        keys): the source now answers ASK for those keys, pointing at the target."""
+        ids = {port: self.node(port).execute_command("CLUSTER", "MYID") for port in (source, target)}
+        self.node(target).execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", ids[source])
+        self.node(source).execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", ids[target])
+        keys = self.node(source).execute_command("CLUSTER", "GETKEYSINSLOT", slot, 1000)
+        if keys:
+            self.node(source).execute_command("MIGRATE", "127.0.0.1", target, "", 0, 5000, "KEYS", *keys)
+
+    def finish_migration(self, slot: int, target: int) -> None:
+        """End a migration: every master assigns the slot to the target, so the source answers MOVED."""
+        target_id = self.node(target).execute_command("CLUSTER", "MYID")
+        for port in self.ports:
+            self.node(port).execute_command("CLUSTER", "SETSLOT", slot, "NODE", target_id)
 
     def stop(self) -> None:
         for process in self.processes.values():
@@ -234,6 +264,35 @@ def test_wait_replicas_on_a_cluster_waits_on_the_queues_own_master(tmp_path, cap
         assert master.llen(Keys(name).queue) == 2
     finally:
         c.stop()
+
+
+@pytest.mark.parametrize("wait_replicas", [0, 1])
+def test_a_push_follows_the_queues_slot_while_it_is_migrated_and_after(cluster, wait_replicas, caplog):
+    """Resharding moves the queue's slot to another master: while its keys are migrated the old master answers
+    ASK and the new one TRYAGAIN (the admission reads keys that exist nowhere, as the pause flag), and after,
+    MOVED. The web's push follows all three (nothing runs of a refused MULTI, so it is sent again), with and
+    without REDIS_WAIT_REPLICAS: each request is queued, none refused with a 503."""
+    from redis.crc import key_slot
+
+    from image_queue import ImageQueue, connect
+
+    queue = ImageQueue(connect(f"redis://127.0.0.1:{cluster.ports[0]}/0", 0.5, cluster=True), "mq", block_s=0.5,
+                       wait_replicas=wait_replicas)  # fmt: skip
+    queue.enqueue(b"one")  # the client has learnt the slot's master
+    key = Keys("mq").queue
+    source = cluster.master_of(key)
+    target = next(port for port in cluster.ports if port != source)
+    cluster.migrate(key_slot(key.encode()), source, target)
+    finish = threading.Timer(0.2, cluster.finish_migration, args=(key_slot(key.encode()), target))
+    finish.start()
+    started = time.monotonic()
+    queue.enqueue(b"two")  # ASK, then TRYAGAIN until the migration ends, then MOVED
+    finish.join()
+    assert time.monotonic() - started >= 0.15
+    queue.enqueue(b"three")  # the client knows the new master
+    assert cluster.master_of(key) == target
+    assert cluster.node(target).lrange(key, 0, -1) == [b"three", b"two", b"one"]
+    assert queue.status().queue_depth == 3
 
 
 @pytest.mark.slow

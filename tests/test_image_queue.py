@@ -6,6 +6,7 @@ import time
 import pytest
 import redis
 from redis.crc import key_slot
+from support.traffic import replicas_streaming
 
 from image_queue import (
     MODEL_FORGET_S,
@@ -585,6 +586,20 @@ def test_wait_replicas_holds_the_enqueue_for_the_replicas_then_goes_on_saying_so
     assert "only 0 of 1 replicas had the message" in caplog.text
 
 
+def test_wait_replicas_never_waits_past_the_requests_deadline(make_queue, caplog):
+    """A request pushed with less than REDIS_BLOCK_S left waits for the replicas only until its deadline (its
+    504 is not held up), and one with no time left does not wait at all (WAIT 0 would wait for ever)."""
+    queue = make_queue(wait_replicas=1, block_s=2.0)  # no replica: WAIT waits its whole timeout
+    started = time.monotonic()
+    queue.enqueue(b"late", deadline=started + 0.3)
+    assert 0.25 <= time.monotonic() - started < 1.0
+    assert "only 0 of 1 replicas had the message within 0.3 s" in caplog.text
+    started = time.monotonic()
+    queue.enqueue(b"later", deadline=started - 1)
+    assert time.monotonic() - started < 0.2
+    assert queue.status().queue_depth == 2  # queued on the master either way
+
+
 @pytest.fixture
 def master_and_replica(tmp_path):
     """(the master's URL, the replica's server): two redis-servers of the test's own, the replica in sync."""
@@ -602,6 +617,7 @@ def master_and_replica(tmp_path):
         deadline = time.monotonic() + 10
         while not link() and time.monotonic() < deadline:
             time.sleep(0.05)
+        replicas_streaming(redis.Redis(port=ports[0]), "synced", 1)
         yield f"redis://127.0.0.1:{ports[0]}/0", replica
     finally:
         import signal

@@ -5,6 +5,7 @@ shards share one Redis, which is enough to show how requests are spread, claimed
 drained and counted.
 """
 
+import socket
 import threading
 import time
 
@@ -19,6 +20,8 @@ import admin
 import metrics
 import stack
 from image_queue import (
+    WEB_SOCKET_MARGIN_S,
+    WORKER_SOCKET_MARGIN_S,
     Done,
     ImageQueue,
     Keys,
@@ -219,6 +222,75 @@ def one_shard_down(redis_url, queue_name, redis_client):
         redis_client.delete(key)
 
 
+@pytest.fixture
+def one_shard_hung(redis_url, queue_name, redis_client):
+    """make(margin_s): a ShardedQueue of three shards with the shipped timeouts (REDIS_BLOCK_S 1, WORKER_TTL_S 3,
+    the worker's socket margin unless margin_s) whose second Redis hangs: its port accepts connections and never
+    answers, as a stalled master or a network partition without resets does."""
+    silent = socket.create_server(("127.0.0.1", 0), backlog=64)  # the kernel completes handshakes; nothing replies
+    names = shard_names(model_queue_name(queue_name, TEST_MODEL), 3)
+    options, registry = {"block_s": 1.0, "worker_ttl_s": 3.0}, (Keys(queue_name).models, TEST_MODEL)
+
+    def make(margin_s: float = WORKER_SOCKET_MARGIN_S) -> ShardedQueue:
+        good = connect(redis_url, 1.0, margin_s)
+        hung = connect(f"redis://127.0.0.1:{silent.getsockname()[1]}/0", 1.0, margin_s)
+        return ShardedQueue([ImageQueue(good, names[0], registry=registry, **options),
+                             ImageQueue(hung, names[1], **options), ImageQueue(good, names[2], **options)])  # fmt: skip
+
+    yield make
+    silent.close()
+    for key in redis_client.scan_iter(match=f"{{{queue_name}*"):
+        redis_client.delete(key)
+
+
+def test_a_hung_shard_holds_back_no_other_shards_heartbeat(one_shard_hung):
+    """Each shard is beaten from a thread of its own: a shard whose Redis hangs costs its own thread a socket
+    timeout (3 s, as long as WORKER_TTL_S), while the others' heartbeats stay fresh. Beaten in turn, the
+    others' went 3.5 s without one, so peers wrote this live worker off there and the web answered 503."""
+    queue = one_shard_hung()
+    heartbeat = Heartbeat(queue, "w", MODEL, every_s=0.5)  # WORKER_HEARTBEAT_S's default
+    heartbeat.start()
+    oldest, until = 0.0, time.monotonic() + 7.0  # two socket timeouts of the hung shard
+    try:
+        while time.monotonic() < until:
+            for s in (0, 2):
+                stats = queue.shards[s].stats()
+                if "w" in stats.heartbeats:
+                    oldest = max(oldest, stats.server_time - stats.heartbeats["w"])
+                    assert stats.live_workers == 1
+            time.sleep(0.05)
+    finally:
+        heartbeat.stop()
+    assert all("w" in queue.shards[s].stats().heartbeats for s in (0, 2))
+    assert oldest < 1.5  # a beat every 0.5 s, against a WORKER_TTL_S of 3
+
+
+def test_a_hung_shard_stalls_the_claims_once_then_is_probed_in_the_background(one_shard_hung):
+    """Once a take on the hung shard has timed out, the worker serves the others without waiting on it again:
+    the shard is retried by a probe from another thread, and claims go back to it only when the probe answers.
+    Retried by the claim itself, each retry (every 2 s at most) stalled every shard's requests for 3 s."""
+    queue = one_shard_hung()
+    worker = ModelWorker(queue, StandInClassifier(), batch_size=8, max_wait_s=0, heartbeat_s=0.5)
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: 1 in queue._down, 10)  # the first take on it timed out (3 s)
+        slowest, until, n = 0.0, time.monotonic() + 8.0, 0  # past several backoffs (2 s at most)
+        while time.monotonic() < until:
+            shard = queue.shards[2 * (n % 2)]
+            request_id = f"{n:032x}"
+            started = time.monotonic()
+            shard.enqueue(message(request_id))
+            assert shard.wait_for(request_id, started + 10) is not None
+            slowest, n = max(slowest, time.monotonic() - started), n + 1
+            time.sleep(0.05)
+    finally:
+        worker.request_stop()
+        thread.join(10)
+    assert not thread.is_alive()
+    assert n > 50 and slowest < 1.0, (n, slowest)
+
+
 def test_a_shard_whose_redis_is_down_is_skipped_while_the_others_are_served(one_shard_down, redis_client):
     queue = one_shard_down()
     names = [q.keys.name for q in queue.shards]
@@ -308,6 +380,36 @@ def test_the_web_passes_over_a_shard_whose_redis_is_down_and_every_request_is_se
         worker.request_stop()
         thread.join(10)
     assert not thread.is_alive()
+
+
+def test_the_web_passes_over_a_hung_shard_for_a_while_instead_of_waiting_on_it_every_third_request(
+    one_shard_hung, make_app
+):
+    """A shard whose Redis hangs costs the request that finds it a socket timeout (REDIS_BLOCK_S + 0.5 s)
+    before it goes to the next shard; the web then passes that shard over for a backoff, and /readyz does not
+    ask it either. Picked in turn regardless, every other request waited the timeout."""
+    worker = ModelWorker(one_shard_hung(), StandInClassifier(), batch_size=8, max_wait_s=0, heartbeat_s=0.5)
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
+    try:
+        app = make_app(QUEUE_SHARDS=3, REDIS_BLOCK_S=1.0, WORKER_TTL_S=3.0, REQUEST_TIMEOUT_S=10.0)  # shipped
+        app.extensions["models"]._queues[TEST_MODEL] = one_shard_hung(WEB_SOCKET_MARGIN_S)  # the web's queue
+        client = app.test_client()
+        wait_for(lambda: worker.queue._down, 10)  # the worker's first take on the hung shard timed out
+        took = []
+        for _ in range(8):  # within the first backoff (0.5-1 s)
+            started = time.monotonic()
+            response = post_image(client)
+            assert response.status_code == 200, response.get_json()
+            took.append(time.monotonic() - started)
+        started = time.monotonic()
+        assert client.get("/readyz").get_json()["ready"] is True
+        assert time.monotonic() - started < 0.5  # the shard passed over is not asked either
+    finally:
+        worker.request_stop()
+        thread.join(10)
+    assert not thread.is_alive()
+    assert sum(t > 1.0 for t in took) == 1, took  # the request that found it hung
 
 
 def test_a_blocking_take_that_lands_after_its_claim_is_moved_to_the_lane_that_claims_it(sharded, redis_client):

@@ -59,6 +59,14 @@ def wait_for(condition, timeout_s: float):
     raise AssertionError(f"condition not met within {timeout_s} s")
 
 
+def replicas_streaming(master, key: str, replicas: int) -> None:
+    """Wait until a master streams its writes to its replicas (a redis.Redis of the master): after a diskless
+    sync it starts only on a replica's first REPLCONF ACK (replicas send one a second), so a test's first WAIT
+    could wait its whole timeout while the replica's link already said up."""
+    master.set(key, 1)
+    assert master.execute_command("WAIT", replicas, 5000) >= replicas
+
+
 @dataclass
 class Reply:
     image: int  # which of the known images was sent
