@@ -7,8 +7,9 @@ classifier.load_classifier, warms it up as the worker does (warm_up(32)), then m
   codec                the queue message (helpers: a JSON header, "\\n", the raw pixels) against the first format,
                        JSON + base64: bytes and encode/decode microseconds, also as a share of one image's inference;
   jpeg_draft           helpers.prepare_image with and without JPEG draft decoding (a small and a 12 MP JPEG),
-                       and libjpeg-turbo's DCT scaling through simplejpeg when it is installed (issue 12's
-                       candidate; not a dependency: pip install simplejpeg to include it);
+                       and, when they are installed (not dependencies), libjpeg-turbo's DCT scaling through
+                       simplejpeg and OpenCV's decode + INTER_AREA resize (issue 12's candidates: pip install
+                       simplejpeg opencv-python-headless, or PYTHONPATH=<a folder with them>);
   padding_vs_retracing whether a new batch size re-traces the model's function, and what padding the batch
                        up to a bucket (1, 2, 4, 8, 16, 32) would cost on every call instead;
   redis_round_trips    commands, round trips and milliseconds of one batch's claim + ack on a private
@@ -197,6 +198,20 @@ def prepare_with_simplejpeg(data: bytes, size: tuple[int, int]) -> np.ndarray:
     return np.asarray(image, dtype=np.uint8)
 
 
+def prepare_with_opencv(data: bytes, size: tuple[int, int]) -> np.ndarray:
+    """The candidate: OpenCV decodes (libjpeg-turbo, EXIF orientation applied) and resizes with INTER_AREA, its
+    antialiased downscale, as Pillow's BILINEAR with reducing_gap is; one thread, as a web worker's would be."""
+    import cv2
+
+    cv2.setNumThreads(1)
+    pixels = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    return cv2.cvtColor(cv2.resize(pixels, size, interpolation=cv2.INTER_AREA), cv2.COLOR_BGR2RGB)
+
+
+# Other decoders measured beside Pillow when they are installed (not dependencies): name -> (module, prepare)
+CANDIDATE_DECODERS = {"simplejpeg": ("simplejpeg", prepare_with_simplejpeg), "opencv": ("cv2", prepare_with_opencv)}
+
+
 def large_jpeg() -> bytes:
     """A 12-megapixel (4032x3024) quality-90 JPEG made from chelsea.jpg, in memory."""
     buffer = io.BytesIO()
@@ -208,12 +223,7 @@ def large_jpeg() -> bytes:
 def jpeg_draft(plan: Plan) -> dict:
     """prepare_image (draft decoding) against the same steps without draft, for a small and a 12 MP JPEG."""
     cases = {"chelsea": (IMAGE.read_bytes(), plan.jpeg_reps_small), "12mp": (large_jpeg(), plan.jpeg_reps_large)}
-    try:
-        import simplejpeg  # noqa: F401
-    except ImportError:
-        turbo = False
-    else:
-        turbo = True
+    candidates = {name: prepare for name, (module, prepare) in CANDIDATE_DECODERS.items() if importable(module)}
     rows = {}
     for name, (data, reps) in cases.items():
         with_draft = lambda d=data: helpers.prepare_image(helpers.open_image(d, 10**8), SIZE)  # noqa: E731
@@ -221,13 +231,13 @@ def jpeg_draft(plan: Plan) -> dict:
         probe = helpers.open_image(data, 10**8)
         original = probe.size
         probe.draft(None, (max(SIZE), max(SIZE)))
-        turbo_call = lambda d=data: prepare_with_simplejpeg(d, SIZE)  # noqa: E731
-        draft_ms, plain_ms, turbo_ms = [], [], []
+        calls = {other: (lambda d=data, f=prepare: f(d, SIZE)) for other, prepare in candidates.items()}
+        draft_ms, plain_ms, other_ms = [], [], {other: [] for other in calls}
         for _ in range(reps):  # interleaved, so drift hits each alike
             draft_ms += timed(with_draft, 1)
             plain_ms += timed(without, 1)
-            if turbo:
-                turbo_ms += timed(turbo_call, 1)
+            for other, call in calls.items():
+                other_ms[other] += timed(call, 1)
         difference = np.abs(with_draft().astype(np.int16) - without().astype(np.int16))
         rows[name] = {
             "jpeg_bytes": len(data),
@@ -238,12 +248,14 @@ def jpeg_draft(plan: Plan) -> dict:
             "speedup": round(statistics.median(plain_ms) / statistics.median(draft_ms), 2),
             "mean_abs_pixel_difference": round(float(difference.mean()), 2),
         }
-        if turbo:
-            turbo_difference = np.abs(with_draft().astype(np.int16) - turbo_call().astype(np.int16))
+        for other, call in calls.items():
+            other_difference = np.abs(with_draft().astype(np.int16) - call().astype(np.int16))
             rows[name] |= {
-                "simplejpeg_ms": median_ms(turbo_ms),
-                "simplejpeg_speedup_over_draft": round(statistics.median(draft_ms) / statistics.median(turbo_ms), 2),
-                "simplejpeg_mean_abs_pixel_difference": round(float(turbo_difference.mean()), 2),
+                f"{other}_ms": median_ms(other_ms[other]),
+                f"{other}_speedup_over_draft": round(
+                    statistics.median(draft_ms) / statistics.median(other_ms[other]), 2
+                ),
+                f"{other}_mean_abs_pixel_difference": round(float(other_difference.mean()), 2),
             }
     print("\n2. jpeg_draft (open_image + prepare_image to 224x224, median ms)")
     header = f"{'image':>8} {'size':>10} {'draft at':>9} {'draft ms':>9} {'no draft ms':>12} {'speedup':>8}"
@@ -254,13 +266,18 @@ def jpeg_draft(plan: Plan) -> dict:
             f" {row['draft_ms']:>9.2f} {row['no_draft_ms']:>12.2f} {row['speedup']:>7.2f}x"
             f" {row['mean_abs_pixel_difference']:>10.2f}"
         )
-        if "simplejpeg_ms" in row:
+        for other in candidates:
             print(
-                f"{'':>8} simplejpeg (DCT scaling): {row['simplejpeg_ms']:.2f} ms, "
-                f"{row['simplejpeg_speedup_over_draft']:.2f}x draft's, mean pixel difference from draft's "
-                f"{row['simplejpeg_mean_abs_pixel_difference']:.2f}"
+                f"{'':>8} {other}: {row[f'{other}_ms']:.2f} ms, {row[f'{other}_speedup_over_draft']:.2f}x draft's, "
+                f"mean pixel difference from draft's {row[f'{other}_mean_abs_pixel_difference']:.2f}"
             )
     return rows
+
+
+def importable(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
 
 
 # --- 3. padding_vs_retracing --------------------------------------------------------------------
@@ -732,10 +749,11 @@ def summary_lines(results: dict) -> list[str]:
             f"{name} {r['draft_ms']:.1f} vs {r['no_draft_ms']:.1f} ms ({r['speedup']:.1f}x)" for name, r in d.items()
         ]
         lines.append("jpeg_draft: with vs without draft: " + "; ".join(parts))
-        turbo = [f"{n} {r['simplejpeg_ms']:.1f} ms ({r['simplejpeg_speedup_over_draft']:.2f}x draft)"
-                 for n, r in d.items() if "simplejpeg_ms" in r]  # fmt: skip
-        if turbo:
-            lines.append("jpeg_draft: simplejpeg DCT scaling: " + "; ".join(turbo))
+        for other in CANDIDATE_DECODERS:
+            times = [f"{n} {r[f'{other}_ms']:.1f} ms ({r[f'{other}_speedup_over_draft']:.2f}x draft)"
+                     for n, r in d.items() if f"{other}_ms" in r]  # fmt: skip
+            if times:
+                lines.append(f"jpeg_draft: {other}: " + "; ".join(times))
     p = results.get("padding_vs_retracing")
     if p:
         lines.append("padding_vs_retracing: " + p["conclusion"].removeprefix("conclusion: "))
