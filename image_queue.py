@@ -872,27 +872,33 @@ class ImageQueue:
         TRYAGAIN until the migration ends (the admission reads keys that do not exist, such as the pause flag,
         and it cannot tell they are not still on the old master); then the old master answers MOVED and the
         client's slot table is corrected. Nothing of a refused MULTI runs (Redis discards the transaction), so
-        it is sent again, every 50 ms for at most REDIS_BLOCK_S; redis-py's cluster pipeline followed none of
-        the three, and each request then got a 503. Returns the admission's held count."""
+        it is sent again (after 50 ms from the third try on), until REDIS_BLOCK_S or the request's deadline;
+        redis-py's cluster pipeline followed none of the three, and each request then got a 503. Returns the
+        admission's held count."""
         client = self.redis
         if not isinstance(client, redis.RedisCluster):
             return self._push(client, messages, keys, args, deadline, asking=False)
-        node, asking, give_up = client.get_node_from_key(self.keys.queue), False, time.monotonic() + self.block_s
-        while True:
-            try:
-                return self._push(client.get_redis_connection(node), messages, keys, args, deadline, asking)
-            except (redis.exceptions.MovedError, redis.exceptions.AskError, redis.exceptions.TryAgainError) as exc:
-                if time.monotonic() >= give_up:
-                    raise
-                if isinstance(exc, redis.exceptions.MovedError):
-                    client.nodes_manager.move_slot(exc)
-                    node, asking = client.get_node_from_key(self.keys.queue), False
-                elif isinstance(exc, redis.exceptions.AskError):
-                    node, asking = client.get_node(host=exc.host, port=exc.port), True
-                    if node is None:
+        give_up = time.monotonic() + self.block_s
+        give_up = give_up if deadline is None else min(give_up, deadline)
+        try:
+            node, asking = client.get_node_from_key(self.keys.queue), False
+            for tries in itertools.count(1):
+                try:
+                    return self._push(client.get_redis_connection(node), messages, keys, args, deadline, asking)
+                except (redis.exceptions.AskError, redis.exceptions.TryAgainError) as exc:  # MovedError: an AskError
+                    if time.monotonic() >= give_up:
                         raise
-                else:
-                    time.sleep(0.05)
+                    if isinstance(exc, redis.exceptions.MovedError):
+                        client.nodes_manager.move_slot(exc)
+                        node, asking = client.get_node_from_key(self.keys.queue), False
+                    elif isinstance(exc, redis.exceptions.AskError):
+                        node, asking = client.get_node(host=exc.host, port=exc.port), True
+                        if node is None:  # a node the client has not met: the next status read meets it
+                            raise
+                    if tries >= 2 or isinstance(exc, redis.exceptions.TryAgainError):
+                        time.sleep(0.05)  # nodes that disagree for a moment are not asked in a tight loop
+        except redis.exceptions.SlotNotCoveredError as exc:  # not a RedisError: it would be a 500
+            raise redis.exceptions.ClusterDownError(str(exc)) from exc
 
     def _push(self, client: redis.Redis, messages, keys: list[str], args: list, deadline: float | None, asking: bool):
         """One push on one connection of client's pool (ASKING first when a migration redirected it), then the
@@ -1288,15 +1294,16 @@ class ShardedQueue:
         return sum(n or 0 for n in self._on_each(lambda shard: shard.requeue_dead_workers()))
 
     def beat(self, worker_id: str, model: ModelInfo) -> None:
-        """Every shard's beat once, in turn (the worker's Heartbeat beats each shard from a thread of its own):
-        a shard whose Redis fails holds back neither the others' beats nor their requeue of dead peers' batches."""
-        self._on_each(lambda shard: shard.beat(worker_id, model))
+        """Every answering shard's beat once, in turn (the worker loop's, after an outage; its Heartbeat beats
+        each shard from a thread of its own): see _on_answering."""
+        self._on_answering(lambda shard: shard.beat(worker_id, model))
 
     def requeue_own(self, worker_id: str, lane: int | None = None) -> int:
+        """See ImageQueue.requeue_own; a shard that is down is handed back when it answers again (_hand_back)."""
         for key, (_, origin_lane, _) in list(self._origin.items()):  # those messages are not in hand any more
             if lane is None or origin_lane == lane:
                 self._origin.pop(key, None)
-        return sum(n or 0 for n in self._on_each(lambda shard: shard.requeue_own(worker_id, lane)))
+        return sum(self._on_answering(lambda shard: shard.requeue_own(worker_id, lane)))
 
     def unregister(self, worker_id: str) -> int:
         """Requeue what this worker holds on every shard, once its blocking takes have ended (they end
@@ -1391,6 +1398,24 @@ class ShardedQueue:
             raise error
         return results
 
+    def _on_answering(self, call) -> list:
+        """call(shard) on the shards that are not down (_down), or on every shard when all are. A shard that
+        fails is marked down, and what the call would have done there is done when it answers again
+        (_hand_back); the first error is raised only when no shard answered, for the worker loop's outage
+        handling. Raised for one shard, a failed ack's lane kept the worker from claiming on any shard
+        until that one came back."""
+        up = [s for s in range(len(self.shards)) if s not in self._down] or list(range(len(self.shards)))
+        results, error = [], None
+        for s in up:
+            try:
+                results.append(call(self.shards[s]))
+            except REDIS_ERRORS as exc:
+                self._shard_failed(s, exc)
+                error = error or exc
+        if not results:
+            raise error
+        return results
+
     def _take_round(self, worker_id: str, count: int, lane: int) -> tuple[float, list[tuple[int, int, bytes]]]:
         """One take on every shard (each registers this worker there), the next shard first each time.
 
@@ -1434,7 +1459,7 @@ class ShardedQueue:
         probe = self._probes.get(s)
         if probe is None:
             if time.monotonic() >= self._down[s][1]:
-                self._probes[s] = self._pool.submit(self.shards[s].redis.ping)
+                self._probes[s] = self._pool.submit(self._ping, self.shards[s])
             return False
         if not probe.done():
             return False
@@ -1445,6 +1470,17 @@ class ShardedQueue:
             self._shard_failed(s, exc)
             raise
         return True
+
+    @staticmethod
+    def _ping(shard: ImageQueue) -> None:
+        """PING the shard's own master: on a Cluster every shard shares one client, whose plain PING goes to its
+        default node, which answers for a shard whose master hangs. Through the cluster client, a failure
+        also makes it read the slots afresh, so a promoted replica is found."""
+        client = shard.redis
+        if isinstance(client, redis.RedisCluster):
+            client.execute_command("PING", target_nodes=client.get_node_from_key(shard.keys.queue))
+        else:
+            client.ping()
 
     def _hand_back(self, s: int, worker_id: str) -> int:
         """A shard answering again: requeue what failed calls may have left on this worker's lists there, on

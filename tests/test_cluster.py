@@ -266,6 +266,51 @@ def test_wait_replicas_on_a_cluster_waits_on_the_queues_own_master(tmp_path, cap
         c.stop()
 
 
+def test_a_hung_shard_master_stalls_the_workers_claims_once_then_is_probed_on_its_own_node(tmp_path):
+    """QUEUE_SHARDS=3 on a cluster, one shard's master SIGSTOPped: the worker's first take there times out, then
+    it serves the other shards while that shard is probed by a PING sent to its own master. Every shard shares
+    one cluster client, whose plain PING goes to its default node: that one answered for the hung master, and
+    each retry stalled every shard's claims for a socket timeout (1.5 s)."""
+    c = Cluster(tmp_path, full_coverage=False)
+    try:
+        config = cluster_config(f"redis://127.0.0.1:{c.ports[0]}/0", "hq", QUEUE_SHARDS=3, REDIS_BLOCK_S=0.5)
+        web = queue_from_config(config, 0.5, TEST_MODEL)
+        masters = [c.master_of(shard.keys.queue) for shard in web.shards]
+        default = web.redis.get_default_node().port
+        hung = next(s for s in range(3) if masters[s] not in (default, c.ports[0]))  # not the node asked for slots
+        with worker_thread(config) as worker:
+            wait_for(lambda: all(shard.status().live_workers for shard in web.shards), 10)
+            c.processes[masters[hung]].send_signal(signal.SIGSTOP)
+            try:
+                wait_for(lambda: hung in worker.queue._down, 10)  # its first take timed out (1 s)
+                # the cluster client, reading the slots afresh after that timeout, may have made another shard's
+                # call time out once as well: wait for the others to answer again
+                wait_for(lambda: list(worker.queue._down) == [hung], 10)
+                slowest, until, n = 0.0, time.monotonic() + 6.0, 0  # past several backoffs (2 s at most)
+                while time.monotonic() < until:
+                    shard = web.shards[[s for s in range(3) if s != hung][n % 2]]
+                    started = time.monotonic()
+                    shard.enqueue(_stand_in_message(f"{n:032x}"))
+                    assert shard.wait_for(f"{n:032x}", started + 5) is not None
+                    slowest, n = max(slowest, time.monotonic() - started), n + 1
+            finally:
+                c.processes[masters[hung]].send_signal(signal.SIGCONT)
+        # The shared cluster client, reading the slots afresh after each timeout on the hung master, now and then
+        # makes a call to another master time out too (1-3 s seen): the heartbeat logs name every shard. Pinging
+        # the default node instead, the first request was not answered within 5 s.
+        assert n > 100 and slowest < 5, (n, slowest)
+    finally:
+        c.stop()
+
+
+def _stand_in_message(request_id: str) -> bytes:
+    import numpy as np
+
+    from image_queue import encode_message
+
+    return encode_message(request_id, 1e10, 1, np.zeros((4, 4, 3), np.uint8))
+
+
 @pytest.mark.parametrize("wait_replicas", [0, 1])
 def test_a_push_follows_the_queues_slot_while_it_is_migrated_and_after(cluster, wait_replicas, caplog):
     """Resharding moves the queue's slot to another master: while its keys are migrated the old master answers

@@ -1,5 +1,6 @@
 """The queue protocol against a real redis-server, without a model."""
 
+import re
 import threading
 import time
 
@@ -593,7 +594,7 @@ def test_wait_replicas_never_waits_past_the_requests_deadline(make_queue, caplog
     started = time.monotonic()
     queue.enqueue(b"late", deadline=started + 0.3)
     assert 0.25 <= time.monotonic() - started < 1.0
-    assert "only 0 of 1 replicas had the message within 0.3 s" in caplog.text
+    assert re.search(r"only 0 of 1 replicas had the message within 0\.(3|2\d) s", caplog.text)  # 0.3 s, less its start
     started = time.monotonic()
     queue.enqueue(b"later", deadline=started - 1)
     assert time.monotonic() - started < 0.2

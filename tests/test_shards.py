@@ -322,9 +322,26 @@ def test_with_one_shard_down_a_dead_workers_batches_on_the_others_are_still_requ
         dead.shards[s].enqueue(message(f"{s:032x}"))
     assert len(dead.claim("dead", 8).messages) == 2  # ... and the worker dies holding them
     time.sleep(2.2)  # WORKER_TTL_S 2
-    with pytest.raises(redis.ConnectionError):  # the outage is still reported ...
-        Heartbeat(peer, "peer", MODEL, every_s=1.0).beat()
-    assert [peer.shards[s].status().queue_depth for s in (0, 2)] == [1, 1]  # ... and the batch is back
+    Heartbeat(peer, "peer", MODEL, every_s=1.0).beat()  # the worker loop's beat after an outage
+    assert [peer.shards[s].status().queue_depth for s in (0, 2)] == [1, 1]  # the batch is back
+    assert 1 in peer._down  # the shard that failed is backed off, as a failed take would have it
+
+
+def test_with_one_shard_down_a_lane_left_dirty_is_handed_back_on_the_others_and_claims_go_on(one_shard_down):
+    """A failed ack leaves its lane dirty; the worker loop then requeues what the lane's lists hold. A shard that
+    is down is handed back when it answers again (_hand_back): raising for it kept the worker from claiming on
+    every shard until it came back."""
+    queue = one_shard_down()
+    queue._take_round("w", 8, 0)  # shard 1 fails: backing off
+    queue.shards[0].enqueue(message(f"{0:032x}"))
+    queue.shards[0].claim("w", 8, lane=1)  # an ack that failed left this on lane 1's list
+    assert queue.requeue_own("w", 1) == 1  # no error for the shard that is down
+    assert [raw[7:39].decode() for raw in queue.claim("w", 8, lane=1).messages] == [f"{0:032x}"]
+    queue.shards[0].enqueue(message(f"{2:032x}"))
+    queue.shards[0].claim("w", 8, lane=2)
+    for s in (0, 2):  # every shard marked down (a total outage): each is asked again
+        queue._down[s] = queue._down[1]
+    assert queue.requeue_own("w", 2) == 1
 
 
 def test_a_shard_answering_again_hands_back_free_lanes_but_not_a_batch_in_flight(one_shard_down, redis_client):
@@ -402,14 +419,17 @@ def test_the_web_passes_over_a_hung_shard_for_a_while_instead_of_waiting_on_it_e
             response = post_image(client)
             assert response.status_code == 200, response.get_json()
             took.append(time.monotonic() - started)
+        hung = app_queue(app).shards[1]
+        hung.failed_until = max(hung.failed_until, time.monotonic() + 60)  # still passed over, however slow this box
         started = time.monotonic()
         assert client.get("/readyz").get_json()["ready"] is True
-        assert time.monotonic() - started < 0.5  # the shard passed over is not asked either
+        assert time.monotonic() - started < 1.0  # the shard passed over is not asked either
     finally:
         worker.request_stop()
         thread.join(10)
     assert not thread.is_alive()
-    assert sum(t > 1.0 for t in took) == 1, took  # the request that found it hung
+    # the request that found it hung, and (on a slow box, past the first backoff of 0.5-1 s) one more at most
+    assert 1 <= sum(t > 1.0 for t in took) <= 2, took
 
 
 def test_a_blocking_take_that_lands_after_its_claim_is_moved_to_the_lane_that_claims_it(sharded, redis_client):
