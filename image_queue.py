@@ -99,6 +99,7 @@ list holds.
 """
 
 import binascii
+import hashlib
 import itertools
 import json
 import logging
@@ -249,6 +250,23 @@ def connect(
         sentinels, sentinel_kwargs=sentinel_options | ({"ssl": True} | ssl_options if tls else {}), **options
     )
     return manager.master_for(sentinel_master, ssl=tls, **from_url)
+
+
+class Script:
+    """A Lua script run by EVALSHA, and on NOSCRIPT by EVAL, which runs it and caches it on that node alone.
+    redis-py's registered scripts load themselves with SCRIPT LOAD, which its Cluster client sends to every
+    master: while one is down or hangs, a script's first run on any other master failed (a new queue's first
+    requeue of a dead peer, or every script on a replica just promoted, which starts with none cached)."""
+
+    def __init__(self, client: redis.Redis, source: str):
+        self.client, self.source = client, source
+        self.sha = hashlib.sha1(source.encode()).hexdigest()
+
+    def __call__(self, keys: list = (), args: list = ()):
+        try:
+            return self.client.evalsha(self.sha, len(keys), *keys, *args)
+        except redis.exceptions.NoScriptError:
+            return self.client.eval(self.source, len(keys), *keys, *args)
 
 
 class Backoff:
@@ -731,14 +749,14 @@ class ImageQueue:
         self.block_s = block_s
         self.result_ttl_s = result_ttl_s
         self.worker_ttl_s = worker_ttl_s
-        self._status = client.register_script(_STATUS)
-        self._ack = client.register_script(_ACK)
-        self._heartbeat = client.register_script(_HEARTBEAT)
-        self._dead = client.register_script(_DEAD)
-        self._requeue = client.register_script(_REQUEUE)
-        self._stats = client.register_script(_STATS)
-        self._purge = client.register_script(_PURGE)
-        self._register_model = client.register_script(_REGISTER_MODEL)
+        self._status = Script(client, _STATUS)
+        self._ack = Script(client, _ACK)
+        self._heartbeat = Script(client, _HEARTBEAT)
+        self._dead = Script(client, _DEAD)
+        self._requeue = Script(client, _REQUEUE)
+        self._stats = Script(client, _STATS)
+        self._purge = Script(client, _PURGE)
+        self._register_model = Script(client, _REGISTER_MODEL)
         self._waiting_seen = 0  # messages the last take saw waiting: how many moves the next take sends at once
         # The web's record of this queue's Redis failing: ShardedQueue.pick passes a shard over until then
         self.failed_until, self._failures = 0.0, Backoff(first_s=1.0, cap_s=5.0)
@@ -1036,10 +1054,17 @@ class ImageQueue:
 
     def heartbeat(self, worker_id: str, model: ModelInfo) -> None:
         """Say this worker is alive and which model it serves; register the model id, for the web to find."""
+        self._say_alive(worker_id, model)
+        self.register_model()
+
+    def _say_alive(self, worker_id: str, model: ModelInfo) -> None:
         self._heartbeat(
             keys=[self.keys.workers, self.keys.model],
             args=[worker_id, model.name, model.height, model.width, model.classes, model.runtime],
         )
+
+    def register_model(self) -> None:
+        """Register the model id in the registry, for the web to find (a queue made with one; else nothing)."""
         if self.registry:
             key, model_id = self.registry
             self._register_model(keys=[key], args=[model_id, MODEL_FORGET_S])
@@ -1123,8 +1148,11 @@ class ImageQueue:
         return [answering[i - 1].request_id for i in answered], [answering[i - 1].request_id for i in late]
 
     def beat(self, worker_id: str, model: ModelInfo) -> None:
-        """The heartbeat thread's round: the heartbeat, then the requeue of silent peers' batches."""
-        self.heartbeat(worker_id, model)
+        """A heartbeat thread's round: the heartbeat, then the requeue of silent peers' batches. The model's
+        registration is another thread's (run_model_server.Heartbeat): on a Cluster the registry
+        ({IMAGE_QUEUE}:models) may live on another master than the queue, and one that hangs must not hold
+        back this heartbeat (a socket timeout as long as WORKER_TTL_S) nor the requeue."""
+        self._say_alive(worker_id, model)
         self.requeue_dead_workers()
 
     def requeue_dead_workers(self) -> int:
@@ -1213,7 +1241,7 @@ class ShardedQueue:
         self._blocked: dict[int, tuple[int, object]] = {}  # shard -> (lane, its blocking take: a Future) running
         # id() of each claimed message not yet acked -> (its shard, lane, the message: so the id stays its own)
         self._origin: dict[int, tuple[int, int, bytes]] = {}
-        self._relane = [shard.redis.register_script(_RELANE) for shard in shards]
+        self._relane = [Script(shard.redis, _RELANE) for shard in shards]
         self._down: dict[int, tuple[Backoff, float]] = {}  # shards whose Redis failed -> backoff, next try
         self._probes: dict[int, object] = {}  # shard that failed -> its PING (a Future) running: _answers_again
         self._passed_by: set[tuple[int, int]] = set()  # (shard, lane) a recovery could not hand back yet
@@ -1621,7 +1649,7 @@ class ModelDirectory:
         self.margin_s, self.refresh_s = margin_s, refresh_s
         self.default = config.get("DEFAULT_MODEL", "")
         self.registry = Keys(config["IMAGE_QUEUE"]).models
-        self._read_known = self.client.register_script(_KNOWN_MODELS)
+        self._read_known = Script(self.client, _KNOWN_MODELS)
         self._ids: list[str] = []
         self._read_at = -float("inf")  # when the last read began (time.monotonic()), whether or not it worked
         self._done_at = -float("inf")  # when the last read ended, whether or not it worked

@@ -116,7 +116,8 @@ class Heartbeat:
     """Threads that say the worker is alive every heartbeat_s and requeue the batches of silent peers: one per
     queue shard (QUEUE_SHARDS), so a shard whose Redis hangs costs its own thread a socket timeout (as long as
     WORKER_TTL_S by default) while the others' heartbeats stay fresh; beaten in turn, this live worker would
-    have looked dead on every shard.
+    have looked dead on every shard. One more thread registers the model for the web to find: on a Cluster
+    the registry may live on another master than the queue.
 
     They do not wait for the batch in hand, so a dead worker's last heartbeat is at most heartbeat_s before
     its death, whatever its batch takes (settings.Settings.takeover_s). A stalled process (SIGSTOP) stalls
@@ -127,10 +128,16 @@ class Heartbeat:
         self.queue, self.worker_id, self.model_info, self.every_s = queue, worker_id, model_info, every_s
         self._stop = threading.Event()
         shards = getattr(queue, "shards", [queue])
+        self._registries = [shard for shard in shards if shard.registry]
+        rounds = [(f" on shard {shard.keys.name}" if len(shards) > 1 else "", self._beat_on(shard)) for shard in shards]
+        rounds += [(" in the model registry", shard.register_model) for shard in self._registries]
         self._threads = [
-            threading.Thread(target=self._run, args=(shard, len(shards) > 1), name=f"heartbeat-{n}", daemon=True)
-            for n, shard in enumerate(shards)
+            threading.Thread(target=self._run, args=(where, call), name=f"heartbeat-{n}", daemon=True)
+            for n, (where, call) in enumerate(rounds)
         ]
+
+    def _beat_on(self, shard: ImageQueue):
+        return lambda: shard.beat(self.worker_id, self.model_info)
 
     def start(self) -> None:
         for thread in self._threads:
@@ -144,15 +151,21 @@ class Heartbeat:
 
     def beat(self) -> None:
         """Beat every shard once now, then requeue dead peers' batches (the beat also rewrites the model hash a
-        restart lost); a shard that fails holds back neither the others' beats nor their requeues."""
+        restart lost); a shard that fails holds back neither the others' beats nor their requeues. Then
+        register the model: a registry that fails is logged, not raised (its thread retries), so the worker
+        loop's recovery does not wait for it."""
         self.queue.beat(self.worker_id, self.model_info)
+        for shard in self._registries:
+            try:
+                shard.register_model()
+            except REDIS_ERRORS as exc:
+                log.warning("worker %s: could not register the model (%s); retrying", self.worker_id, exc)
 
-    def _run(self, shard: ImageQueue, sharded: bool) -> None:
+    def _run(self, where: str, call) -> None:
         backoff, delay = Backoff(), 0.0
-        where = f" on shard {shard.keys.name}" if sharded else ""
         while not self._stop.wait(delay):
             try:
-                shard.beat(self.worker_id, self.model_info)
+                call()
                 backoff.reset()
                 delay = self.every_s
             except REDIS_ERRORS as exc:

@@ -28,7 +28,7 @@ from support.stand_in import TEST_MODEL, StandInClassifier, post_concurrently, p
 from support.traffic import Traffic, expected_top5, replicas_streaming, wait_for
 
 from image_queue import Keys, model_queue_name, queue_from_config, shard_names
-from run_model_server import ModelWorker
+from run_model_server import Heartbeat, ModelWorker
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -301,6 +301,57 @@ def test_a_hung_shard_master_stalls_the_workers_claims_once_then_is_probed_on_it
         assert n > 100 and slowest < 5, (n, slowest)
     finally:
         c.stop()
+
+
+def test_a_hung_registry_master_holds_back_neither_the_heartbeat_nor_the_requeue(tmp_path, caplog):
+    """The model registry ({IMAGE_QUEUE}:models) and the queue ({IMAGE_QUEUE.MODEL}) are in two slots, here on
+    two masters. With the registry's master SIGSTOPped, a worker's beat still says it is alive and requeues a
+    dead peer's batch on the queue's master, without waiting on the registry (its own thread registers the
+    model), and the registry's failure is logged. Raised after the heartbeat, it skipped the requeue, cost the
+    heartbeat thread a socket timeout each round, and with QUEUE_SHARDS put the healthy shard 0 down. The
+    requeue's script, never run on that master yet, is loaded there alone (EVAL): redis-py's SCRIPT LOAD went
+    to every master, the hung one too."""
+    from image_queue import ModelInfo
+
+    c = Cluster(tmp_path, full_coverage=False)
+    try:
+        url = f"redis://127.0.0.1:{c.ports[0]}/0"
+        default = connect_cluster(url).get_default_node().port
+
+        def registry_apart(name: str) -> bool:
+            registry = c.master_of(Keys(name).models)
+            return registry not in (c.ports[0], default, c.master_of(Keys(model_queue_name(name, TEST_MODEL)).queue))
+
+        name = next(f"rq{i}" for i in range(200) if registry_apart(f"rq{i}"))
+        config = cluster_config(url, name, WORKER_TTL_S=1.0)
+        queue, dead = queue_from_config(config, 0.5, TEST_MODEL), queue_from_config(config, 0.5, TEST_MODEL)
+        model = ModelInfo("StandIn", 4, 4)
+        dead.heartbeat("dead", model)
+        queue.enqueue(_stand_in_message("a" * 32))
+        assert len(dead.claim("dead", 8).messages) == 1  # ... and the worker dies holding it
+        registry_master = c.processes[c.master_of(Keys(name).models)]
+        registry_master.send_signal(signal.SIGSTOP)
+        try:
+            time.sleep(1.2)  # WORKER_TTL_S
+            started = time.monotonic()
+            Heartbeat(queue, "w", model, every_s=0.5).beat()  # the worker loop's, after an outage
+            assert queue.status().queue_depth == 1  # the dead worker's message is back on the queue
+            assert "w" in queue.stats().heartbeats
+            assert time.monotonic() - started < 5
+            started = time.monotonic()
+            queue.beat("w", model)  # a heartbeat thread's round: the registry has a thread of its own
+            assert time.monotonic() - started < 0.5
+        finally:
+            registry_master.send_signal(signal.SIGCONT)
+        assert "could not register the model" in caplog.text
+    finally:
+        c.stop()
+
+
+def connect_cluster(url: str) -> RedisCluster:
+    from image_queue import connect
+
+    return connect(url, 0.5, cluster=True)
 
 
 def _stand_in_message(request_id: str) -> bytes:
