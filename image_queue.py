@@ -74,11 +74,12 @@ Steps, each one round trip (scripts and MULTI blocks are atomic):
                 and its length, so an ack never carries pixels back) and, for each message that was still
                 there and whose deadline has not passed, RPUSH + EXPIRE its answer; count the batch in the
                 stats hash, once, by whoever answered it.
-    heartbeat() worker, every WORKER_HEARTBEAT_S: ZADD workers <now>; HSET model. Then
+    beat()      worker, every WORKER_HEARTBEAT_S (a thread per shard): ZADD workers <now>; HSET model. Then
                 requeue_dead_workers(): the processing lists (every lane) of every worker silent for
                 WORKER_TTL_S go back to the head of the queue (the script re-checks the silence). Workers
                 do this all the time, not only at start-up, so a replacement that starts before a dead
-                worker's heartbeat goes stale still rescues its batches.
+                worker's heartbeat goes stale still rescues its batches. register_model(), from a thread of
+                its own: the model id in the registry {IMAGE_QUEUE}:models, for the web to find.
     No message passes through a Lua script on the way in or out: a script copies every value it touches
     into a Lua string (~0.4 ms of Redis's one thread per 200 KB message). The small scripts inside a MULTI
     are sent as source (EVAL), so a MULTI is one round trip and cannot meet an empty script cache.
@@ -1404,6 +1405,8 @@ class ShardedQueue:
         """The lanes a shard's recovery passed by (_hand_back: a batch was in flight on them), once nothing of that
         shard is in hand there: what a failed call left on them goes back to the queue. Tried after each ack."""
         for s, lane in list(self._passed_by):
+            if s in self._down:  # its recovery (_hand_back) sees to it; tried here, a hung shard stalled each ack
+                continue
             if any(shard == s and held_on == lane for shard, held_on, _ in list(self._origin.values())):
                 continue
             try:
@@ -1427,12 +1430,15 @@ class ShardedQueue:
         return results
 
     def _on_answering(self, call) -> list:
-        """call(shard) on the shards that are not down (_down), or on every shard when all are. A shard that
-        fails is marked down, and what the call would have done there is done when it answers again
-        (_hand_back); the first error is raised only when no shard answered, for the worker loop's outage
-        handling. Raised for one shard, a failed ack's lane kept the worker from claiming on any shard
-        until that one came back."""
-        up = [s for s in range(len(self.shards)) if s not in self._down] or list(range(len(self.shards)))
+        """call(shard) on the shards that are not down (_down), or, when all are, on those with no probe in
+        flight (a probe still running may be waiting on a hung Redis). A shard that fails is marked down, and
+        what the call would have done there is done when it answers again (_hand_back); the first error is
+        raised only when no shard answered, for the worker loop's outage handling. Raised for one shard, a
+        failed ack's lane kept the worker from claiming on any shard until that one came back."""
+        shards = range(len(self.shards))
+        up = [s for s in shards if s not in self._down] or [s for s in shards if s not in self._probes]
+        if not up:
+            raise redis.ConnectionError("every queue shard is down, each probed now")
         results, error = [], None
         for s in up:
             try:

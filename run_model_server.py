@@ -112,6 +112,10 @@ def answer_batch(classifier, messages: list[bytes], now: float) -> Answered:
     return batch.run()
 
 
+class NotYet(Exception):
+    """A heartbeat thread's round that waits for another's (Heartbeat._register_on)."""
+
+
 class Heartbeat:
     """Threads that say the worker is alive every heartbeat_s and requeue the batches of silent peers: one per
     queue shard (QUEUE_SHARDS), so a shard whose Redis hangs costs its own thread a socket timeout (as long as
@@ -127,17 +131,34 @@ class Heartbeat:
     def __init__(self, queue: ImageQueue, worker_id: str, model_info: ModelInfo, every_s: float):
         self.queue, self.worker_id, self.model_info, self.every_s = queue, worker_id, model_info, every_s
         self._stop = threading.Event()
+        self._alive = threading.Event()  # a beat has gone through: the registry threads wait for it
         shards = getattr(queue, "shards", [queue])
         self._registries = [shard for shard in shards if shard.registry]
         rounds = [(f" on shard {shard.keys.name}" if len(shards) > 1 else "", self._beat_on(shard)) for shard in shards]
-        rounds += [(" in the model registry", shard.register_model) for shard in self._registries]
+        rounds += [(" in the model registry", self._register_on(shard)) for shard in self._registries]
         self._threads = [
             threading.Thread(target=self._run, args=(where, call), name=f"heartbeat-{n}", daemon=True)
             for n, (where, call) in enumerate(rounds)
         ]
 
     def _beat_on(self, shard: ImageQueue):
-        return lambda: shard.beat(self.worker_id, self.model_info)
+        def beat():
+            shard.beat(self.worker_id, self.model_info)
+            self._alive.set()
+
+        return beat
+
+    def _register_on(self, shard: ImageQueue):
+        """The model's registration, once this worker has beaten somewhere: the web lists a model only when
+        a worker's heartbeat is there to answer for it (else, for a moment at start, a 503 "no worker")."""
+
+        def register():
+            if self._alive.is_set():
+                shard.register_model()
+            else:
+                raise NotYet()
+
+        return register
 
     def start(self) -> None:
         for thread in self._threads:
@@ -153,7 +174,7 @@ class Heartbeat:
         """Beat every shard once now, then requeue dead peers' batches (the beat also rewrites the model hash a
         restart lost); a shard that fails holds back neither the others' beats nor their requeues. Then
         register the model: a registry that fails is logged, not raised (its thread retries), so the worker
-        loop's recovery does not wait for it."""
+        loop's recovery goes on after it (one socket timeout, when the registry's Redis hangs)."""
         self.queue.beat(self.worker_id, self.model_info)
         for shard in self._registries:
             try:
@@ -168,9 +189,11 @@ class Heartbeat:
                 call()
                 backoff.reset()
                 delay = self.every_s
+            except NotYet:
+                delay = 0.05
             except REDIS_ERRORS as exc:
                 delay = min(backoff.next_delay(), self.every_s)
-                if backoff.failures == 1:  # the main loop logs the outage too: once per outage here
+                if backoff.failures == 1:  # the main loop logs the outage too: once per outage and thread here
                     log.warning(
                         "worker %s: heartbeat%s failed (%s: %s); retrying",
                         self.worker_id,

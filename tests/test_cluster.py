@@ -298,7 +298,7 @@ def test_a_hung_shard_master_stalls_the_workers_claims_once_then_is_probed_on_it
         # The shared cluster client, reading the slots afresh after each timeout on the hung master, now and then
         # makes a call to another master time out too (1-3 s seen): the heartbeat logs name every shard. Pinging
         # the default node instead, the first request was not answered within 5 s.
-        assert n > 100 and slowest < 5, (n, slowest)
+        assert n > 50 and slowest < 5, (n, slowest)
     finally:
         c.stop()
 
