@@ -283,9 +283,6 @@ def test_a_hung_shard_master_stalls_the_workers_claims_once_then_is_probed_on_it
             c.processes[masters[hung]].send_signal(signal.SIGSTOP)
             try:
                 wait_for(lambda: hung in worker.queue._down, 10)  # its first take timed out (1 s)
-                # the cluster client, reading the slots afresh after that timeout, may have made another shard's
-                # call time out once as well: wait for the others to answer again
-                wait_for(lambda: list(worker.queue._down) == [hung], 10)
                 slowest, until, n = 0.0, time.monotonic() + 6.0, 0  # past several backoffs (2 s at most)
                 while time.monotonic() < until:
                     shard = web.shards[[s for s in range(3) if s != hung][n % 2]]
@@ -293,12 +290,12 @@ def test_a_hung_shard_master_stalls_the_workers_claims_once_then_is_probed_on_it
                     shard.enqueue(_stand_in_message(f"{n:032x}"))
                     assert shard.wait_for(f"{n:032x}", started + 5) is not None
                     slowest, n = max(slowest, time.monotonic() - started), n + 1
+                down = list(worker.queue._down)
             finally:
                 c.processes[masters[hung]].send_signal(signal.SIGCONT)
-        # The shared cluster client, reading the slots afresh after each timeout on the hung master, now and then
-        # makes a call to another master time out too (1-3 s seen): the heartbeat logs name every shard. Pinging
-        # the default node instead, the first request was not answered within 5 s.
-        assert n > 50 and slowest < 5, (n, slowest)
+        # Pinging the default node instead, the first request was not answered within 5 s. (1,800+ in 6 s here.)
+        assert n > 300 and slowest < 0.9, (n, slowest)
+        assert down == [hung]  # the other shards' calls did not fail with it
     finally:
         c.stop()
 
