@@ -863,8 +863,8 @@ class ImageQueue:
 
     def _failed(self, exc: redis.RedisError) -> QueueUnavailable:
         """A web call found this queue's Redis failing: with QUEUE_SHARDS, the web's requests pass this shard
-        over for a backoff (1 s, doubling to 5 s, until a status read succeeds), so a shard whose Redis hangs
-        costs a socket timeout once in a while, not one request in every QUEUE_SHARDS."""
+        over for a backoff (0.5-1 s, doubling up to 2.5-5 s, until a status read succeeds), so a shard whose
+        Redis hangs costs a socket timeout once in a while, not one request in every QUEUE_SHARDS."""
         self.failed_until = time.monotonic() + self._failures.next_delay()
         return unavailable(exc)
 
@@ -1248,22 +1248,23 @@ class ShardedQueue:
         self._passed_by: set[tuple[int, int]] = set()  # (shard, lane) a recovery could not hand back yet
 
     def pick(self) -> ImageQueue:
-        """The next shard in turn, passing over those whose Redis failed lately (ImageQueue.failed_until); when
-        every shard has, the next in turn anyway."""
+        """The next shard in turn, passing over those whose Redis failed lately (_answering)."""
+        shards = self._answering()
+        return shards[next(self._turn) % len(shards)]
+
+    def _answering(self) -> list[ImageQueue]:
+        """The shards whose Redis has not failed lately on the web (ImageQueue.failed_until), or all of them
+        when every one has."""
         now = time.monotonic()
-        for _ in range(len(self.shards)):
-            shard = self.shards[next(self._turn) % len(self.shards)]
-            if shard.failed_until <= now:
-                return shard
-        return shard
+        return [shard for shard in self.shards if shard.failed_until <= now] or self.shards
 
     def status(self) -> Status:
         """The shards' statuses added up, of those whose Redis answers: one master failing over leaves the web
         serving through the others (live_shard), so /readyz stays ready too. QueueUnavailable when none answers.
         Shards the web passes over (pick) are not asked, unless every shard is: a hung one would hold up each
         /readyz for its socket timeout."""
-        now, each, error = time.monotonic(), [], None
-        for shard in [shard for shard in self.shards if shard.failed_until <= now] or self.shards:
+        each, error = [], None
+        for shard in self._answering():
             try:
                 each.append(shard.status())
             except QueueMisconfigured:  # a setting to fix, not one shard's outage

@@ -112,10 +112,6 @@ def answer_batch(classifier, messages: list[bytes], now: float) -> Answered:
     return batch.run()
 
 
-class NotYet(Exception):
-    """A heartbeat thread's round that waits for another's (Heartbeat._register_on)."""
-
-
 class Heartbeat:
     """Threads that say the worker is alive every heartbeat_s and requeue the batches of silent peers: one per
     queue shard (QUEUE_SHARDS), so a shard whose Redis hangs costs its own thread a socket timeout (as long as
@@ -134,11 +130,12 @@ class Heartbeat:
         self._alive = threading.Event()  # a beat has gone through: the registry threads wait for it
         shards = getattr(queue, "shards", [queue])
         self._registries = [shard for shard in shards if shard.registry]
-        rounds = [(f" on shard {shard.keys.name}" if len(shards) > 1 else "", self._beat_on(shard)) for shard in shards]
-        rounds += [(" in the model registry", self._register_on(shard)) for shard in self._registries]
+        named = len(shards) > 1
+        rounds = [(f" on shard {shard.keys.name}" if named else "", self._beat_on(shard), False) for shard in shards]
+        rounds += [(" in the model registry", shard.register_model, True) for shard in self._registries]
         self._threads = [
-            threading.Thread(target=self._run, args=(where, call), name=f"heartbeat-{n}", daemon=True)
-            for n, (where, call) in enumerate(rounds)
+            threading.Thread(target=self._run, args=round_, name=f"heartbeat-{n}", daemon=True)
+            for n, round_ in enumerate(rounds)
         ]
 
     def _beat_on(self, shard: ImageQueue):
@@ -147,18 +144,6 @@ class Heartbeat:
             self._alive.set()
 
         return beat
-
-    def _register_on(self, shard: ImageQueue):
-        """The model's registration, once this worker has beaten somewhere: the web lists a model only when
-        a worker's heartbeat is there to answer for it (else, for a moment at start, a 503 "no worker")."""
-
-        def register():
-            if self._alive.is_set():
-                shard.register_model()
-            else:
-                raise NotYet()
-
-        return register
 
     def start(self) -> None:
         for thread in self._threads:
@@ -182,15 +167,19 @@ class Heartbeat:
             except REDIS_ERRORS as exc:
                 log.warning("worker %s: could not register the model (%s); retrying", self.worker_id, exc)
 
-    def _run(self, where: str, call) -> None:
+    def _run(self, where: str, call, after_a_beat: bool) -> None:
+        """call() every heartbeat_s. after_a_beat (the model's registration): only once this worker has beaten
+        somewhere, since the web lists a model only when a worker's heartbeat is there to answer for it (else,
+        for a moment at start, a 503 "no worker")."""
+        while after_a_beat and not self._alive.wait(0.05):
+            if self._stop.is_set():
+                return
         backoff, delay = Backoff(), 0.0
         while not self._stop.wait(delay):
             try:
                 call()
                 backoff.reset()
                 delay = self.every_s
-            except NotYet:
-                delay = 0.05
             except REDIS_ERRORS as exc:
                 delay = min(backoff.next_delay(), self.every_s)
                 if backoff.failures == 1:  # the main loop logs the outage too: once per outage and thread here
