@@ -234,9 +234,7 @@ def connect(
         "health_check_interval": 30,
     }
     if cluster:  # url names any node; the client learns the slots and follows MOVED after a failover
-        from redis.cluster import RedisCluster
-
-        return RedisCluster.from_url(url, **options)
+        return ClusterClient.from_url(url, **options)
     if not sentinels:
         return redis.Redis.from_url(url, **options)
     from redis.sentinel import Sentinel
@@ -251,6 +249,28 @@ def connect(
         sentinels, sentinel_kwargs=sentinel_options | ({"ssl": True} | ssl_options if tls else {}), **options
     )
     return manager.master_for(sentinel_master, ssl=tls, **from_url)
+
+
+class ClusterClient(redis.RedisCluster):
+    """redis-py's Cluster client, which also follows an ASK to a master it has never met.
+
+    Scaling a cluster out adds an empty master and reshards slots onto it: while a slot migrates, the old
+    master answers ASK, naming the new one. CLUSTER SLOTS lists only masters that hold a slot, so neither the
+    client's node cache nor a refresh of it knows that master: redis-py 8.1 looked the address up, got None
+    and failed with an AttributeError (redis/redis-py#4015), a 500 for every read or write of a migrated key
+    until the first slot had moved. A lookup by address that misses now adds a master of that address to the
+    cache, as redis-py's own MOVED handling adds a new node; the next refresh of the slot table replaces the
+    cache. This code looks up only addresses a node gave it."""
+
+    def get_node(self, host=None, port=None, node_name=None):
+        node = super().get_node(host, port, node_name)
+        if node is None and (node_name or host):
+            from redis.cluster import PRIMARY, ClusterNode, get_node_name
+
+            name = node_name or get_node_name(host, port)
+            host, port = name.rsplit(":", 1)
+            node = self.nodes_manager.nodes_cache.setdefault(name, ClusterNode(host, int(port), PRIMARY))
+        return node
 
 
 class Script:
@@ -912,8 +932,6 @@ class ImageQueue:
                         node, asking = client.get_node_from_key(self.keys.queue), False
                     elif isinstance(exc, redis.exceptions.AskError):
                         node, asking = client.get_node(host=exc.host, port=exc.port), True
-                        if node is None:  # a node the client has not met: the next status read meets it
-                            raise
                     if tries >= 2 or isinstance(exc, redis.exceptions.TryAgainError):
                         time.sleep(0.05)  # nodes that disagree for a moment are not asked in a tight loop
         except redis.exceptions.SlotNotCoveredError as exc:  # not a RedisError: it would be a 500

@@ -44,17 +44,10 @@ class Cluster:
     def __init__(self, workdir, masters: int = 3, replicas: int = 0, full_coverage: bool = True, password: str = ""):
         self.ports = [cluster_port() for _ in range(masters * (1 + replicas))]
         self.password = password
+        self.workdir, self.full_coverage = workdir, full_coverage
         self.processes: dict[int, subprocess.Popen] = {}
         for port in self.ports:
-            node_dir = workdir / str(port)
-            node_dir.mkdir()
-            argv = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-            argv += ["--dir", str(node_dir), "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]
-            argv += ["--cluster-node-timeout", "1000"]
-            # no: the masters that are up serve their slots while one fails over (what a sharded queue wants)
-            argv += ["--cluster-require-full-coverage", "yes" if full_coverage else "no"]
-            argv += ["--requirepass", password, "--masterauth", password] if password else []
-            self.processes[port] = subprocess.Popen(argv, stdout=subprocess.DEVNULL)
+            self._start(port)
         for port in self.ports:
             wait_for(lambda port=port: _answers(port, password), 10)
         nodes = [f"127.0.0.1:{port}" for port in self.ports]
@@ -66,6 +59,30 @@ class Cluster:
         wait_for(lambda: self.ok(self.ports[0]) and self._replicas_in_sync(replicas), 30)
         if replicas:
             self._replicas_streaming(replicas)
+
+    def _start(self, port: int) -> None:
+        node_dir = self.workdir / str(port)
+        node_dir.mkdir()
+        argv = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        argv += ["--dir", str(node_dir), "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]
+        argv += ["--cluster-node-timeout", "1000"]
+        # no: the masters that are up serve their slots while one fails over (what a sharded queue wants)
+        argv += ["--cluster-require-full-coverage", "yes" if self.full_coverage else "no"]
+        argv += ["--requirepass", self.password, "--masterauth", self.password] if self.password else []
+        self.processes[port] = subprocess.Popen(argv, stdout=subprocess.DEVNULL)
+
+    def add_master(self) -> int:
+        """A scale-out's first step: a new, empty master joins the cluster (CLUSTER MEET), holding no slot yet.
+        Returns its port once every node knows it."""
+        port = cluster_port()
+        self._start(port)
+        wait_for(lambda: _answers(port, self.password), 10)
+        self.node(self.ports[0]).execute_command("CLUSTER", "MEET", "127.0.0.1", port)
+        new_id = self.node(port).execute_command("CLUSTER", "MYID")
+        self.ports.append(port)
+        wait_for(lambda: all(new_id in self.node(p).execute_command("CLUSTER", "NODES") for p in self.ports), 10)
+        wait_for(lambda: self.ok(port), 10)  # it has learnt which master serves each slot
+        return port
 
     def node(self, port: int) -> redis.Redis:
         return redis.Redis(host="127.0.0.1", port=port, password=self.password or None)
@@ -386,6 +403,39 @@ def test_a_push_follows_the_queues_slot_while_it_is_migrated_and_after(cluster, 
     assert cluster.master_of(key) == target
     assert cluster.node(target).lrange(key, 0, -1) == [b"three", b"two", b"one"]
     assert queue.status().queue_depth == 3
+
+
+def test_a_scale_out_moves_the_queues_slot_to_a_master_the_client_has_never_met(cluster):
+    """Scaling a cluster out: a new master joins and the queue's slot is resharded onto it. Clients made before
+    it joined first hear of it in an ASK (a slot table lists only masters that hold a slot, so refreshing it
+    would not help): a web thread's wait for its answer (redis-py's own ASK handling, which failed with an
+    AttributeError, a 500) and the push (refused with a 503) follow it there; nothing is refused or lost."""
+    from redis.crc import key_slot
+
+    from image_queue import ImageQueue, connect
+
+    def queue() -> ImageQueue:
+        return ImageQueue(connect(f"redis://127.0.0.1:{cluster.ports[0]}/0", 0.5, cluster=True), "sq", block_s=0.5)
+
+    reader, pusher = queue(), queue()
+    reader.enqueue(b"one")  # both clients have learnt the slot's master
+    pusher.status()
+    key, slot = Keys("sq").queue, key_slot(Keys("sq").queue.encode())
+    source = cluster.master_of(key)
+    cluster.node(source).lpush(Keys("sq").result("r1"), b"answer")  # a worker answered request r1
+    new = cluster.add_master()
+    assert reader.redis.nodes_manager.get_node(host="127.0.0.1", port=new) is None
+    cluster.migrate(slot, source, new)  # the queue and the answer are on the new master now
+    assert reader.wait_for("r1", time.monotonic() + 2) == b"answer"  # ASK, then the read there
+    assert pusher.redis.nodes_manager.get_node(host="127.0.0.1", port=new) is None
+    finish = threading.Timer(0.2, cluster.finish_migration, args=(slot, new))
+    finish.start()
+    pusher.enqueue(b"two")  # ASK, TRYAGAIN until the migration ends (a multi-key script), then MOVED
+    finish.join()
+    pusher.enqueue(b"three")
+    assert cluster.master_of(key) == new
+    assert cluster.node(new).lrange(key, 0, -1) == [b"three", b"two", b"one"]
+    assert reader.status().queue_depth == pusher.status().queue_depth == 3
 
 
 @pytest.mark.slow
