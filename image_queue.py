@@ -109,6 +109,7 @@ import re
 import threading
 import time
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -150,6 +151,10 @@ REDIS_ERRORS = (redis.RedisError,)  # what the callers catch; redis_trouble says
 WEB_SOCKET_MARGIN_S = 0.5  # web: a stalled Redis delays a 503/504 by at most REDIS_BLOCK_S + this
 WORKER_SOCKET_MARGIN_S = 2.0  # worker: room to move a batch of messages over a slow link
 NO_DEADLINE = 1e18  # deadline for answers that must go out whatever the time (poison messages)
+# web, QUEUE_SHARDS: a shard whose status read or push has gone unanswered this long is passed over (overdue).
+# Those calls take about a millisecond (a thread waiting for the GIL under load, tens); one passed over by
+# mistake is only left out of the round-robin until that call returns.
+OVERDUE_S = 0.1
 
 
 class QueueFull(Exception):
@@ -779,9 +784,13 @@ class ImageQueue:
         self._purge = Script(client, _PURGE)
         self._register_model = Script(client, _REGISTER_MODEL)
         self._waiting_seen = 0  # messages the last take saw waiting: how many moves the next take sends at once
-        # The web's record of this queue's Redis failing: ShardedQueue.pick passes a shard over until then
+        # The web's record of this queue's Redis failing (_failed): ShardedQueue.pick passes a shard over while
+        # it is set, and after that time a probe of its own asks whether it answers again (answering)
         self.failed_until, self._failures = 0.0, Backoff(first_s=1.0, cap_s=5.0)
+        self._probing = threading.Lock()  # held while that probe runs
         self._recent: tuple[float, Status] | None = None  # (time.monotonic() when read, an open status): recent_status
+        self._calls: dict[int, float] = {}  # the web's status reads and pushes in flight -> when each started
+        self._call_ids = itertools.count()
 
     # --- web side -----------------------------------------------------------------------------
 
@@ -794,10 +803,11 @@ class ImageQueue:
         keys = [self.keys.queue, self.keys.workers, self.keys.model, self.keys.paused]
         args = [self.keys.processing(""), self.worker_ttl_s]
         try:
-            try:
-                sec, usec, live, fields, depth, held, paused = self._status(keys=keys, args=args)
-            except redis.ConnectionError:  # read-only, so safe to retry once: a pooled connection a restart killed
-                sec, usec, live, fields, depth, held, paused = self._status(keys=keys, args=args)
+            with self._in_flight():
+                try:
+                    sec, usec, live, fields, depth, held, paused = self._status(keys=keys, args=args)
+                except redis.ConnectionError:  # read-only, so safe to retry once: a connection a restart killed
+                    sec, usec, live, fields, depth, held, paused = self._status(keys=keys, args=args)
         except REDIS_ERRORS as exc:
             raise self._failed(exc) from exc
         if self.failed_until:
@@ -863,7 +873,7 @@ class ImageQueue:
             if self.wait_replicas or isinstance(self.redis, redis.RedisCluster):
                 held = self._push_on_master(messages, keys, args, deadline)
             else:
-                with self.redis.pipeline(transaction=True) as pipe:
+                with self.redis.pipeline(transaction=True) as pipe, self._in_flight():
                     pipe.lpush(self.keys.queue, *messages)
                     pipe.execute_command("EVAL", _ADMIT, len(keys), *keys, *args)  # cluster pipelines have no eval()
                     _, held = pipe.execute()
@@ -881,10 +891,61 @@ class ImageQueue:
             raise QueueFull(f"the queue holds {self.queue_max} images")
         return held
 
+    def answering(self, now: float) -> bool:
+        """For ShardedQueue.pick: whether the web may send requests to this queue now. Not while a status read
+        or push of the web's on it is overdue; not after one failed (_failed), until a PING from a thread of its
+        own (once the backoff is due) answers. Asked by a request instead, a Redis that hangs held that request,
+        and each other request that picked it meanwhile, for a socket timeout at every retry."""
+        if self.failed_until:
+            if now >= self.failed_until and self._probing.acquire(blocking=False):
+                threading.Thread(target=self._probe, name="shard-probe", daemon=True).start()
+            return False
+        return not self.overdue(now)
+
+    def _probe(self) -> None:
+        """answering's probe, in its own thread: a PING clears the failure, or the backoff starts again."""
+        try:
+            self.ping()
+        except REDIS_ERRORS as exc:
+            self._failed(exc)
+        else:
+            log.info("queue %s answers again", self.keys.name)
+            self.failed_until = 0.0
+            self._failures.reset()
+        finally:
+            self._probing.release()
+
+    def ping(self) -> None:
+        """PING this queue's own master: on a Cluster every shard shares one client, whose plain PING goes to its
+        default node, which answers for a shard whose master hangs. Through the cluster client, a failure also
+        makes it read the slots afresh, so a promoted replica is found."""
+        if isinstance(self.redis, redis.RedisCluster):
+            self.redis.execute_command("PING", target_nodes=self.redis.get_node_from_key(self.keys.queue))
+        else:
+            self.redis.ping()
+
+    @contextmanager
+    def _in_flight(self):
+        """Around a status read or a push of the web's (not a wait for replicas or an answer, which may block):
+        while it runs, overdue() can tell it has gone unanswered too long."""
+        call = next(self._call_ids)
+        self._calls[call] = time.monotonic()
+        try:
+            yield
+        finally:
+            del self._calls[call]
+
+    def overdue(self, now: float) -> bool:
+        """A status read or push of the web's on this queue has gone unanswered for OVERDUE_S: its Redis may
+        hang, and a thread on it waits out its socket timeout (REDIS_BLOCK_S + 0.5 s) before _failed marks it.
+        With QUEUE_SHARDS the web's other threads pass it over meanwhile (ShardedQueue.pick): before, under
+        load every web thread picked a hung shard in turn within a few requests and waited that timeout."""
+        return any(now - started > OVERDUE_S for started in self._calls.copy().values())
+
     def _failed(self, exc: redis.RedisError) -> QueueUnavailable:
         """A web call found this queue's Redis failing: with QUEUE_SHARDS, the web's requests pass this shard
-        over for a backoff (0.5-1 s, doubling up to 2.5-5 s, until a status read succeeds), so a shard whose
-        Redis hangs costs a socket timeout once in a while, not one request in every QUEUE_SHARDS."""
+        over until a probe's PING answers (answering), first after a backoff of 0.5-1 s, doubling up to 2.5-5 s
+        while probes fail, so a shard whose Redis hangs costs no request a socket timeout after the first."""
         self.failed_until = time.monotonic() + self._failures.next_delay()
         return unavailable(exc)
 
@@ -946,8 +1007,9 @@ class ImageQueue:
             try:
                 push = [("ASKING",)] if asking else []
                 push += [("MULTI",), ("LPUSH", self.keys.queue, *messages), ("EVAL", _ADMIT, len(keys), *keys, *args)]
-                connection.send_packed_command(connection.pack_commands([*push, ("EXEC",)]))
-                pushed = [connection.read_response() for _ in range(len(push) + 1)][-1]  # EXEC's: [length, held]
+                with self._in_flight():
+                    connection.send_packed_command(connection.pack_commands([*push, ("EXEC",)]))
+                    pushed = [connection.read_response() for _ in range(len(push) + 1)][-1]  # EXEC's: [length, held]
             except BaseException:
                 connection.disconnect()  # replies may be left unread: the pool must not hand it out as it is
                 raise
@@ -1266,15 +1328,16 @@ class ShardedQueue:
         self._passed_by: set[tuple[int, int]] = set()  # (shard, lane) a recovery could not hand back yet
 
     def pick(self) -> ImageQueue:
-        """The next shard in turn, passing over those whose Redis failed lately (_answering)."""
+        """The next shard in turn, passing over those whose Redis failed lately or is overdue (_answering)."""
         shards = self._answering()
         return shards[next(self._turn) % len(shards)]
 
     def _answering(self) -> list[ImageQueue]:
-        """The shards whose Redis has not failed lately on the web (ImageQueue.failed_until), or all of them
-        when every one has."""
+        """The shards the web may send requests to (ImageQueue.answering: none whose Redis failed and has not
+        answered a probe since, or has left a call of the web's unanswered for OVERDUE_S), or all of them when
+        none may."""
         now = time.monotonic()
-        return [shard for shard in self.shards if shard.failed_until <= now] or self.shards
+        return [shard for shard in self.shards if shard.answering(now)] or self.shards
 
     def status(self) -> Status:
         """The shards' statuses added up, of those whose Redis answers: one master failing over leaves the web
@@ -1512,7 +1575,7 @@ class ShardedQueue:
         probe = self._probes.get(s)
         if probe is None:
             if time.monotonic() >= self._down[s][1]:
-                self._probes[s] = self._pool.submit(self._ping, self.shards[s])
+                self._probes[s] = self._pool.submit(self.shards[s].ping)
             return False
         if not probe.done():
             return False
@@ -1523,17 +1586,6 @@ class ShardedQueue:
             self._shard_failed(s, exc)
             raise
         return True
-
-    @staticmethod
-    def _ping(shard: ImageQueue) -> None:
-        """PING the shard's own master: on a Cluster every shard shares one client, whose plain PING goes to its
-        default node, which answers for a shard whose master hangs. Through the cluster client, a failure
-        also makes it read the slots afresh, so a promoted replica is found."""
-        client = shard.redis
-        if isinstance(client, redis.RedisCluster):
-            client.execute_command("PING", target_nodes=client.get_node_from_key(shard.keys.queue))
-        else:
-            client.ping()
 
     def _hand_back(self, s: int, worker_id: str) -> int:
         """A shard answering again: requeue what failed calls may have left on this worker's lists there, on

@@ -432,6 +432,41 @@ def test_the_web_passes_over_a_hung_shard_for_a_while_instead_of_waiting_on_it_e
     assert 1 <= sum(t > 1.0 for t in took) <= 2, took
 
 
+def test_under_load_a_hung_shard_holds_requests_only_until_a_call_on_it_is_overdue(one_shard_hung, make_app):
+    """16 clients in closed loops, one shard's Redis hung, the shipped timeouts. Once a status read or push of
+    the web's on that shard has gone unanswered for OVERDUE_S, the other threads pass it over, and after the
+    first socket timeout (REDIS_BLOCK_S + 0.5 s) only a probe of its own asks it again: no request that
+    started after the first half second waits that timeout. Before, every web thread picked the hung shard in
+    turn within a few requests and waited it out, and again each time the backoff ended (19 requests over 1 s
+    in 6 s, the last ones started 1-4 s in)."""
+    worker = ModelWorker(one_shard_hung(), StandInClassifier(), batch_size=8, max_wait_s=0, heartbeat_s=0.5)
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
+    try:
+        app = make_app(QUEUE_SHARDS=3, REDIS_BLOCK_S=1.0, WORKER_TTL_S=3.0, REQUEST_TIMEOUT_S=10.0)  # shipped
+        app.extensions["models"]._queues[TEST_MODEL] = one_shard_hung(WEB_SOCKET_MARGIN_S)  # the web's queue
+        wait_for(lambda: worker.queue._down, 10)  # the worker's first take on the hung shard timed out
+        client, requests, begin = app.test_client(), [], time.monotonic()
+
+        def closed_loop():
+            while (started := time.monotonic()) < begin + 6.0:
+                status = post_image(client).status_code
+                requests.append((round(started - begin, 2), round(time.monotonic() - started, 2), status))
+
+        clients = [threading.Thread(target=closed_loop) for _ in range(16)]
+        for c in clients:
+            c.start()
+        for c in clients:
+            c.join(20)
+    finally:
+        worker.request_stop()
+        thread.join(10)
+    assert not thread.is_alive()
+    assert {status for _, _, status in requests} == {200} and len(requests) >= 100
+    slow = [(started, took) for started, took, _ in requests if took > 1.0]  # (start s, took s)
+    assert [(started, took) for started, took in slow if started > 0.5] == [], slow
+
+
 def test_a_blocking_take_that_lands_after_its_claim_is_moved_to_the_lane_that_claims_it(sharded, redis_client):
     """An idle worker blocks on every shard for lane 0; the claim returns with one message while the other
     shards' takes still wait. A message one of them moves later is taken by the next claim, on lane 1: it is
