@@ -265,11 +265,13 @@ class ClusterClient(redis.RedisCluster):
     and failed with an AttributeError (redis/redis-py#4015), a 500 for every read or write of a migrated key
     until the first slot had moved. A lookup by address that misses now adds a master of that address to the
     cache, as redis-py's own MOVED handling adds a new node; the next refresh of the slot table replaces the
-    cache. This code looks up only addresses a node gave it."""
+    cache. This code looks up only addresses a node gave it; redis-py's checks that a node is known before it
+    becomes the default node or a pub/sub's node (neither used here) would now pass for any address. Written
+    against redis-py 8.1.0; drop it once a release follows such an ASK itself."""
 
     def get_node(self, host=None, port=None, node_name=None):
         node = super().get_node(host, port, node_name)
-        if node is None and (node_name or host):
+        if node is None and (node_name or (host and port)):
             from redis.cluster import PRIMARY, ClusterNode, get_node_name
 
             name = node_name or get_node_name(host, port)
@@ -898,7 +900,11 @@ class ImageQueue:
         and each other request that picked it meanwhile, for a socket timeout at every retry."""
         if self.failed_until:
             if now >= self.failed_until and self._probing.acquire(blocking=False):
-                threading.Thread(target=self._probe, name="shard-probe", daemon=True).start()
+                try:
+                    threading.Thread(target=self._probe, name="shard-probe", daemon=True).start()
+                except BaseException:  # no thread to be had: try again after another backoff
+                    self._back_off()
+                    self._probing.release()
             return False
         return not self.overdue(now)
 
@@ -906,8 +912,8 @@ class ImageQueue:
         """answering's probe, in its own thread: a PING clears the failure, or the backoff starts again."""
         try:
             self.ping()
-        except REDIS_ERRORS as exc:
-            self._failed(exc)
+        except Exception:  # a RedisError, or the cluster client's own (a slot no master covers, none reachable)
+            self._back_off()
         else:
             log.info("queue %s answers again", self.keys.name)
             self.failed_until = 0.0
@@ -946,8 +952,11 @@ class ImageQueue:
         """A web call found this queue's Redis failing: with QUEUE_SHARDS, the web's requests pass this shard
         over until a probe's PING answers (answering), first after a backoff of 0.5-1 s, doubling up to 2.5-5 s
         while probes fail, so a shard whose Redis hangs costs no request a socket timeout after the first."""
-        self.failed_until = time.monotonic() + self._failures.next_delay()
+        self._back_off()
         return unavailable(exc)
+
+    def _back_off(self) -> None:
+        self.failed_until = time.monotonic() + self._failures.next_delay()
 
     def withdraw(self, messages: list[bytes], request_ids: list[str]) -> None:
         """Take a failed request's messages off the queue where they still wait, and drop answers already
@@ -1001,18 +1010,18 @@ class ImageQueue:
     def _push(self, client: redis.Redis, messages, keys: list[str], args: list, deadline: float | None, asking: bool):
         """One push on one connection of client's pool (ASKING first when a migration redirected it), then the
         wait for replicas on that same connection. A refused push does not wait."""
-        pool = client.connection_pool
-        connection = pool.get_connection()
+        pool, connection = client.connection_pool, None
+        push = [("ASKING",)] if asking else []
+        push += [("MULTI",), ("LPUSH", self.keys.queue, *messages), ("EVAL", _ADMIT, len(keys), *keys, *args)]
         try:
-            try:
-                push = [("ASKING",)] if asking else []
-                push += [("MULTI",), ("LPUSH", self.keys.queue, *messages), ("EVAL", _ADMIT, len(keys), *keys, *args)]
-                with self._in_flight():
+            with self._in_flight():  # its connect too: a master that drops packets hangs there
+                connection = pool.get_connection()
+                try:
                     connection.send_packed_command(connection.pack_commands([*push, ("EXEC",)]))
                     pushed = [connection.read_response() for _ in range(len(push) + 1)][-1]  # EXEC's: [length, held]
-            except BaseException:
-                connection.disconnect()  # replies may be left unread: the pool must not hand it out as it is
-                raise
+                except BaseException:
+                    connection.disconnect()  # replies may be left unread: the pool must not hand it out as it is
+                    raise
             error = next((reply for reply in pushed if isinstance(reply, Exception)), None)
             if error is not None:
                 raise error
@@ -1021,7 +1030,8 @@ class ImageQueue:
                 self._wait(connection, deadline)
             return held
         finally:
-            pool.release(connection)
+            if connection is not None:
+                pool.release(connection)
 
     def _wait(self, connection, deadline: float | None) -> None:
         """REDIS_WAIT_REPLICAS: Redis WAIT until that many replicas have the push (at most REDIS_BLOCK_S, and
@@ -1334,10 +1344,12 @@ class ShardedQueue:
 
     def _answering(self) -> list[ImageQueue]:
         """The shards the web may send requests to (ImageQueue.answering: none whose Redis failed and has not
-        answered a probe since, or has left a call of the web's unanswered for OVERDUE_S), or all of them when
-        none may."""
+        answered a probe since, or has left a call of the web's unanswered for OVERDUE_S); when none may, those
+        that have not failed, however slow (a shard known to fail is never preferred to one merely overdue);
+        when every one has failed, all of them."""
         now = time.monotonic()
-        return [shard for shard in self.shards if shard.answering(now)] or self.shards
+        answering = [shard for shard in self.shards if shard.answering(now)]
+        return answering or [shard for shard in self.shards if not shard.failed_until] or self.shards
 
     def status(self) -> Status:
         """The shards' statuses added up, of those whose Redis answers: one master failing over leaves the web

@@ -467,6 +467,56 @@ def test_under_load_a_hung_shard_holds_requests_only_until_a_call_on_it_is_overd
     assert [(started, took) for started, took in slow if started > 0.5] == [], slow
 
 
+def shards_never_asked(n: int) -> ShardedQueue:
+    """A ShardedQueue whose shards' Redis is never reached (the tests below set their state by hand)."""
+    client = connect(f"redis://127.0.0.1:{stack.free_port()}/0", 0.3)
+    return ShardedQueue([ImageQueue(client, f"never-{s}") for s in range(n)])
+
+
+def test_the_web_prefers_a_shard_merely_overdue_to_one_that_failed():
+    """Every shard that has not failed is overdue (a slow moment: GIL contention, a large push): the web picks
+    among those, never the shard whose Redis failed, until its probe answers."""
+    queue = shards_never_asked(3)
+    fine, failed, slow = queue.shards
+    failed.failed_until = time.monotonic() + 60
+    fine._calls[-1] = slow._calls[-1] = time.monotonic() - 1.0  # a call of each unanswered for a second
+    assert queue._answering() == [fine, slow]
+    assert {queue.pick().keys.name for _ in range(6)} == {fine.keys.name, slow.keys.name}
+    fine._calls.clear()
+    assert queue._answering() == [fine]
+
+
+def test_a_probe_that_cannot_start_or_fails_outside_redis_errors_backs_off_and_is_tried_again(monkeypatch):
+    """A probe thread that cannot start, or a PING that fails with the cluster client's own error (not a
+    RedisError), leaves the shard failed for another backoff and free to be probed again: not left out for good
+    (its lock held), nor probed by every request at once."""
+    from redis.exceptions import RedisClusterException
+
+    shard = shards_never_asked(1).shards[0]
+    shard.failed_until = time.monotonic() - 0.01  # the backoff is due
+
+    def no_thread(self):
+        raise RuntimeError("can't start new thread")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(threading.Thread, "start", no_thread)
+        assert shard.answering(time.monotonic()) is False
+    assert not shard._probing.locked() and shard.failed_until > time.monotonic()
+
+    def cluster_error():
+        raise RedisClusterException("Redis Cluster cannot be connected")
+
+    shard.ping = cluster_error
+    shard.failed_until = time.monotonic() - 0.01
+    assert shard.answering(time.monotonic()) is False  # starts the probe
+    wait_for(lambda: not shard._probing.locked(), 5)
+    assert shard.failed_until > time.monotonic()  # backed off again, not due at once
+    shard.ping = lambda: None
+    shard.failed_until = time.monotonic() - 0.01
+    shard.answering(time.monotonic())
+    wait_for(lambda: shard.answering(time.monotonic()), 5)  # the probe answered: the shard is back
+
+
 def test_a_blocking_take_that_lands_after_its_claim_is_moved_to_the_lane_that_claims_it(sharded, redis_client):
     """An idle worker blocks on every shard for lane 0; the claim returns with one message while the other
     shards' takes still wait. A message one of them moves later is taken by the next claim, on lane 1: it is
