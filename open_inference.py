@@ -16,6 +16,7 @@ little-endian length and the bytes; in JSON, a BYTES element is the image's byte
 
 import base64
 import binascii
+import itertools
 import json
 import math
 import struct
@@ -28,6 +29,7 @@ HEADER_LENGTH = "Inference-Header-Content-Length"
 EXTENSIONS = ["binary_tensor_data", "classification"]
 VERSION = "1"  # the one version of each model served
 PROTOCOL_VERSION = "2"  # what GET /v2 gives as the server's version: the protocol it speaks
+MAX_RANK, MAX_DIM = 8, 2**31 - 1  # a shape's dimensions, and each one's size: bounds before any arithmetic on them
 
 
 class ProtocolError(ValueError):
@@ -60,8 +62,14 @@ def model_metadata(model_id: str, height: int, width: int, classes: int, platfor
     }
 
 
-def parse_infer_request(body: bytes, header_length: str | None, size: tuple[int, int], classes: int) -> InferRequest:
-    """Read an infer request's body (size: the model's (width, height)); ProtocolError says what is wrong."""
+def parse_infer_request(
+    body: bytes, header_length: str | None, size: tuple[int, int], classes: int, max_images: int
+) -> InferRequest:
+    """Read an infer request's body (size: the model's (width, height)); ProtocolError says what is wrong.
+
+    The shape is checked before the data: a bounded rank and dimensions (a shape of hundreds of 4,000-digit
+    numbers held a web process's GIL for seconds in math.prod), and at most max_images images (QUEUE_MAX),
+    so no more elements than that are expanded from the body."""
     header, binary = split_body(body, header_length)
     try:
         request = json.loads(header)
@@ -76,21 +84,30 @@ def parse_infer_request(body: bytes, header_length: str | None, size: tuple[int,
     tensor = inputs[0]
     data = tensor_bytes(tensor, binary)
     name, datatype, shape = tensor.get("name"), tensor.get("datatype"), tensor.get("shape")
-    if not isinstance(shape, list) or not shape or not all(isinstance(n, int) and n >= 0 for n in shape):
-        raise ProtocolError(f"input {name!r}: shape must be a list of whole numbers, got {shape!r}")
+    if not (
+        isinstance(shape, list)
+        and 1 <= len(shape) <= MAX_RANK
+        and all(isinstance(n, int) and not isinstance(n, bool) and 0 <= n <= MAX_DIM for n in shape)
+    ):
+        raise ProtocolError(
+            f"input {name!r}: shape must be a list of 1 to {MAX_RANK} whole numbers from 0 to {MAX_DIM}, "
+            f"got {short(shape)}"
+        )
     images = pixels = None
     if name == IMAGE_INPUT:
         if datatype != "BYTES":
             raise ProtocolError(f"input {IMAGE_INPUT!r} must be BYTES, got {datatype!r}")
-        images = read_bytes_elements(tensor, data)
+        too_many(math.prod(shape), max_images)
+        images = read_bytes_elements(tensor, data, math.prod(shape))
         if len(images) != math.prod(shape):
-            raise ProtocolError(f"input {IMAGE_INPUT!r}: {len(images)} elements do not fill shape {shape}")
+            raise ProtocolError(f"input {IMAGE_INPUT!r}: the elements do not fill shape {shape}")
     elif name == PIXELS_INPUT:
         if datatype != "UINT8":
             raise ProtocolError(f"input {PIXELS_INPUT!r} must be UINT8, got {datatype!r}")
         width, height = size
         if len(shape) != 4 or shape[1:] != [height, width, 3]:
             raise ProtocolError(f"input {PIXELS_INPUT!r} must have shape [N, {height}, {width}, 3], got {shape}")
+        too_many(shape[0], max_images)
         pixels = read_uint8(tensor, data, shape)
     else:
         raise ProtocolError(f"no input {name!r}: send {IMAGE_INPUT!r} (BYTES) or {PIXELS_INPUT!r} (UINT8)")
@@ -101,6 +118,17 @@ def parse_infer_request(body: bytes, header_length: str | None, size: tuple[int,
     return InferRequest(
         request_id if isinstance(request_id, str) else None, images, pixels, classification, binary_output
     )
+
+
+def too_many(images: int, max_images: int) -> None:
+    if images > max_images:
+        raise ProtocolError(f"send at most {max_images} images per request, not {images}")
+
+
+def short(value) -> str:
+    """A value's repr for an error message, cut at 80 characters."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def split_body(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
@@ -130,10 +158,11 @@ def tensor_bytes(tensor: dict, binary: bytes) -> bytes | list:
     return binary
 
 
-def read_bytes_elements(tensor: dict, data: bytes | list) -> list[bytes]:
+def read_bytes_elements(tensor: dict, data: bytes | list, expected: int) -> list[bytes]:
+    """The BYTES tensor's elements; reading stops past the expected count (which is then not met)."""
     if isinstance(data, bytes):  # binary: 4-byte little-endian length, then the element, repeated
         elements, at = [], 0
-        while at < len(data):
+        while at < len(data) and len(elements) <= expected:
             if at + 4 > len(data):
                 raise ProtocolError("the BYTES tensor's binary data ends inside an element's length")
             (length,) = struct.unpack_from("<I", data, at)
@@ -142,7 +171,7 @@ def read_bytes_elements(tensor: dict, data: bytes | list) -> list[bytes]:
             elements.append(data[at + 4 : at + 4 + length])
             at += 4 + length
         return elements
-    flat = list(flatten(data))
+    flat = list(itertools.islice(flatten(data), expected + 1))
     try:
         return [base64.b64decode(item, validate=True) for item in flat]
     except (TypeError, ValueError, binascii.Error):
@@ -158,7 +187,7 @@ def read_uint8(tensor: dict, data: bytes | list, shape: list[int]) -> np.ndarray
         if len(data) != math.prod(shape):
             raise ProtocolError(f"input {PIXELS_INPUT!r}: {len(data)} bytes do not fill shape {shape}")
         return np.frombuffer(data, dtype=np.uint8).reshape(shape)
-    flat = list(flatten(data))
+    flat = list(itertools.islice(flatten(data), math.prod(shape) + 1))
     if len(flat) != math.prod(shape) or not all(isinstance(v, int) and 0 <= v <= 255 for v in flat):
         raise ProtocolError(f"input {PIXELS_INPUT!r}: data must be {math.prod(shape)} whole numbers 0-255")
     return np.asarray(flat, dtype=np.uint8).reshape(shape)

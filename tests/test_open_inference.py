@@ -39,6 +39,9 @@ from open_inference import HEADER_LENGTH, ProtocolError, encode_pixels_request, 
 SIZE = (MODEL.width, MODEL.height)
 
 
+MAX_IMAGES = 100  # QUEUE_MAX
+
+
 def binary_request(header: dict, tensor: bytes) -> tuple[bytes, str]:
     """A request in the binary tensor data extension: the JSON, then the tensor; and the JSON's length."""
     head = json.dumps(header).encode()
@@ -55,7 +58,7 @@ def bytes_elements(*items: bytes) -> bytes:
 def test_a_json_bytes_input_is_base64_images_and_the_default_output_is_every_probability():
     body = {"id": "r1", "inputs": [{"name": "image", "datatype": "BYTES", "shape": [2], "data": [
         base64.b64encode(b"one").decode(), base64.b64encode(b"two").decode()]}]}  # fmt: skip
-    infer = parse_infer_request(json.dumps(body).encode(), None, SIZE, 2)
+    infer = parse_infer_request(json.dumps(body).encode(), None, SIZE, 2, MAX_IMAGES)
     assert infer.images == [b"one", b"two"] and infer.pixels is None and infer.count == 2
     assert (infer.id, infer.classification, infer.binary_output) == ("r1", 0, False)
 
@@ -68,20 +71,20 @@ def test_binary_bytes_and_uint8_inputs_are_read_from_after_the_json():
         "outputs": [{"name": "probabilities", "parameters": {"classification": 2, "binary_data": True}}],
     }
     body, length = binary_request(header, bytes_elements(b"cat", b"house"))
-    infer = parse_infer_request(body, length, SIZE, 2)
+    infer = parse_infer_request(body, length, SIZE, 2, MAX_IMAGES)
     assert infer.images == [b"cat", b"house"] and (infer.classification, infer.binary_output) == (2, True)
 
     pixels = np.arange(2 * 32 * 48 * 3, dtype=np.uint8).reshape(2, 32, 48, 3)
     header = {"inputs": [{"name": "pixels", "datatype": "UINT8", "shape": [2, 32, 48, 3],
                           "parameters": {"binary_data_size": pixels.nbytes}}]}  # fmt: skip
-    infer = parse_infer_request(*binary_request(header, pixels.tobytes()), SIZE, 2)
+    infer = parse_infer_request(*binary_request(header, pixels.tobytes()), SIZE, 2, MAX_IMAGES)
     assert np.array_equal(infer.pixels, pixels) and infer.count == 2
 
 
 def test_the_clients_pixels_request_reads_back_as_the_same_pixels():
     pixels = np.arange(3 * 32 * 48 * 3, dtype=np.uint8).reshape(3, 32, 48, 3)
     body, headers = encode_pixels_request([p.tobytes() for p in pixels], 32, 48, 5)
-    infer = parse_infer_request(body, headers[HEADER_LENGTH], SIZE, 10)
+    infer = parse_infer_request(body, headers[HEADER_LENGTH], SIZE, 10, MAX_IMAGES)
     assert np.array_equal(infer.pixels, pixels) and (infer.classification, infer.binary_output) == (5, True)
     with pytest.raises(ValueError, match="32 x 48 x 3"):
         encode_pixels_request([pixels[0].tobytes()[:-1]], 32, 48, 5)
@@ -127,8 +130,30 @@ def test_the_clients_pixels_request_reads_back_as_the_same_pixels():
             b'{"inputs": [{"name": "pixels", "datatype": "UINT8", "shape": [' + str(2**54).encode() + b", 32, 48, 3], "
             b'"data": []}]}',
             None,
-            "whole numbers 0-255",
+            "shape must be",
         ),  # 2**54 x ...: numpy's product of that shape wraps to 0
+        (
+            b'{"inputs": [{"name": "image", "datatype": "BYTES", "shape": [' + b", ".join([b"9" * 4000] * 9) + b"], "
+            b'"data": ["AA=="]}]}',
+            None,
+            "shape must be a list of 1 to 8 whole numbers",
+        ),  # hundreds of such dimensions held the GIL for seconds in math.prod
+        (
+            b'{"inputs": [{"name": "image", "datatype": "BYTES", "shape": [101], "data": ["AA=="]}]}',
+            None,
+            "at most 100",
+        ),
+        (
+            b'{"inputs": [{"name": "pixels", "datatype": "UINT8", "shape": [101, 32, 48, 3], "data": [0]}]}',
+            None,
+            "at most 100 images",
+        ),  # fmt: skip
+        (
+            b'{"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], '
+            b'"parameters": {"binary_data_size": 400000}}]}' + b"\x00" * 400000,
+            "json",
+            "do not fill",
+        ),  # 100,000 empty elements for a shape of 1: reading stops at the second
         (b"{}", "99", HEADER_LENGTH),
         (
             b'{"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "parameters": {"binary_data_size": 9}}]}'
@@ -148,8 +173,8 @@ def test_a_request_that_breaks_the_protocol_says_what_to_fix(body, length, words
     if length == "json":  # binary: the JSON's length
         length = str(body.index(b"}]}") + 3)
     with pytest.raises(ProtocolError) as error:
-        parse_infer_request(body, length, SIZE, 2)
-    assert words in str(error.value)
+        parse_infer_request(body, length, SIZE, 2, MAX_IMAGES)
+    assert words in str(error.value) and len(str(error.value)) < 300  # the request is not echoed back whole
 
 
 def test_the_answer_is_fp32_probabilities_or_the_classification_strings_in_json_or_binary():
@@ -254,6 +279,19 @@ def test_a_requests_images_are_decoded_in_turn_under_one_decode_slot(app, client
     assert response.status_code == 200, response.text
     assert len(taken) == 1 and sum(worker.batches) == 3
     assert post_image(client).status_code == 200 and len(taken) == 2  # /predict: one image, one turn
+
+
+def test_a_requests_json_is_parsed_under_a_decode_slot_too(app, client, worker):
+    """A JSON body parses into ~11 x its size (a 16 MB request of UINT8 pixels, ~190 MB): the parse waits for a
+    decode slot as a decode does, so DECODE_SLOTS bounds it too. Pixels need no decode: they took no slot."""
+    pixels = np.zeros((1, *reversed(SIZE), 3), np.uint8)
+    body = {"inputs": [{"name": "pixels", "datatype": "UINT8", "shape": list(pixels.shape),
+                        "data": pixels.ravel().tolist()}]}  # fmt: skip
+    assert client.post(f"/v2/models/{TEST_MODEL}/infer", json=body).status_code == 200
+    for _ in range(app.config["DECODE_SLOTS"]):
+        app.extensions["decode_slots"].acquire()  # huge requests are being parsed or decoded
+    response = client.post(f"/v2/models/{TEST_MODEL}/infer", json=body)
+    assert response.status_code == 503 and "decoders stayed busy" in response.json["error"]
 
 
 def test_uint8_pixels_reach_the_worker_unchanged(client, worker):
