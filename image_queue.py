@@ -146,8 +146,12 @@ TRANSIENT_ERRORS = (
     redis.exceptions.OutOfMemoryError,
     redis.exceptions.ClusterDownError,  # also MASTERDOWN
     redis.exceptions.TryAgainError,
+    # the Cluster client's own, not RedisErrors: no node reachable to read the slots from, a slot no master covers
+    redis.exceptions.RedisClusterException,
 )
-REDIS_ERRORS = (redis.RedisError,)  # what the callers catch; redis_trouble says which kind it is
+# the Cluster client's own that mean a mistake in a call (keys of several slots in one transaction), not an outage
+CLUSTER_MISUSE = (redis.exceptions.CrossSlotTransactionError, redis.exceptions.InvalidPipelineStack)
+REDIS_ERRORS = (redis.RedisError, redis.exceptions.RedisClusterException)  # what the callers catch (redis_trouble)
 WEB_SOCKET_MARGIN_S = 0.5  # web: a stalled Redis delays a 503/504 by at most REDIS_BLOCK_S + this
 WORKER_SOCKET_MARGIN_S = 2.0  # worker: room to move a batch of messages over a slow link
 NO_DEADLINE = 1e18  # deadline for answers that must go out whatever the time (poison messages)
@@ -196,6 +200,8 @@ def redis_trouble(exc: redis.RedisError) -> str:
     code = reply_code(exc)
     if isinstance(exc, CONFIGURATION_ERRORS) or code in CONFIGURATION_REPLIES:
         return "configuration"
+    if isinstance(exc, CLUSTER_MISUSE):
+        return "unexpected"
     if isinstance(exc, TRANSIENT_ERRORS) or code in TRANSIENT_REPLIES:
         return "transient"
     return "unexpected"
@@ -912,7 +918,7 @@ class ImageQueue:
         """answering's probe, in its own thread: a PING clears the failure, or the backoff starts again."""
         try:
             self.ping()
-        except Exception:  # a RedisError, or the cluster client's own (a slot no master covers, none reachable)
+        except Exception:  # a Redis error (REDIS_ERRORS), or whatever else: this shard is not left due for ever
             self._back_off()
         else:
             log.info("queue %s answers again", self.keys.name)
@@ -989,23 +995,20 @@ class ImageQueue:
             return self._push(client, messages, keys, args, deadline, asking=False)
         give_up = time.monotonic() + self.block_s
         give_up = give_up if deadline is None else min(give_up, deadline)
-        try:
-            node, asking = client.get_node_from_key(self.keys.queue), False
-            for tries in itertools.count(1):
-                try:
-                    return self._push(client.get_redis_connection(node), messages, keys, args, deadline, asking)
-                except (redis.exceptions.AskError, redis.exceptions.TryAgainError) as exc:  # MovedError: an AskError
-                    if time.monotonic() >= give_up:
-                        raise
-                    if isinstance(exc, redis.exceptions.MovedError):
-                        client.nodes_manager.move_slot(exc)
-                        node, asking = client.get_node_from_key(self.keys.queue), False
-                    elif isinstance(exc, redis.exceptions.AskError):
-                        node, asking = client.get_node(host=exc.host, port=exc.port), True
-                    if tries >= 2 or isinstance(exc, redis.exceptions.TryAgainError):
-                        time.sleep(0.05)  # nodes that disagree for a moment are not asked in a tight loop
-        except redis.exceptions.SlotNotCoveredError as exc:  # not a RedisError: it would be a 500
-            raise redis.exceptions.ClusterDownError(str(exc)) from exc
+        node, asking = client.get_node_from_key(self.keys.queue), False
+        for tries in itertools.count(1):
+            try:
+                return self._push(client.get_redis_connection(node), messages, keys, args, deadline, asking)
+            except (redis.exceptions.AskError, redis.exceptions.TryAgainError) as exc:  # MovedError: an AskError
+                if time.monotonic() >= give_up:
+                    raise
+                if isinstance(exc, redis.exceptions.MovedError):
+                    client.nodes_manager.move_slot(exc)
+                    node, asking = client.get_node_from_key(self.keys.queue), False
+                elif isinstance(exc, redis.exceptions.AskError):
+                    node, asking = client.get_node(host=exc.host, port=exc.port), True
+                if tries >= 2 or isinstance(exc, redis.exceptions.TryAgainError):
+                    time.sleep(0.05)  # nodes that disagree for a moment are not asked in a tight loop
 
     def _push(self, client: redis.Redis, messages, keys: list[str], args: list, deadline: float | None, asking: bool):
         """One push on one connection of client's pool (ASKING first when a migration redirected it), then the

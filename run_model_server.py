@@ -180,15 +180,17 @@ class Heartbeat:
                 call()
                 backoff.reset()
                 delay = self.every_s
-            except REDIS_ERRORS as exc:
+            except Exception as exc:  # a Redis error, or anything else: a heartbeat thread must never die silently
                 delay = min(backoff.next_delay(), self.every_s)
                 if backoff.failures == 1:  # the main loop logs the outage too: once per outage and thread here
+                    redis = isinstance(exc, REDIS_ERRORS)
                     log.warning(
                         "worker %s: heartbeat%s failed (%s: %s); retrying",
                         self.worker_id,
                         where,
-                        redis_trouble(exc),
+                        redis_trouble(exc) if redis else "unexpected",
                         exc,
+                        exc_info=not redis,  # a bug: its traceback
                     )
 
 

@@ -438,6 +438,40 @@ def test_a_scale_out_moves_the_queues_slot_to_a_master_the_client_has_never_met(
     assert reader.status().queue_depth == pusher.status().queue_depth == 3
 
 
+def test_the_whole_cluster_down_for_a_moment_ends_neither_the_worker_nor_its_heartbeat(tmp_path, caplog):
+    """With no node reachable, redis-py's cluster client cannot read the slots and raises its own
+    RedisClusterException, which is not a RedisError: the worker caught only RedisErrors, so it exited ("the
+    feeder failed; stopping") or a heartbeat thread died silently, leaving a worker that served but looked dead
+    to its peers. Both now back off as in any Redis outage, and serve again once the cluster is back."""
+    from run_web_server import create_app
+
+    port, node_dir = cluster_port(), tmp_path / "node"
+    node_dir.mkdir()
+    argv = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+            "--dir", str(node_dir), "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]  # fmt: skip
+    node = subprocess.Popen(argv, stdout=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: _answers(port), 10)
+        redis.Redis(port=port).execute_command("CLUSTER", "ADDSLOTSRANGE", 0, 16383)  # a cluster of one master
+        wait_for(lambda: b"cluster_state:ok" in redis.Redis(port=port).execute_command("CLUSTER", "INFO"), 10)
+        config = cluster_config(f"redis://127.0.0.1:{port}/0", "dq")
+        with worker_thread(config) as worker:
+            client = create_app(config).test_client()
+            wait_for(lambda: post_image(client).status_code == 200, 10)
+            node.terminate()
+            node.wait(10)
+            wait_for(lambda: "RedisClusterException" in caplog.text or "cannot be connected" in caplog.text, 10)
+            time.sleep(0.5)  # a few more rounds of every thread against the cluster client's own error
+            node = subprocess.Popen(argv, stdout=subprocess.DEVNULL)  # its nodes.conf keeps the slots
+            wait_for(lambda: post_image(client).status_code == 200, 20)
+            assert all(thread.is_alive() for thread in worker._heartbeat._threads)
+            assert "; stopping" not in caplog.text
+    finally:
+        if node.poll() is None:
+            node.terminate()
+            node.wait(10)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_a_master_killed_under_load_its_replica_takes_over_and_the_other_shards_serve_on(
