@@ -240,17 +240,25 @@ class Settings:
 
     @property
     def takeover_batches(self) -> int:
-        """Batches a survivor runs until a dead peer's requeued messages are answered, at worst: the one it is
-        running, the next it has claimed (pipelined, PIPELINE_DEPTH > 1, or auto unresolved), then theirs."""
-        return 2 if self.PIPELINE_DEPTH == 1 else 3
+        """Batch times in the life of a dead worker's oldest request, at worst, besides WORKER_TTL_S and
+        WORKER_HEARTBEAT_S (takeover_s): those it spent in the dead worker, and those a survivor runs first.
+
+        Serial (PIPELINE_DEPTH=1): it ran in the dead worker's batch (1); a survivor finishes its own batch
+        (1), then runs it (1): 3. Pipelined, depth d (auto unresolved counts as the deepest): it waited in the
+        dead worker's next batch while the one before ran, then ran (2); a survivor finishes its own batch and
+        runs the one it had claimed (2); the dead worker's d batches come back in lane order, not by age, so
+        its may be the last of them (d): 4 + d. (The older rule, 2 and 3, counted from the death, not from
+        the request's arrival, and one requeued batch only: a request could expire before a survivor ran it.)
+        """
+        depth = self.PIPELINE_DEPTH or MAX_PIPELINE_DEPTH
+        return 3 if depth == 1 else 4 + depth
 
     def takeover_s(self, longest_batch_s: float) -> float:
-        """Seconds from a worker's death until a survivor has answered the batch it held, at worst.
-
-        Its last heartbeat may have come just before it died; it counts as dead WORKER_TTL_S later; the
-        next peer heartbeat (within WORKER_HEARTBEAT_S) requeues its batch; a survivor may be mid-batch
-        (one longest batch) with the next batch claimed (another, when pipelined) before it runs the
-        requeued messages (one more).
+        """Seconds from a request's arrival until a survivor has answered it, at worst, when the worker that
+        took it dies: the batches of takeover_batches, plus the dead worker's silence. Its last heartbeat may
+        have come just before it died; it counts as dead WORKER_TTL_S later; the next peer heartbeat (within
+        WORKER_HEARTBEAT_S) requeues what it held. (Time waiting in the queue before any worker took it, under
+        a load over the capacity, is not counted: that is what the deadline's 504 is for.)
         """
         return self.WORKER_TTL_S + self.WORKER_HEARTBEAT_S + self.takeover_batches * longest_batch_s
 

@@ -149,12 +149,12 @@ def test_the_module_reads_the_environment_once_and_a_bad_value_stops_the_process
 @pytest.mark.parametrize(
     "value, on_host_cpu, depth, takeover_batches",
     [
-        (None, True, 1, 3),  # the default, auto: serial where the model has the host's cores (OpenVINO, CPU Keras)
-        (None, False, 3, 3),  # ... pipelined where it runs on a GPU; unresolved, the takeover order assumes 3
-        ("AUTO", True, 1, 3),
-        ("1", False, 1, 2),  # a number is kept whatever the model runs on
-        ("3", True, 3, 3),
-        ("2", True, 2, 3),
+        (None, True, 1, 7),  # the default, auto: serial where the model has the host's cores (OpenVINO, CPU Keras)
+        (None, False, 3, 7),  # ... pipelined where it runs on a GPU; unresolved, the takeover order assumes depth 3
+        ("AUTO", True, 1, 7),
+        ("1", False, 1, 3),  # a number is kept whatever the model runs on
+        ("3", True, 3, 7),
+        ("2", True, 2, 6),
     ],
 )
 def test_pipeline_depth_auto_is_serial_on_the_hosts_cores_pipelined_on_a_gpu(
@@ -168,31 +168,31 @@ def test_pipeline_depth_auto_is_serial_on_the_hosts_cores_pipelined_on_a_gpu(
 def test_a_worker_refuses_settings_under_which_a_dead_workers_requests_expire_before_takeover():
     defaults = Settings.from_env({})
     assert (defaults.WORKER_TTL_S, defaults.WORKER_HEARTBEAT_S, defaults.REQUEST_TIMEOUT_S) == (3.0, 0.5, 10.0)
-    # pipelined (PIPELINE_DEPTH 3, or auto before the worker resolves it): the batch a survivor runs, the one
-    # it has claimed, then the dead one's
-    assert defaults.takeover_s(1.1) == pytest.approx(6.8)  # ResNet50, batch 32, on 2 cores: room to spare
-    defaults.check_takeover(1.1)
-    with pytest.raises(SettingError, match=r"WORKER_TTL_S \(3 s\).*3 x the largest batch \(2.50 s here\)"):
-        defaults.check_takeover(2.5)  # 3 + 0.5 + 7.5 >= 10
-    serial = Settings.from_env({"PIPELINE_DEPTH": "1"})
-    assert serial.takeover_s(1.1) == pytest.approx(5.7)
-    serial.check_takeover(2.5)  # 3 + 0.5 + 5 < 10
-    with pytest.raises(SettingError, match=r"2 x the largest batch \(3.40 s here\)"):
-        serial.check_takeover(3.4)  # 3 + 0.5 + 6.8 >= 10
-    Settings.from_env({"REQUEST_TIMEOUT_S": "14"}).check_takeover(3.4)
+    # pipelined (PIPELINE_DEPTH 3, or auto before the worker resolves it): the request waited and ran in the
+    # dead worker (2 batches), a survivor's running and claimed batches (2), then the dead worker's 3
+    assert defaults.takeover_s(0.5) == pytest.approx(7.0)
+    defaults.check_takeover(0.9)
+    with pytest.raises(SettingError, match=r"WORKER_TTL_S \(3 s\).*7 x the largest batch \(1.00 s here\)"):
+        defaults.check_takeover(1.0)  # 3 + 0.5 + 7 >= 10
+    serial = Settings.from_env({"PIPELINE_DEPTH": "1"})  # it ran in the dead worker's batch, then 2 of a survivor
+    assert serial.takeover_s(1.1) == pytest.approx(6.8)  # ResNet50, batch 32, on 2 cores (TensorFlow): fits
+    serial.check_takeover(2.1)  # 3 + 0.5 + 6.3 < 10
+    with pytest.raises(SettingError, match=r"3 x the largest batch \(2.20 s here\)"):
+        serial.check_takeover(2.2)  # 3 + 0.5 + 6.6 >= 10
+    Settings.from_env({"REQUEST_TIMEOUT_S": "14"}).check_takeover(1.4)  # 3 + 0.5 + 9.8 < 14
     with pytest.raises(SettingError, match="lower WORKER_TTL_S or BATCH_SIZE, or raise REQUEST_TIMEOUT_S"):
         Settings.from_env({"WORKER_TTL_S": "10"}).check_takeover(0.1)  # the old default TTL: 504s, not takeover
 
 
 def test_the_largest_batch_in_the_takeover_order_is_interpolated_between_timed_sizes():
-    assert Settings.from_env({}).largest_batch_in_takeover({1: 0.167, 2: 0.282, 32: 3.436}) == 19  # (10-3.5)/3 s
-    defaults = Settings.from_env({"PIPELINE_DEPTH": "1"})  # serial: a batch may take up to (10 - 3 - 0.5) / 2 s
+    assert Settings.from_env({}).largest_batch_in_takeover({1: 0.167, 2: 0.282, 32: 3.436}) == 8  # (10-3.5)/7 s
+    defaults = Settings.from_env({"PIPELINE_DEPTH": "1"})  # serial: a batch may take up to (10 - 3 - 0.5) / 3 s
     assert defaults.largest_batch_in_takeover({1: 0.1, 2: 0.2, 32: 1.1}) == 32  # all fit
     # the slow CI machine's warm-up with two workers warming at once: 0.105 s more per image after batch 2
-    assert defaults.largest_batch_in_takeover({1: 0.167, 2: 0.282, 32: 3.436}) == 30
+    assert defaults.largest_batch_in_takeover({1: 0.167, 2: 0.282, 32: 3.436}) == 19
     assert defaults.largest_batch_in_takeover({1: 0.5, 2: 3.3, 32: 9.0}) == 1  # nothing between 1 and 2
     assert defaults.largest_batch_in_takeover({1: 3.3, 2: 6.0}) == 0  # even one image is too slow
-    assert defaults.largest_batch_in_takeover({1: 1.0, 2: 4.0, 4: 3.0}) == 4  # noise: a larger batch timed faster
+    assert defaults.largest_batch_in_takeover({1: 1.0, 2: 2.5, 4: 2.0}) == 4  # noise: a larger batch timed faster
     for timings in ({1: 0.167, 2: 0.282, 32: 3.436}, {1: 0.5, 2: 3.3}, {1: 0.2, 8: 1.0, 32: 5.0}):
         n = defaults.largest_batch_in_takeover(timings)
         below, above = max(k for k in timings if k <= n), min((k for k in timings if k > n), default=None)
