@@ -899,11 +899,11 @@ class ImageQueue:
             raise QueueFull(f"the queue holds {self.queue_max} images")
         return held
 
-    def answering(self, now: float) -> bool:
-        """For ShardedQueue.pick: whether the web may send requests to this queue now. Not while a status read
-        or push of the web's on it is overdue; not after one failed (_failed), until a PING from a thread of its
-        own (once the backoff is due) answers. Asked by a request instead, a Redis that hangs held that request,
-        and each other request that picked it meanwhile, for a socket timeout at every retry."""
+    def failing(self, now: float) -> bool:
+        """For ShardedQueue.pick: whether a call of the web's on this queue failed (_failed) and no probe has
+        answered since: a PING from a thread of its own, once the backoff is due. Asked by a request instead, a
+        Redis that hangs held that request, and each other request that picked it meanwhile, for a socket
+        timeout at every retry."""
         if self.failed_until:
             if now >= self.failed_until and self._probing.acquire(blocking=False):
                 try:
@@ -911,11 +911,11 @@ class ImageQueue:
                 except BaseException:  # no thread to be had: try again after another backoff
                     self._back_off()
                     self._probing.release()
-            return False
-        return not self.overdue(now)
+            return True
+        return False
 
     def _probe(self) -> None:
-        """answering's probe, in its own thread: a PING clears the failure, or the backoff starts again."""
+        """failing's probe, in its own thread: a PING clears the failure, or the backoff starts again."""
         try:
             self.ping()
         except Exception:  # a Redis error (REDIS_ERRORS), or whatever else: this shard is not left due for ever
@@ -939,7 +939,7 @@ class ImageQueue:
     @contextmanager
     def _in_flight(self):
         """Around a status read or a push of the web's (not a wait for replicas or an answer, which may block):
-        while it runs, overdue() can tell it has gone unanswered too long."""
+        while it runs, stalled_s() can tell it has gone unanswered too long."""
         call = next(self._call_ids)
         self._calls[call] = time.monotonic()
         try:
@@ -947,12 +947,13 @@ class ImageQueue:
         finally:
             del self._calls[call]
 
-    def overdue(self, now: float) -> bool:
-        """A status read or push of the web's on this queue has gone unanswered for OVERDUE_S: its Redis may
-        hang, and a thread on it waits out its socket timeout (REDIS_BLOCK_S + 0.5 s) before _failed marks it.
-        With QUEUE_SHARDS the web's other threads pass it over meanwhile (ShardedQueue.pick): before, under
-        load every web thread picked a hung shard in turn within a few requests and waited that timeout."""
-        return any(now - started > OVERDUE_S for started in self._calls.copy().values())
+    def stalled_s(self, now: float) -> float:
+        """How long the oldest status read or push of the web's on this queue in flight has gone unanswered (0:
+        none). Over OVERDUE_S its Redis may hang, and a thread on it waits out its socket timeout (REDIS_BLOCK_S +
+        0.5 s) before _failed marks it: with QUEUE_SHARDS the web's other threads pass it over meanwhile
+        (ShardedQueue.pick). Before, under load every web thread picked a hung shard in turn within a few
+        requests and waited that timeout."""
+        return max((now - started for started in self._calls.copy().values()), default=0.0)
 
     def _failed(self, exc: redis.RedisError) -> QueueUnavailable:
         """A web call found this queue's Redis failing: with QUEUE_SHARDS, the web's requests pass this shard
@@ -1346,13 +1347,17 @@ class ShardedQueue:
         return shards[next(self._turn) % len(shards)]
 
     def _answering(self) -> list[ImageQueue]:
-        """The shards the web may send requests to (ImageQueue.answering: none whose Redis failed and has not
-        answered a probe since, or has left a call of the web's unanswered for OVERDUE_S); when none may, those
-        that have not failed, however slow (a shard known to fail is never preferred to one merely overdue);
-        when every one has failed, all of them."""
+        """The shards the web may send requests to: not those whose Redis failed and has not answered a probe
+        since (ImageQueue.failing), nor those with a call of the web's unanswered for OVERDUE_S (stalled_s).
+        When every shard that has not failed is overdue (a busy moment: threads waiting for the GIL), the least
+        stalled of them: a hung one's stall only grows, so it is never preferred to one merely slow. When every
+        shard has failed, all of them."""
         now = time.monotonic()
-        answering = [shard for shard in self.shards if shard.answering(now)]
-        return answering or [shard for shard in self.shards if not shard.failed_until] or self.shards
+        working = [shard for shard in self.shards if not shard.failing(now)]
+        if not working:
+            return self.shards
+        stalled = {shard: shard.stalled_s(now) for shard in working}
+        return [shard for shard in working if stalled[shard] <= OVERDUE_S] or [min(working, key=stalled.get)]
 
     def status(self) -> Status:
         """The shards' statuses added up, of those whose Redis answers: one master failing over leaves the web

@@ -473,17 +473,23 @@ def shards_never_asked(n: int) -> ShardedQueue:
     return ShardedQueue([ImageQueue(client, f"never-{s}") for s in range(n)])
 
 
-def test_the_web_prefers_a_shard_merely_overdue_to_one_that_failed():
-    """Every shard that has not failed is overdue (a slow moment: GIL contention, a large push): the web picks
-    among those, never the shard whose Redis failed, until its probe answers."""
+def test_when_every_working_shard_is_overdue_the_web_picks_the_least_stalled_never_one_that_failed():
+    """Every shard that has not failed is overdue (a busy moment: threads waiting for the GIL, a large push):
+    the web picks the least stalled of them, never the shard whose Redis failed (until its probe answers), nor
+    one whose call has gone unanswered longest (a hung shard's stall only grows: before it first fails, it would
+    otherwise be picked again whenever the others were slow at once)."""
     queue = shards_never_asked(3)
     fine, failed, slow = queue.shards
     failed.failed_until = time.monotonic() + 60
-    fine._calls[-1] = slow._calls[-1] = time.monotonic() - 1.0  # a call of each unanswered for a second
-    assert queue._answering() == [fine, slow]
-    assert {queue.pick().keys.name for _ in range(6)} == {fine.keys.name, slow.keys.name}
-    fine._calls.clear()
+    fine._calls[-1] = time.monotonic() - 0.3  # unanswered for 0.3 s: a slow moment
+    slow._calls[-1] = time.monotonic() - 1.2  # for 1.2 s: it may hang
     assert queue._answering() == [fine]
+    assert {queue.pick().keys.name for _ in range(6)} == {fine.keys.name}
+    fine._calls.clear()
+    slow._calls.clear()
+    assert queue._answering() == [fine, slow]
+    failed.failed_until = 0.0
+    assert queue._answering() == [fine, failed, slow]
 
 
 def test_a_probe_that_cannot_start_or_fails_outside_redis_errors_backs_off_and_is_tried_again(monkeypatch):
@@ -500,7 +506,7 @@ def test_a_probe_that_cannot_start_or_fails_outside_redis_errors_backs_off_and_i
 
     with monkeypatch.context() as patched:
         patched.setattr(threading.Thread, "start", no_thread)
-        assert shard.answering(time.monotonic()) is False
+        assert shard.failing(time.monotonic()) is True
     assert not shard._probing.locked() and shard.failed_until > time.monotonic()
 
     def cluster_error():
@@ -508,13 +514,13 @@ def test_a_probe_that_cannot_start_or_fails_outside_redis_errors_backs_off_and_i
 
     shard.ping = cluster_error
     shard.failed_until = time.monotonic() - 0.01
-    assert shard.answering(time.monotonic()) is False  # starts the probe
+    assert shard.failing(time.monotonic()) is True  # starts the probe
     wait_for(lambda: not shard._probing.locked(), 5)
     assert shard.failed_until > time.monotonic()  # backed off again, not due at once
     shard.ping = lambda: None
     shard.failed_until = time.monotonic() - 0.01
-    shard.answering(time.monotonic())
-    wait_for(lambda: shard.answering(time.monotonic()), 5)  # the probe answered: the shard is back
+    shard.failing(time.monotonic())
+    wait_for(lambda: not shard.failing(time.monotonic()), 5)  # the probe answered: the shard is back
 
 
 def test_a_blocking_take_that_lands_after_its_claim_is_moved_to_the_lane_that_claims_it(sharded, redis_client):
