@@ -8,6 +8,7 @@ drained and counted.
 import socket
 import threading
 import time
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -399,21 +400,32 @@ def test_the_web_passes_over_a_shard_whose_redis_is_down_and_every_request_is_se
     assert not thread.is_alive()
 
 
-def test_the_web_passes_over_a_hung_shard_for_a_while_instead_of_waiting_on_it_every_third_request(
-    one_shard_hung, make_app
-):
-    """A shard whose Redis hangs costs the request that finds it a socket timeout (REDIS_BLOCK_S + 0.5 s)
-    before it goes to the next shard; the web then passes that shard over for a backoff, and /readyz does not
-    ask it either. Picked in turn regardless, every other request waited the timeout."""
+@contextmanager
+def serving_with_a_hung_shard(one_shard_hung, make_app):
+    """The app and the real worker loop (the stand-in model) on three shards, the second hung, with the shipped
+    timeouts; yields the app once the worker's first take on the hung shard has timed out."""
     worker = ModelWorker(one_shard_hung(), StandInClassifier(), batch_size=8, max_wait_s=0, heartbeat_s=0.5)
     thread = threading.Thread(target=worker.run, daemon=True)
     thread.start()
     try:
         app = make_app(QUEUE_SHARDS=3, REDIS_BLOCK_S=1.0, WORKER_TTL_S=3.0, REQUEST_TIMEOUT_S=10.0)  # shipped
         app.extensions["models"]._queues[TEST_MODEL] = one_shard_hung(WEB_SOCKET_MARGIN_S)  # the web's queue
-        client = app.test_client()
-        wait_for(lambda: worker.queue._down, 10)  # the worker's first take on the hung shard timed out
-        took = []
+        wait_for(lambda: worker.queue._down, 10)
+        yield app
+    finally:
+        worker.request_stop()
+        thread.join(10)
+    assert not thread.is_alive()
+
+
+def test_the_web_passes_over_a_hung_shard_for_a_while_instead_of_waiting_on_it_every_third_request(
+    one_shard_hung, make_app
+):
+    """A shard whose Redis hangs costs the request that finds it a socket timeout (REDIS_BLOCK_S + 0.5 s)
+    before it goes to the next shard; the web then passes that shard over for a backoff, and /readyz does not
+    ask it either. Picked in turn regardless, every other request waited the timeout."""
+    with serving_with_a_hung_shard(one_shard_hung, make_app) as app:
+        client, took = app.test_client(), []
         for _ in range(8):  # within the first backoff (0.5-1 s)
             started = time.monotonic()
             response = post_image(client)
@@ -424,10 +436,6 @@ def test_the_web_passes_over_a_hung_shard_for_a_while_instead_of_waiting_on_it_e
         started = time.monotonic()
         assert client.get("/readyz").get_json()["ready"] is True
         assert time.monotonic() - started < 1.0  # the shard passed over is not asked either
-    finally:
-        worker.request_stop()
-        thread.join(10)
-    assert not thread.is_alive()
     # the request that found it hung, and (on a slow box, past the first backoff of 0.5-1 s) one more at most
     assert 1 <= sum(t > 1.0 for t in took) <= 2, took
 
@@ -439,13 +447,7 @@ def test_under_load_a_hung_shard_holds_requests_only_until_a_call_on_it_is_overd
     started after the first half second waits that timeout. Before, every web thread picked the hung shard in
     turn within a few requests and waited it out, and again each time the backoff ended (19 requests over 1 s
     in 6 s, the last ones started 1-4 s in)."""
-    worker = ModelWorker(one_shard_hung(), StandInClassifier(), batch_size=8, max_wait_s=0, heartbeat_s=0.5)
-    thread = threading.Thread(target=worker.run, daemon=True)
-    thread.start()
-    try:
-        app = make_app(QUEUE_SHARDS=3, REDIS_BLOCK_S=1.0, WORKER_TTL_S=3.0, REQUEST_TIMEOUT_S=10.0)  # shipped
-        app.extensions["models"]._queues[TEST_MODEL] = one_shard_hung(WEB_SOCKET_MARGIN_S)  # the web's queue
-        wait_for(lambda: worker.queue._down, 10)  # the worker's first take on the hung shard timed out
+    with serving_with_a_hung_shard(one_shard_hung, make_app) as app:
         client, requests, begin = app.test_client(), [], time.monotonic()
 
         def closed_loop():
@@ -458,10 +460,6 @@ def test_under_load_a_hung_shard_holds_requests_only_until_a_call_on_it_is_overd
             c.start()
         for c in clients:
             c.join(20)
-    finally:
-        worker.request_stop()
-        thread.join(10)
-    assert not thread.is_alive()
     assert {status for _, _, status in requests} == {200} and len(requests) >= 100
     slow = [(started, took) for started, took, _ in requests if took > 1.0]  # (start s, took s)
     assert [(started, took) for started, took in slow if started > 0.5] == [], (slow, len(requests))
