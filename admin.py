@@ -17,10 +17,8 @@ import argparse
 import sys
 import time
 
-import redis
-
 import settings
-from image_queue import ImageQueue, ModelDirectory, QueueUnavailable, ShardedQueue
+from image_queue import REDIS_ERRORS, ImageQueue, ModelDirectory, QueueUnavailable, ShardedQueue
 
 
 def show(queue: ImageQueue | ShardedQueue) -> None:
@@ -63,7 +61,7 @@ def drain(queues: list[ImageQueue | ShardedQueue], wait_s: float) -> int:
 def main(argv: list[str] | None = None) -> int:
     try:
         return run(argv)
-    except (QueueUnavailable, redis.RedisError) as exc:  # one line that says which setting to check
+    except (QueueUnavailable, *REDIS_ERRORS) as exc:  # one line that says which setting to check
         print(f"admin.py: {exc}; is REDIS_URL set to the service's Redis?", file=sys.stderr)
         return 1
 

@@ -197,6 +197,9 @@ def reply_code(exc: redis.RedisError) -> str:
 
 def redis_trouble(exc: redis.RedisError) -> str:
     """ "transient", "configuration" or "unexpected" (see TRANSIENT_REPLIES)."""
+    exc = underlying(exc)
+    if isinstance(exc, redis.exceptions.RedisClusterException) and "Cluster mode is not enabled" in str(exc):
+        return "configuration"  # REDIS_CLUSTER set for a Redis that is not a cluster
     code = reply_code(exc)
     if isinstance(exc, CONFIGURATION_ERRORS) or code in CONFIGURATION_REPLIES:
         return "configuration"
@@ -207,11 +210,22 @@ def redis_trouble(exc: redis.RedisError) -> str:
     return "unexpected"
 
 
+def underlying(exc: redis.RedisError) -> redis.RedisError:
+    """The Redis error behind a Cluster client's own: when it cannot read the slots from any node, redis-py
+    raises RedisClusterException from the last node's error, which may be a refused password or ACL."""
+    cause = exc.__cause__
+    if isinstance(exc, redis.exceptions.RedisClusterException) and isinstance(cause, REDIS_ERRORS):
+        return underlying(cause)
+    return exc
+
+
 def unavailable(exc: redis.RedisError) -> QueueUnavailable:
     """The web's 503 for a Redis error; one that refused our credentials says which setting to check."""
     kind = redis_trouble(exc)
-    if isinstance(exc, redis.AuthenticationError):
+    if isinstance(underlying(exc), redis.AuthenticationError):
         return QueueMisconfigured(f"Redis authentication failed ({exc}): check the password in REDIS_URL")
+    if "Cluster mode is not enabled" in str(exc):
+        return QueueMisconfigured(f"REDIS_CLUSTER is set, but {exc}: unset it, or name a cluster node in REDIS_URL")
     if kind == "configuration":
         return QueueMisconfigured(f"Redis refused a command ({exc}): the ACL of REDIS_URL's user must allow it")
     if kind == "unexpected":

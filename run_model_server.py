@@ -616,7 +616,7 @@ def main() -> int:
         depth,
         "" if settings.PIPELINE_DEPTH else f" (auto: the model runs on {'this host' if on_host_cpu else 'a GPU'})",
     )
-    try:  # the takeover order with this worker's own depth: a serial survivor answers a dead peer's batch sooner
+    try:  # the takeover order with this worker's own depth (Settings.takeover_batches: its peers' too)
         batch_size = serving_batch_size(classifier, timings, settings.current.replace(PIPELINE_DEPTH=depth))
     except settings.SettingError as exc:
         log.error("cannot serve with these settings: %s", exc)

@@ -243,15 +243,18 @@ class Settings:
         """Batch times in the life of a dead worker's oldest request, at worst, besides WORKER_TTL_S and
         WORKER_HEARTBEAT_S (takeover_s): those it spent in the dead worker, and those a survivor runs first.
 
-        Serial (PIPELINE_DEPTH=1): it ran in the dead worker's batch (1); a survivor finishes its own batch
-        (1), then runs it (1): 3. Pipelined, depth d (auto unresolved counts as the deepest): it waited in the
-        dead worker's next batch while the one before ran, then ran (2); a survivor finishes its own batch and
-        runs the one it had claimed (2); the dead worker's d batches come back in lane order, not by age, so
-        its may be the last of them (d): 4 + d. (The older rule, 2 and 3, counted from the death, not from
-        the request's arrival, and one requeued batch only: a request could expire before a survivor ran it.)
+        Serial (PIPELINE_DEPTH=1): it waited on the queue while the dead worker ran its batch before, then ran
+        in the next (2); a survivor finishes its own batch (1), then runs it (1): 4. Pipelined, depth d (auto
+        unresolved counts as the deepest): it waited in the dead worker's next batch while the one before ran,
+        then ran (2); a survivor finishes its own batch and runs the one it had claimed (2); the dead worker's d
+        batches come back in lane order, not by age, so its may be the last of them (d): 4 + d. This assumes
+        every worker of a queue runs at the same depth and speed: a fleet that mixes GPU and CPU workers on one
+        queue should set PIPELINE_DEPTH and check the order with the slower worker's batch. (The older rule, 2
+        and 3, counted from the death, not from the request's arrival, and one requeued batch only: a request
+        could expire before a survivor ran it.)
         """
         depth = self.PIPELINE_DEPTH or MAX_PIPELINE_DEPTH
-        return 3 if depth == 1 else 4 + depth
+        return 4 if depth == 1 else 4 + depth
 
     def takeover_s(self, longest_batch_s: float) -> float:
         """Seconds from a request's arrival until a survivor has answered it, at worst, when the worker that

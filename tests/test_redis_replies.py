@@ -130,6 +130,32 @@ def test_reply_codes_are_classified_once_also_inside_a_pipelines_message():
     assert redis_trouble(redis.ResponseError("ERR unknown command 'LMOVE'")) == "unexpected"
 
 
+def test_the_cluster_clients_own_errors_are_classified_by_what_caused_them():
+    """redis-py's cluster client raises RedisClusterException (not a RedisError) when no node lets it read the
+    slots, from the last node's error: a node down is transient; a refused password or ACL is a setting to fix,
+    and says which (the worker exits 2, the web names the setting), not an outage to wait out for ever."""
+    from redis.exceptions import CrossSlotTransactionError, RedisClusterException, SlotNotCoveredError
+
+    from image_queue import QueueMisconfigured, unavailable
+
+    def wrapped(cause: Exception) -> RedisClusterException:  # as redis-py raises it: "raise ... from cause"
+        exc = RedisClusterException("Redis Cluster cannot be connected. Please provide at least one reachable node")
+        exc.__cause__ = cause
+        return exc
+
+    assert redis_trouble(wrapped(redis.ConnectionError("Connection refused"))) == "transient"
+    assert redis_trouble(SlotNotCoveredError("Slot 12 not covered by the cluster")) == "transient"
+    assert redis_trouble(wrapped(redis.AuthenticationError("invalid username-password pair"))) == "configuration"
+    assert "check the password" in str(unavailable(wrapped(redis.AuthenticationError("invalid password"))))
+    assert redis_trouble(wrapped(redis.exceptions.NoPermissionError("no permissions"))) == "configuration"
+    not_a_cluster = RedisClusterException("Cluster mode is not enabled on this node")
+    assert redis_trouble(not_a_cluster) == "configuration"
+    assert isinstance(unavailable(not_a_cluster), QueueMisconfigured) and "REDIS_CLUSTER" in str(
+        unavailable(not_a_cluster)
+    )
+    assert redis_trouble(CrossSlotTransactionError("keys in request don't hash to the same slot")) == "unexpected"
+
+
 def test_busy_for_6_s_a_long_script_no_worker_exits_no_500_and_200s_again(servers, caplog):
     server = servers("busy", "--save", "", "--busy-reply-threshold", "100").start()
     script = (
