@@ -284,8 +284,8 @@ def decode_classification(body: bytes, header_length: str | None) -> list[list[d
     """Each image's predictions ({"label", "probability", "index"}) from a classification answer, JSON or binary."""
     head, binary = split_body(body, header_length)
     output = json.loads(head)["outputs"][0]
-    strings = read_bytes_elements({}, binary) if binary else [s.encode() for s in output["data"]]
     n, k = output["shape"]
+    strings = read_bytes_elements({}, binary, n * k) if binary else [s.encode() for s in output["data"]]
     predictions = []
     for string in strings:
         score, index, label = string.decode().split(":", 2)

@@ -9,6 +9,7 @@ import pytest
 from support import IMAGENET_INDEX, ROOT
 from support.images import distinct_photos
 from support.stand_in import StandInClassifier
+from support.traffic import wait_for
 
 import helpers
 import image_queue
@@ -494,6 +495,7 @@ def test_a_batch_longer_than_the_ttl_keeps_its_worker_alive_and_is_answered_once
     thread = threading.Thread(target=worker.run, daemon=True)
     thread.start()
     try:
+        wait_for(lambda: peer.status().live_workers == 1, 5)  # its first heartbeat
         queue.enqueue(message("slow", deadline=time.time() + 30))
         live, requeued = [], 0
         answer = None

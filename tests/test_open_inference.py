@@ -193,6 +193,11 @@ def test_the_answer_is_fp32_probabilities_or_the_classification_strings_in_json_
     head = json.loads(body[: int(headers[HEADER_LENGTH])])
     assert head["outputs"][0]["shape"] == [2, 1] and head["outputs"][0]["datatype"] == "BYTES"
     assert body[int(headers[HEADER_LENGTH]) :] == bytes_elements(b"0.750000:1:cat", b"0.500000:0:dog")
+    decoded = open_inference.decode_classification(body, headers[HEADER_LENGTH])  # as the load tools read it
+    assert decoded == [
+        [{"label": "cat", "probability": 0.75, "index": 1}],
+        [{"label": "dog", "probability": 0.5, "index": 0}],
+    ]
 
 
 # --- The /v2 routes, on a stand-in worker -----------------------------------------------------
