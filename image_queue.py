@@ -198,8 +198,8 @@ def reply_code(exc: redis.RedisError) -> str:
 def redis_trouble(exc: redis.RedisError) -> str:
     """ "transient", "configuration" or "unexpected" (see TRANSIENT_REPLIES)."""
     exc = underlying(exc)
-    if isinstance(exc, redis.exceptions.RedisClusterException) and "Cluster mode is not enabled" in str(exc):
-        return "configuration"  # REDIS_CLUSTER set for a Redis that is not a cluster
+    if not_a_cluster(exc):
+        return "configuration"
     code = reply_code(exc)
     if isinstance(exc, CONFIGURATION_ERRORS) or code in CONFIGURATION_REPLIES:
         return "configuration"
@@ -208,6 +208,11 @@ def redis_trouble(exc: redis.RedisError) -> str:
     if isinstance(exc, TRANSIENT_ERRORS) or code in TRANSIENT_REPLIES:
         return "transient"
     return "unexpected"
+
+
+def not_a_cluster(exc: redis.RedisError) -> bool:
+    """REDIS_CLUSTER is set for a Redis that is not a cluster."""
+    return isinstance(exc, redis.exceptions.RedisClusterException) and "Cluster mode is not enabled" in str(exc)
 
 
 def underlying(exc: redis.RedisError) -> redis.RedisError:
@@ -224,7 +229,7 @@ def unavailable(exc: redis.RedisError) -> QueueUnavailable:
     kind = redis_trouble(exc)
     if isinstance(underlying(exc), redis.AuthenticationError):
         return QueueMisconfigured(f"Redis authentication failed ({exc}): check the password in REDIS_URL")
-    if "Cluster mode is not enabled" in str(exc):
+    if not_a_cluster(exc):
         return QueueMisconfigured(f"REDIS_CLUSTER is set, but {exc}: unset it, or name a cluster node in REDIS_URL")
     if kind == "configuration":
         return QueueMisconfigured(f"Redis refused a command ({exc}): the ACL of REDIS_URL's user must allow it")
@@ -971,7 +976,7 @@ class ImageQueue:
 
     def _failed(self, exc: redis.RedisError) -> QueueUnavailable:
         """A web call found this queue's Redis failing: with QUEUE_SHARDS, the web's requests pass this shard
-        over until a probe's PING answers (answering), first after a backoff of 0.5-1 s, doubling up to 2.5-5 s
+        over until a probe's PING answers (failing), first after a backoff of 0.5-1 s, doubling up to 2.5-5 s
         while probes fail, so a shard whose Redis hangs costs no request a socket timeout after the first."""
         self._back_off()
         return unavailable(exc)
