@@ -188,7 +188,7 @@ def read_uint8(tensor: dict, data: bytes | list, shape: list[int]) -> np.ndarray
             raise ProtocolError(f"input {PIXELS_INPUT!r}: {len(data)} bytes do not fill shape {shape}")
         return np.frombuffer(data, dtype=np.uint8).reshape(shape)
     flat = list(itertools.islice(flatten(data), math.prod(shape) + 1))
-    if len(flat) != math.prod(shape) or not all(isinstance(v, int) and 0 <= v <= 255 for v in flat):
+    if len(flat) != math.prod(shape) or not all(type(v) is int and 0 <= v <= 255 for v in flat):
         raise ProtocolError(f"input {PIXELS_INPUT!r}: data must be {math.prod(shape)} whole numbers 0-255")
     return np.asarray(flat, dtype=np.uint8).reshape(shape)
 

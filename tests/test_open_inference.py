@@ -114,6 +114,13 @@ def test_the_clients_pixels_request_reads_back_as_the_same_pixels():
             "0-255",
         ),  # fmt: skip
         (
+            b'{"inputs": [{"name": "pixels", "datatype": "UINT8", "shape": [1, 32, 48, 3], "data": [true'
+            + b", 0" * (32 * 48 * 3 - 1)
+            + b"]}]}",
+            None,
+            "0-255",
+        ),  # JSON true is no pixel value (Python's bool is an int)
+        (
             b'{"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": ["AA=="]}], "outputs": '
             b'[{"name": "probabilities", "parameters": {"classification": 3}}]}',
             None,
