@@ -40,6 +40,9 @@ from image_queue import (
 log = logging.getLogger("model_server")
 
 
+EXIT_HUNG = 3  # the model hung in a batch (ModelWorker._watch); 2: Redis refused the worker; 1: anything else
+
+
 class Answered(NamedTuple):
     """What a batch came to once run: an answer (or a drop) for each claimed message."""
 
@@ -264,6 +267,7 @@ class ModelWorker:
         max_wait_s: float,
         heartbeat_s: float,
         depth: int = LANES,
+        hung_after_s: float | None = None,
     ):
         self.queue = queue
         self.classifier = classifier
@@ -271,6 +275,7 @@ class ModelWorker:
         self.max_wait_s = max_wait_s
         self.heartbeat_s = heartbeat_s
         self.depth = max(1, min(depth, LANES))
+        self.hung_after_s = hung_after_s  # a batch running this long means a hung model: the worker exits (_watch)
         self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         height, width = classifier.input_size
         runtime = getattr(classifier, "runtime", "")
@@ -282,6 +287,8 @@ class ModelWorker:
         self._acks: stdlib_queue.Queue[tuple[Batch, Answered, float] | None] = stdlib_queue.Queue()
         self._batch_s = 0.0  # how long the model's last batch took: the feeder tops up a few times per batch
         self._failure: BaseException | None = None  # what ended the feeder or the acker unexpectedly
+        self._running_since: float | None = None  # monotonic start of the batch the model is running, if any
+        self._ran = threading.Event()  # the model loop has ended: the watchdog stops
 
     def request_stop(self, signum=None, frame=None) -> None:
         """Signal handler: the first asks to stop after the batches in hand, the second stops now."""
@@ -306,10 +313,14 @@ class ModelWorker:
         acker = threading.Thread(target=self._stage, args=(self._acknowledge,), name="acker", daemon=True)
         feeder.start()
         acker.start()
+        if self.hung_after_s:
+            threading.Thread(target=self._watch, name="watchdog", daemon=True).start()
         try:
             while (batch := self._handoff.take(poll_s=0.5)) is not None:  # the feeder closes it once stopping
                 started = time.perf_counter()
+                self._running_since = time.monotonic()
                 answered = batch.run()
+                self._running_since = None
                 self._batch_s = time.perf_counter() - started
                 if self._handoff.waiting():  # the next batch is ready: the acker answers this one meanwhile
                     self._acks.put((batch, answered, started))
@@ -319,6 +330,7 @@ class ModelWorker:
             log.exception("worker %s: the model thread failed; stopping", self.worker_id)
             self._failure, self.stopping = exc, True
             self._handoff.close()
+        self._ran.set()
         self._acks.put(None)
         feeder.join()
         acker.join()
@@ -330,6 +342,33 @@ class ModelWorker:
             log.warning("worker %s stopped without unregistering: %s", self.worker_id, exc)
         if self._failure is not None:  # the process exits non-zero, for its supervisor to restart it
             raise self._failure
+
+    def _watch(self) -> None:
+        """A model that never returns from a batch (a hung GPU or driver, a deadlock) would leave a worker whose
+        heartbeats go on while it answers nothing: its batches never requeued, its requests all 504s, and
+        /readyz content. A batch running hung_after_s (REQUEST_TIMEOUT_S: every request in it has had its
+        504 by then) means a hung model: the worker stops beating, hands back every batch it holds, and
+        exits 3 at once (the stuck call cannot be interrupted), for its supervisor to start a fresh one."""
+        while not self._ran.wait(min(self.heartbeat_s, self.hung_after_s / 4)):
+            started = self._running_since
+            if started is None or time.monotonic() - started < self.hung_after_s:
+                continue
+            log.error(
+                "worker %s: the model has run one batch for %.1f s (REQUEST_TIMEOUT_S %g): it is hung; handing "
+                "back its batches and exiting 3 for the supervisor to restart it",
+                self.worker_id,
+                time.monotonic() - started,
+                self.hung_after_s,
+            )
+            self.stopping = True  # the feeder claims no more
+            self._heartbeat.stop()
+            try:
+                left = self.queue.unregister(self.worker_id)
+                log.info("worker %s: %d messages handed back", self.worker_id, left)
+            except REDIS_ERRORS as exc:  # its peers requeue them once its heartbeat is WORKER_TTL_S old
+                log.warning("worker %s: could not hand back its batches (%s)", self.worker_id, exc)
+            logging.shutdown()
+            os._exit(EXIT_HUNG)
 
     def _stage(self, run) -> None:
         """Run the feeder or the acker; anything unexpected stops the whole worker (its batches are handed
@@ -634,6 +673,7 @@ def serve(queue, classifier, batch_size: int, depth: int) -> int:
         max_wait_s=settings.MAX_BATCH_WAIT_MS / 1000,
         heartbeat_s=settings.WORKER_HEARTBEAT_S,
         depth=depth,
+        hung_after_s=settings.REQUEST_TIMEOUT_S,
     )
     signal.signal(signal.SIGTERM, worker.request_stop)
     signal.signal(signal.SIGINT, worker.request_stop)

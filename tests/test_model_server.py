@@ -511,6 +511,47 @@ def test_a_batch_longer_than_the_ttl_keeps_its_worker_alive_and_is_answered_once
         thread.join(5)
 
 
+HUNG_WORKER = """
+import sys, threading
+sys.path[:0] = [sys.argv[3], sys.argv[3] + "/tests"]
+from image_queue import ImageQueue, connect
+from run_model_server import ModelWorker
+from support.stand_in import StandInClassifier
+
+class Hung(StandInClassifier):
+    def predict(self, pixels):
+        threading.Event().wait()  # a GPU or driver that never returns
+
+queue = ImageQueue(connect(sys.argv[1], 0.2), sys.argv[2], block_s=0.2, worker_ttl_s=30)
+ModelWorker(queue, Hung(), batch_size=1, max_wait_s=0, heartbeat_s=0.2, depth=2, hung_after_s=2).run()
+"""
+
+
+def test_a_worker_whose_model_hangs_hands_back_its_batches_and_exits_3(redis_url, queue_name):
+    """Its heartbeats would go on for ever (their own thread): a batch running hung_after_s means a hung model.
+    The worker exits 3 for its supervisor to restart it, handing back both batches it held (the hung one and
+    the next, claimed while it ran) at once, not a WORKER_TTL_S (30 s here) later."""
+    import subprocess
+    import sys
+
+    from image_queue import ImageQueue, connect
+
+    queue = ImageQueue(connect(redis_url, 0.2), queue_name, block_s=0.2)
+    queue.enqueue(message("first", deadline=time.time() + 60), message("second", deadline=time.time() + 60))
+    started = time.monotonic()
+    worker = subprocess.run(
+        [sys.executable, "-c", HUNG_WORKER, redis_url, queue_name, str(ROOT)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    took = time.monotonic() - started
+    assert worker.returncode == 3, worker.stderr[-3000:]
+    assert "the model has run one batch for" in worker.stderr and "it is hung" in worker.stderr
+    assert 2 <= took < 15, took  # (a Python start and imports included)
+    status = queue.status()
+    assert status.queue_depth == 2 and status.held == 2 and status.live_workers == 0  # back on the queue, none held
+    assert queue.stats().requeued == 2
+
+
 def test_a_busy_worker_requeues_a_dead_peers_batch_within_ttl_plus_a_heartbeat(redis_url, queue_name):
     """The rescue does not wait for the survivor's batch in hand: its heartbeat thread requeues."""
     import threading
