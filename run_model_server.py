@@ -348,16 +348,25 @@ class ModelWorker:
         heartbeats go on while it answers nothing: its batches never requeued, its requests all 504s, and
         /readyz content. A batch running hung_after_s (REQUEST_TIMEOUT_S: every request in it has had its
         504 by then) means a hung model: the worker stops beating, hands back every batch it holds, and
-        exits 3 at once (the stuck call cannot be interrupted), for its supervisor to start a fresh one."""
-        while not self._ran.wait(min(self.heartbeat_s, self.hung_after_s / 4)):
-            started = self._running_since
-            if started is None or time.monotonic() - started < self.hung_after_s:
+        exits 3 at once (the stuck call cannot be interrupted), for its supervisor to start a fresh one. Only
+        time this thread saw pass counts: a worker stopped mid-batch (SIGSTOP) and woken later is not hung
+        (its peers wrote it off meanwhile: its late answers are dropped, and it serves on)."""
+        every_s = min(self.heartbeat_s, self.hung_after_s / 4)
+        batch, watched, last = None, 0.0, time.monotonic()
+        while not self._ran.wait(every_s):
+            now = time.monotonic()
+            step, last = min(now - last, 2 * every_s), now  # a stalled process (SIGSTOP, a paused VM) is not hung
+            if self._running_since != batch:
+                batch, watched = self._running_since, 0.0
+            elif batch is not None:
+                watched += step
+            if batch is None or watched < self.hung_after_s:
                 continue
             log.error(
                 "worker %s: the model has run one batch for %.1f s (REQUEST_TIMEOUT_S %g): it is hung; handing "
                 "back its batches and exiting 3 for the supervisor to restart it",
                 self.worker_id,
-                time.monotonic() - started,
+                now - batch,
                 self.hung_after_s,
             )
             self.stopping = True  # the feeder claims no more

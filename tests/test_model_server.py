@@ -511,20 +511,34 @@ def test_a_batch_longer_than_the_ttl_keeps_its_worker_alive_and_is_answered_once
         thread.join(5)
 
 
-HUNG_WORKER = """
-import sys, threading
+WATCHED_WORKER = """
+import signal, sys, threading, time
 sys.path[:0] = [sys.argv[3], sys.argv[3] + "/tests"]
 from image_queue import ImageQueue, connect
 from run_model_server import ModelWorker
 from support.stand_in import StandInClassifier
 
-class Hung(StandInClassifier):
+class Slow(StandInClassifier):
     def predict(self, pixels):
-        threading.Event().wait()  # a GPU or driver that never returns
+        if sys.argv[4] == "hang":
+            threading.Event().wait()  # a GPU or driver that never returns
+        started = time.thread_time()
+        while time.thread_time() - started < float(sys.argv[4]):  # the CPU's work: a stopped process does none
+            pass
+        return super().predict(pixels)
 
 queue = ImageQueue(connect(sys.argv[1], 0.2), sys.argv[2], block_s=0.2, worker_ttl_s=30)
-ModelWorker(queue, Hung(), batch_size=1, max_wait_s=0, heartbeat_s=0.2, depth=2, hung_after_s=2).run()
+worker = ModelWorker(queue, Slow(), batch_size=1, max_wait_s=0, heartbeat_s=0.2, depth=2, hung_after_s=2.5)
+signal.signal(signal.SIGTERM, worker.request_stop)
+worker.run()
 """
+
+
+def watched_worker(redis_url: str, queue_name: str, batch_s: str) -> list[str]:
+    """A worker process whose model takes batch_s of CPU per batch ("hang": for ever), its watchdog at 2.5 s."""
+    import sys
+
+    return [sys.executable, "-c", WATCHED_WORKER, redis_url, queue_name, str(ROOT), batch_s]
 
 
 def test_a_worker_whose_model_hangs_hands_back_its_batches_and_exits_3(redis_url, queue_name):
@@ -532,24 +546,48 @@ def test_a_worker_whose_model_hangs_hands_back_its_batches_and_exits_3(redis_url
     The worker exits 3 for its supervisor to restart it, handing back both batches it held (the hung one and
     the next, claimed while it ran) at once, not a WORKER_TTL_S (30 s here) later."""
     import subprocess
-    import sys
 
     from image_queue import ImageQueue, connect
 
     queue = ImageQueue(connect(redis_url, 0.2), queue_name, block_s=0.2)
     queue.enqueue(message("first", deadline=time.time() + 60), message("second", deadline=time.time() + 60))
     started = time.monotonic()
-    worker = subprocess.run(
-        [sys.executable, "-c", HUNG_WORKER, redis_url, queue_name, str(ROOT)],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+    worker = subprocess.run(watched_worker(redis_url, queue_name, "hang"), capture_output=True, text=True, timeout=60)
     took = time.monotonic() - started
     assert worker.returncode == 3, worker.stderr[-3000:]
     assert "the model has run one batch for" in worker.stderr and "it is hung" in worker.stderr
-    assert 2 <= took < 15, took  # (a Python start and imports included)
+    assert 2.5 <= took < 15, took  # (a Python start and imports included)
     status = queue.status()
     assert status.queue_depth == 2 and status.held == 2 and status.live_workers == 0  # back on the queue, none held
     assert queue.stats().requeued == 2
+
+
+def test_a_worker_stopped_mid_batch_for_longer_than_the_watchdog_is_not_hung_when_it_wakes(redis_url, queue_name):
+    """SIGSTOP (or a paused VM) stops the watchdog's clock too: a batch of 0.5 s of CPU stalled for 4 s, then
+    woken, is answered and the worker serves on; by the wall clock it would have run over 4 s of a 2.5 s limit."""
+    import signal
+    import subprocess
+
+    from image_queue import ImageQueue, connect
+
+    queue = ImageQueue(connect(redis_url, 0.2), queue_name, block_s=0.2)
+    worker = subprocess.Popen(watched_worker(redis_url, queue_name, "0.5"), stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: queue.status().live_workers == 1, 30)
+        queue.enqueue(message("stalled", deadline=time.time() + 60))
+        wait_for(lambda: queue.status().queue_depth == 0, 5)  # claimed: the model is running it
+        time.sleep(0.1)
+        worker.send_signal(signal.SIGSTOP)
+        time.sleep(4)
+        worker.send_signal(signal.SIGCONT)
+        assert queue.wait_for("stalled", time.monotonic() + 5) is not None
+        queue.enqueue(message("after", deadline=time.time() + 60))
+        assert queue.wait_for("after", time.monotonic() + 5) is not None
+        assert worker.poll() is None  # still serving
+    finally:
+        worker.terminate()
+        _, stderr = worker.communicate(timeout=30)
+    assert worker.returncode == 0 and "hung" not in stderr, stderr[-3000:]
 
 
 def test_a_busy_worker_requeues_a_dead_peers_batch_within_ttl_plus_a_heartbeat(redis_url, queue_name):
