@@ -72,6 +72,15 @@ def on_starting(server):
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
 
 
+def pre_exec(server):
+    """A binary upgrade (USR2) starts a new master with the environment gunicorn saved when it last read its
+    configuration; after a reload (HUP) that holds this master's private directory, which the new master
+    would take for the operator's (emptying it under this master's workers) and which on_exit here removes
+    under the new generation. It makes its own instead."""
+    if not settings.PROMETHEUS_MULTIPROC_DIR:
+        server.cfg.env_orig.pop("PROMETHEUS_MULTIPROC_DIR", None)
+
+
 def child_exit(server, worker):
     """A dead worker's counts stay (counters must not go back); its live gauges, if any, go."""
     from prometheus_client import multiprocess

@@ -204,8 +204,11 @@ def start_model_worker(env: dict | None = None, log_path: Path | None = None, re
 
 
 def start_web(env: dict | None = None, log_path: Path | None = None, app: str = "run_web_server:app") -> Service:
-    """gunicorn with gunicorn_conf.py serving app (the benchmark serves 'bench.baseline_app:create_app()' so)."""
-    argv = [sys.executable, "-m", "gunicorn", "-c", "gunicorn_conf.py", app]
+    """gunicorn with gunicorn_conf.py serving app (the benchmark serves 'bench.baseline_app:create_app()' so).
+    Its own program beside this Python, as systemd and the image start it: a binary upgrade (USR2) re-executes
+    what started the master, and 'python .../gunicorn/__main__.py' would import gunicorn's http package as
+    the standard library's (its workers then fail to boot)."""
+    argv = [str(Path(sys.executable).parent / "gunicorn"), "-c", "gunicorn_conf.py", app]
     return _start("gunicorn", argv, env, log_path)
 
 

@@ -442,6 +442,43 @@ def test_under_gunicorn_a_scrape_sums_every_process_even_a_killed_one_and_logs_a
     assert metrics_dir.exists() and not (metrics_dir / "counter_1.db").exists()  # the operator's directory stays
 
 
+def test_a_reload_then_a_binary_upgrade_leaves_the_new_master_its_own_metrics_directory(
+    redis_url, queue_name, make_queue, tmp_path
+):
+    """systemctl reload (HUP) puts the private PROMETHEUS_MULTIPROC_DIR into the environment gunicorn hands a
+    USR2 re-exec; the new master then took it for the operator's, and the old master's exit removed it under
+    the new generation: no counters, and the next worker it started failed to boot."""
+    web, url = start_gunicorn(redis_url, queue_name, tmp_path, LOG_JSON="1", WEB_WORKERS="1")
+
+    def logged(start: str) -> list[int]:
+        return [e["pid"] for e in json_lines(web) if e["message"].startswith(start)]
+
+    new_master = None
+    try:
+        with StandInWorker(make_queue(block_s=0.2, worker_ttl_s=2.0)):
+            stack.wait_until_ready(url, [web], 60)
+            web.process.send_signal(signal.SIGHUP)
+            wait_for(lambda: len(logged("Booting worker")) == 2, 30)
+            web.process.send_signal(signal.SIGUSR2)
+            new_master = wait_for(lambda: logged("Starting gunicorn")[1:], 30)[0]  # a child of the old master
+            wait_for(lambda: len(logged("Booting worker")) == 3, 30)
+            web.stop()  # the old master, as the upgrade's last step
+            assert send(url, CAT).status_code == 200
+            counted = Scrape(requests.get(url + "metrics", timeout=10).text)
+            assert counted.by("http_requests_total", "status", endpoint="/predict") == {"200": 1}
+            os.kill(logged("Booting worker")[-1], signal.SIGKILL)  # the new master starts another in its place
+            wait_for(lambda: len(logged("Booting worker")) == 4, 30)
+            assert send(url, CAT).status_code == 200
+            counted = Scrape(requests.get(url + "metrics", timeout=10).text)
+            assert counted.by("http_requests_total", "status", endpoint="/predict") == {"200": 2}
+    finally:
+        web.stop()
+        if new_master:
+            os.kill(new_master, signal.SIGTERM)
+            wait_for(lambda: not os.path.exists(f"/proc/{new_master}"), 30)
+    assert not any("Worker failed to boot" in e["message"] for e in json_lines(web))
+
+
 def test_gunicorns_text_access_line_carries_the_request_id(redis_url, queue_name, make_queue, tmp_path):
     web, url = start_gunicorn(redis_url, queue_name, tmp_path, WEB_WORKERS="1")
     try:
