@@ -52,7 +52,11 @@ def drain(queues: list[ImageQueue | ShardedQueue], wait_s: float) -> int:
         print(f"  {held} held", flush=True)
         time.sleep(1)
     if held:
-        print(f"{held} messages still held after {wait_s:g} s (are the workers running?)", file=sys.stderr)
+        print(
+            f"{held} messages still held after {wait_s:g} s (are the workers running?); the queue stays paused: "
+            "new requests get 503 until `python admin.py resume`",
+            file=sys.stderr,
+        )
         return 1
     print("drained: nothing is held; stop or upgrade the workers, then `python admin.py resume`")
     return 0
@@ -64,6 +68,29 @@ def main(argv: list[str] | None = None) -> int:
     except (QueueUnavailable, *REDIS_ERRORS) as exc:  # one line that says which setting to check
         print(f"admin.py: {exc}; is REDIS_URL set to the service's Redis?", file=sys.stderr)
         return 1
+    except ValueError as exc:  # a --model that cannot be a model id
+        print(f"admin.py: {exc}", file=sys.stderr)
+        return 1
+
+
+def wrong_queues(model_ids: list[str], queues: list, served: list[str], explicit: bool) -> str | None:
+    """Why admin.py must not act on these queues, or None: a --model no worker registered (a typo would drain
+    or purge a queue nobody serves and say "drained"), unless its queue is paused (a model drained and left
+    stopped is still resumed); or a QUEUE_SHARDS other than the one the model's workers run with (it would
+    see and act on some of the shards only)."""
+    for model_id, queue in zip(model_ids, queues, strict=True):
+        status = queue.status()
+        if explicit and model_id not in served and not status.paused:
+            return (
+                f"no model {model_id!r} is served on this Redis (models: {', '.join(served) or 'none'}): check --model"
+            )
+        shards = status.model.shards if status.model else 0
+        if shards and shards != settings.QUEUE_SHARDS:
+            return (
+                f"model {model_id!r}: its workers run with QUEUE_SHARDS={shards}, this admin.py with "
+                f"{settings.QUEUE_SHARDS}: give it the service's settings (QUEUE_SHARDS, IMAGE_QUEUE, REDIS_URL)"
+            )
+    return None
 
 
 def run(argv: list[str] | None) -> int:
@@ -79,11 +106,15 @@ def run(argv: list[str] | None) -> int:
     args = parser.parse_args(argv)
 
     directory = ModelDirectory(settings.current.as_dict())
-    model_ids = [args.model] if args.model else directory.ids()
+    served = directory.ids()
+    model_ids = [args.model] if args.model else served
     if not model_ids:
         print("no model is served: no model worker has registered on this Redis", file=sys.stderr)
         return 1
     queues = [directory.queue_for(model_id) for model_id in model_ids]
+    if refusal := wrong_queues(model_ids, queues, served, explicit=bool(args.model)):
+        print(f"admin.py: {refusal}", file=sys.stderr)
+        return 1
     if args.command == "status":
         for model_id, queue in zip(model_ids, queues, strict=True):
             print(f"model {model_id!r}:")

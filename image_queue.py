@@ -530,6 +530,7 @@ class ModelInfo:
     width: int
     classes: int = 0  # probabilities per answer (0: not said, from a worker older than the model registry)
     runtime: str = ""  # what runs it (keras, openvino)
+    shards: int = 0  # the workers' QUEUE_SHARDS (0: not said, from a worker older than this field)
 
 
 @dataclass(frozen=True)
@@ -727,7 +728,7 @@ _HEARTBEAT = (
     + """
 redis.call('ZADD', KEYS[1], now, ARGV[1])
 redis.call('HSET', KEYS[2], 'name', ARGV[2], 'height', ARGV[3], 'width', ARGV[4],
-           'classes', ARGV[5], 'runtime', ARGV[6])
+           'classes', ARGV[5], 'runtime', ARGV[6], 'shards', ARGV[7])
 """
 )
 
@@ -844,7 +845,8 @@ class ImageQueue:
         model = None
         if info:
             size = int(info["height"]), int(info["width"])
-            model = ModelInfo(info["name"], *size, int(info.get("classes", 0)), info.get("runtime", ""))
+            said = int(info.get("classes", 0)), info.get("runtime", ""), int(info.get("shards", 0))
+            model = ModelInfo(info["name"], *size, *said)
         return Status(int(sec) + int(usec) / 1e6, int(live), model, int(depth), int(held), bool(paused))
 
     def recent_status(self, max_age_s: float) -> Status:
@@ -1174,7 +1176,7 @@ class ImageQueue:
     def _say_alive(self, worker_id: str, model: ModelInfo) -> None:
         self._heartbeat(
             keys=[self.keys.workers, self.keys.model],
-            args=[worker_id, model.name, model.height, model.width, model.classes, model.runtime],
+            args=[worker_id, model.name, model.height, model.width, model.classes, model.runtime, model.shards],
         )
 
     def register_model(self) -> None:

@@ -279,7 +279,8 @@ class ModelWorker:
         self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         height, width = classifier.input_size
         runtime = getattr(classifier, "runtime", "")
-        self.model_info = ModelInfo(classifier.name, height, width, len(classifier.labels), runtime)
+        shards = len(getattr(queue, "shards", [queue]))  # for admin.py to check its QUEUE_SHARDS against
+        self.model_info = ModelInfo(classifier.name, height, width, len(classifier.labels), runtime, shards)
         self.stopping = False
         self.exit_code = 0  # 2: Redis refused this worker's credentials or permissions
         self._lanes: stdlib_queue.Queue[tuple[int, bool]] = stdlib_queue.Queue()  # free lanes: (lane, dirty)

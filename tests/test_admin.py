@@ -110,6 +110,39 @@ def test_the_command_line_shows_the_queue_and_asks_before_purging(redis_url, que
     assert run("purge", "--yes").returncode == 0 and queue.status().queue_depth == 0
 
 
+def test_the_command_line_refuses_a_model_no_worker_serves_or_another_queue_shards_setting(
+    redis_url, queue_name, make_queue, redis_client
+):
+    """A typo in --model, or a shell without the service's QUEUE_SHARDS, would drain (and say "drained") or
+    purge queues nobody serves, or some of the shards only; a paused model whose workers are gone resumes."""
+    import dataclasses
+
+    queue = make_queue()
+    queue.heartbeat("w1", dataclasses.replace(MODEL, shards=1))
+    queue.enqueue(b"waiting")
+    env = {"REDIS_URL": redis_url, "IMAGE_QUEUE": queue_name, "PATH": "/usr/bin:/bin"}
+
+    def run(*args, **more):
+        return subprocess.run(
+            [sys.executable, "admin.py", *args], cwd=ROOT, env=env | more, capture_output=True, text=True
+        )
+
+    typo = run("--model", "resnet-50", "drain", "--wait", "1")
+    assert typo.returncode == 1 and "no model 'resnet-50' is served" in typo.stderr and "check --model" in typo.stderr
+    assert not list(redis_client.scan_iter(match="*resnet-50*"))  # no stray paused key
+    not_an_id = run("--model", "ResNet50", "status")
+    assert not_an_id.returncode == 1 and "Traceback" not in not_an_id.stderr and "model id" in not_an_id.stderr
+    sharded = run("drain", "--wait", "1", QUEUE_SHARDS="2")
+    assert sharded.returncode == 1 and "QUEUE_SHARDS=1, this admin.py with 2" in sharded.stderr
+    assert not queue.status().paused
+    gone = image_queue.model_queue_name(queue_name, "retired")
+    redis_client.set(image_queue.Keys(gone).paused, 1)  # drained long ago, its workers since forgotten
+    resumed = run("--model", "retired", "resume")
+    assert resumed.returncode == 0 and not redis_client.exists(image_queue.Keys(gone).paused)
+    stuck = run("drain", "--wait", "0.5")
+    assert stuck.returncode == 1 and "the queue stays paused" in stuck.stderr and queue.status().paused
+
+
 def test_the_command_line_says_in_one_line_when_redis_cannot_be_reached():
     """The Troubleshooting's first step: a Redis that is not there is one line naming REDIS_URL, not a traceback."""
     from stack import free_port
