@@ -5,11 +5,15 @@ message bytes are image_queue.py's.
 """
 
 import io
+import logging
 import os
+import struct
 import warnings
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
+
+log = logging.getLogger(__name__)
 
 # Formats we decode. Anything else Pillow can identify (EPS, PSD, ICO, ...) is refused with 415.
 # MPO is the multi-picture JPEG many phones and cameras write.
@@ -21,6 +25,20 @@ BACKGROUND = (255, 255, 255)  # what transparent pixels become
 # run_web_server.return_large_blocks_to_the_os): 0.15-0.25 ms of a photo's 1.4-2.4 ms preparation. At most
 # 16 MiB stay held per process, however large the images.
 BLOCK_BYTES, BLOCKS_KEPT = 1024 * 1024, 16
+# A TIFF's strips or tiles: Pillow spends ~10 us of Python on each when it opens and decodes one, so a 4 MB
+# upload listing 2 million one-pixel strips took 20 s of CPU for "2 pixels". Real images have far fewer (a
+# 50-megapixel RGB image in the usual 8 KB strips: ~18,000; one row per strip and plane: 3 x its height).
+TIFF_MAX_SEGMENTS = 65536
+ORIENTATION = 0x0112  # the EXIF tag
+UPRIGHT = {  # EXIF orientation -> the transpose that makes the image upright (as ImageOps.exif_transpose)
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 
 
 class ImageError(ValueError):
@@ -53,14 +71,22 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
     """Identify an upload from its header alone: format and size are checked before decoding."""
     if not data:
         raise NotAnImage("the image is empty (0 bytes)")
+    segments = tiff_segments(data)
+    if segments > TIFF_MAX_SEGMENTS:
+        raise UnsupportedImage(
+            f"the TIFF is cut into {segments:,} strips or tiles, more than {TIFF_MAX_SEGMENTS:,}: save it with "
+            "larger strips, or as PNG or JPEG"
+        )
     try:
         image = Image.open(io.BytesIO(data))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ImageTooLarge(f"the image has more than {max_pixels:,} pixels") from None
     except UnidentifiedImageError:
         raise _unidentified(data) from None
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise NotAnImage(f"the image header is corrupt ({exc})") from None
+    except MemoryError:
+        raise
+    except Exception as exc:  # OSError, ValueError, SyntaxError; and any plugin's own (DDS: NotImplementedError)
+        raise NotAnImage(f"the image header is corrupt ({short_error(exc)})") from None
     if image.format not in ACCEPTED_FORMATS:
         raise UnsupportedImage(
             f"{image.format} images are not supported; send one of {', '.join(sorted(ACCEPTED_FORMATS))}"
@@ -98,6 +124,48 @@ def _unidentified(data: bytes) -> ImageError:
     return NotAnImage("the upload is not an image (send JPEG, PNG, GIF, BMP, WebP or TIFF)")
 
 
+def tiff_segments(data: bytes) -> int:
+    """How many strips or tiles a TIFF upload's first image lists (its header read by hand, before Pillow
+    builds a Python tuple for each); 0 for anything else, or a header too broken to say (Pillow then does)."""
+    order = {b"II": "<", b"MM": ">"}.get(data[:2])
+    try:
+        magic = struct.unpack_from(order + "H", data, 2)[0] if order else 0
+        if magic == 42:  # classic TIFF: 4-byte offsets, 12-byte entries
+            (ifd,), count_format, entry_format = struct.unpack_from(order + "I", data, 4), "H", "HHI"
+        elif magic == 43:  # BigTIFF: 8-byte offsets, 20-byte entries
+            (ifd,), count_format, entry_format = struct.unpack_from(order + "Q", data, 8), "Q", "HHQ"
+        else:
+            return 0
+        (entries,) = struct.unpack_from(order + count_format, data, ifd)
+        at, step = ifd + struct.calcsize(count_format), 12 if magic == 42 else 20
+        most = 0
+        for n in range(min(entries, 4096)):
+            tag, _, count = struct.unpack_from(order + entry_format, data, at + n * step)
+            if tag in (273, 324):  # StripOffsets, TileOffsets
+                most = max(most, count)
+        return most
+    except struct.error:
+        return 0
+
+
+def short_error(exc: Exception) -> str:
+    """An exception as a short phrase for an error message: its text, or its type when it has none."""
+    return (str(exc) or type(exc).__name__)[:200]
+
+
+def upright(image: Image.Image) -> Image.Image:
+    """The image turned as its EXIF orientation says. Only the orientation is read: ImageOps.exif_transpose
+    also writes the EXIF back, and raised on a tag stored with an odd type (a 500 for a phone's photo)."""
+    try:
+        orientation = image.getexif().get(ORIENTATION, 1)
+    except MemoryError:
+        raise
+    except Exception:  # unreadable EXIF: the pixels are still fine
+        return image
+    method = UPRIGHT.get(orientation) if isinstance(orientation, int) else None
+    return image if method is None else image.transpose(method)
+
+
 def decoded_pixels(image: Image.Image, size: tuple[int, int]) -> int:
     """Pixels that decoding this opened image for size (width, height) will produce: its header's size,
     less for a JPEG that decodes at 1/2, 1/4 or 1/8 scale (draft) while still covering size. Nothing is
@@ -117,7 +185,7 @@ def prepare_image(image: Image.Image, size: tuple[int, int]) -> np.ndarray:
         if image.format in ("JPEG", "MPO"):
             image.draft(None, (max(size), max(size)))  # either orientation still covers the target
         image.load()
-        ImageOps.exif_transpose(image, in_place=True)  # not a copy of the decoded image when already upright
+        image = upright(image)  # not a copy of the decoded image when already upright
         if image.mode in ("1", "P", "PA"):  # these resize by nearest neighbour: convert first
             image = image.convert("RGBA" if image.mode == "PA" or "transparency" in image.info else "RGB")
         if image.size != size:
@@ -127,7 +195,12 @@ def prepare_image(image: Image.Image, size: tuple[int, int]) -> np.ndarray:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ImageTooLarge("the image decodes to too many pixels") from None
     except (OSError, ValueError, SyntaxError, EOFError, IndexError, KeyError, TypeError) as exc:
-        raise NotAnImage(f"the image is corrupt or truncated ({exc})") from None
+        raise NotAnImage(f"the image is corrupt or truncated ({short_error(exc)})") from None
+    except MemoryError:
+        raise
+    except Exception as exc:  # a decoder's own surprise: still this upload's fault, but logged in full
+        log.warning("an image failed to decode with %s", type(exc).__name__, exc_info=True)
+        raise NotAnImage(f"the image is corrupt or truncated ({short_error(exc)})") from None
     return pixels
 
 

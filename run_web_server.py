@@ -514,17 +514,18 @@ class Trip:
                 raise
 
     def prepare(self, upload: bytes, slot_held: bool = False) -> np.ndarray:
-        """An uploaded image's pixels at the model's input size, within the decode budget and slots."""
-        image = helpers.open_image(upload, current_app.config["MAX_IMAGE_PIXELS"])
-        try:
-            current_app.extensions["decode_budget"].spend(helpers.decoded_pixels(image, self.size))
-            with nullcontext() if slot_held else decode_slot(self.deadline):
-                if time.monotonic() >= self.deadline:  # a slow upload, or a slot freed at the deadline
-                    raise self.late()
-                pixels = helpers.prepare_image(image, self.size)
-        finally:
-            image.close()  # frees the decoded upload (~200 MB for a 50-megapixel RGBA image) before the wait
-        return pixels
+        """An uploaded image's pixels at the model's input size, within the decode budget and slots. Reading
+        the header is decoding work too (a PNG's or JPEG's metadata chunks, a TIFF's strips: seconds for a few
+        MB crafted so), so it holds the slot as well: a bad header may wait for a slot under load."""
+        with nullcontext() if slot_held else decode_slot(self.deadline):
+            if time.monotonic() >= self.deadline:  # a slow upload, or a slot freed at the deadline
+                raise self.late()
+            image = helpers.open_image(upload, current_app.config["MAX_IMAGE_PIXELS"])
+            try:
+                current_app.extensions["decode_budget"].spend(helpers.decoded_pixels(image, self.size))
+                return helpers.prepare_image(image, self.size)
+            finally:
+                image.close()  # frees the decoded upload (~200 MB for a 50-megapixel RGBA image) before the wait
 
     def answer(self, images: list[np.ndarray], top: int, probabilities: bool = False) -> list[dict]:
         """Queue the images (one message each, pushed together) and wait for every answer by the deadline;
