@@ -505,12 +505,18 @@ class ModelWorker:
         self._lanes.put((batch.lane, batch.dirty))
 
     def _ack(self, batch: Batch, result: Answered) -> tuple[list[str], list[str]]:
-        """Acknowledge, retrying through a short Redis outage; then give up and let the lane be handed back."""
+        """Acknowledge, retrying through a short Redis outage; then give up and let the lane be handed back.
+
+        An ack that needed a retry marks its lane to be handed back before its next claim: the outage may have
+        been a failover that lost the lane's last ack (replication is asynchronous), leaving on it a batch
+        whose answers went with the old master. A serial worker's feeder, waiting for the model meanwhile,
+        meets no error of its own to do it (found by a review: such a request waited out its deadline)."""
         backoff, give_up = Backoff(), time.monotonic() + self.queue.worker_ttl_s
         while True:
             try:
                 return self.queue.ack(self.worker_id, result.done, result.batch_size, result.inference_s, batch.lane)
             except REDIS_ERRORS as exc:
+                batch.dirty = True
                 if redis_trouble(exc) != "transient" or time.monotonic() > give_up:
                     raise
                 delay = backoff.next_delay()

@@ -511,6 +511,40 @@ def test_a_batch_longer_than_the_ttl_keeps_its_worker_alive_and_is_answered_once
         thread.join(5)
 
 
+def test_an_ack_that_needed_a_retry_hands_its_lane_back_before_the_next_claim(redis_url, queue_name, monkeypatch):
+    """A failover can lose a lane's last ack (replication is asynchronous): the new master still holds that
+    batch on the lane, its answers gone with the old master. A serial worker's feeder waits for the model
+    through the outage and meets no error, so the lane the retried ack frees must be handed back: its
+    messages run again and are answered, not left on a live worker's list until its requests time out."""
+    import threading
+
+    import redis
+
+    from image_queue import ImageQueue, connect
+
+    queue = ImageQueue(connect(redis_url, 0.2), queue_name, block_s=0.2, worker_ttl_s=30)
+    worker = ModelWorker(queue, SlowClassifier(0.3), batch_size=8, max_wait_s=0, heartbeat_s=0.2, depth=1)
+    ack, failed = queue.ack, []
+
+    def ack_through_a_failover(worker_id, done, *args, **options):
+        if not failed:  # the first ack: the batch acked before it comes back with the failover, then Redis fails
+            queue.redis.lpush(queue.keys.processing(worker_id), message("lost-ack", deadline=time.time() + 30))
+            failed.append(True)
+            raise redis.ConnectionError("the master failed over")
+        return ack(worker_id, done, *args, **options)
+
+    monkeypatch.setattr(queue, "ack", ack_through_a_failover)
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
+    try:
+        queue.enqueue(message("first", deadline=time.time() + 30))
+        assert queue.wait_for("first", time.monotonic() + 10) is not None
+        assert queue.wait_for("lost-ack", time.monotonic() + 5) is not None  # handed back, run again, answered
+    finally:
+        worker.request_stop()
+        thread.join(5)
+
+
 WATCHED_WORKER = """
 import signal, sys, threading, time
 sys.path[:0] = [sys.argv[3], sys.argv[3] + "/tests"]
