@@ -266,7 +266,8 @@ def connect(
     if cluster:  # url names any node; the client learns the slots and follows MOVED after a failover
         return ClusterClient.from_url(url, **options)
     if not sentinels:
-        return redis.Redis.from_url(url, **options)
+        base = redis.connection.parse_url(url).get("connection_class", redis.Connection)
+        return redis.Redis.from_url(url, connection_class=FOLLOWING[base], **options)
     from redis.sentinel import Sentinel
 
     from_url = redis.connection.parse_url(url)
@@ -279,6 +280,32 @@ def connect(
         sentinels, sentinel_kwargs=sentinel_options | ({"ssl": True} | ssl_options if tls else {}), **options
     )
     return manager.master_for(sentinel_master, ssl=tls, **from_url)
+
+
+class FollowsTheName:
+    """A connection that a demoted master's READONLY (or UNBLOCKED, its blocked calls' reply) closes, so the
+    next one goes wherever REDIS_URL's name points now: a managed Redis or a DNS failover keeps the name and
+    moves it to the promoted replica, while the old master keeps its clients' connections open. redis-py does
+    this for Sentinel's connections only; a plain client retried on the same connection for good (found by
+    a review: every request 503 "no model worker" until the web and workers restarted)."""
+
+    def read_response(self, *args, **kwargs):
+        try:
+            return super().read_response(*args, **kwargs)
+        except redis.exceptions.ReadOnlyError as exc:
+            self.disconnect()
+            raise redis.ConnectionError(f"the master is now a replica; reconnecting ({exc})") from exc
+        except redis.ResponseError as exc:
+            if str(exc).startswith("UNBLOCKED"):
+                self.disconnect()
+                raise redis.ConnectionError(f"the master is now a replica; reconnecting ({exc})") from exc
+            raise
+
+
+FOLLOWING = {  # REDIS_URL's connection class (redis://, rediss://, unix://) -> the same, following the name
+    base: type(f"Following{base.__name__}", (FollowsTheName, base), {})
+    for base in (redis.Connection, redis.SSLConnection, redis.UnixDomainSocketConnection)
+}
 
 
 class ClusterClient(redis.RedisCluster):

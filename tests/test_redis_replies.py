@@ -243,6 +243,25 @@ def test_unblocked_a_master_demoted_under_blocked_clients_both_sides_ride_it_out
     print(f"\nUNBLOCKED: 200 again {back_s:.2f} s after the promotion")
 
 
+def test_readonly_a_redis_name_moved_to_the_promoted_replica_is_followed_by_web_and_worker(servers, caplog):
+    """A managed Redis or a DNS failover keeps REDIS_URL's name and points it at the promoted replica; the
+    demoted master keeps its clients' connections open and answers READONLY. Those connections must be
+    dropped, so that the next one goes where the name points now (redis-py does so only for Sentinel's)."""
+    from support.proxy import ReplyDroppingProxy
+
+    old, new = servers("old", "--save", "").start(), servers("new", "--save", "").start()
+    name = ReplyDroppingProxy(old.port)  # the name: new connections go to its target_port
+    try:
+        with caplog.at_level(logging.INFO), Service(f"redis://127.0.0.1:{name.port}/0") as service:
+            name.target_port = new.port  # the failover: the name now points at the promoted replica ...
+            old.client().replicaof("127.0.0.1", new.port)  # ... and the old master is demoted
+            back_s = service.serves_again_within(10)
+    finally:
+        name.close()
+    assert "READONLY" in caplog.text or "now a replica" in caplog.text
+    print(f"\nREADONLY: 200 again {back_s:.2f} s after the name moved")
+
+
 def test_noperm_the_worker_exits_2_in_one_line_and_the_web_logs_it_once(servers, caplog):
     server = servers("acl", "--save", "").start()
     server.client().acl_setuser(
