@@ -22,6 +22,13 @@ A scrape never fails because of Redis: queue_up is 0 then, and the Redis-read nu
 """
 
 import logging
+import os
+
+# prometheus-client takes PROMETHEUS_MULTIPROC_DIR's mere presence for multiprocess mode: set but empty (an
+# env file's "PROMETHEUS_MULTIPROC_DIR=", the README's "empty" default) it wrote its files into the working
+# directory and every scrape failed. Empty means unset.
+if "PROMETHEUS_MULTIPROC_DIR" in os.environ and not os.environ["PROMETHEUS_MULTIPROC_DIR"]:
+    del os.environ["PROMETHEUS_MULTIPROC_DIR"]
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, values
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily

@@ -211,7 +211,8 @@ def api_key_refusal() -> str | None:
     for key_digest in known:
         valid |= hmac.compare_digest(digest, key_digest)
     if not valid:
-        log.info("%s %s: 401, an unknown API key from %s", request.method, request.path, request.remote_addr)
+        # the path as repr: percent-decoded, it may hold a line break that would forge a log line
+        log.info("%s %r: 401, an unknown API key from %s", request.method, request.path, request.remote_addr)
         return "the API key is not valid"
     g.client_id = f"key-{digest.hex()[:16]}"  # what the rate limit counts against: a hash, not the key
     return None
@@ -333,7 +334,12 @@ def readyz():
     """
     wanted = query_arg("model")
     if wanted:
-        models().queue(wanted)  # 404 for a model nobody serves
+        try:
+            models().queue(wanted)  # 404 for a model nobody serves
+        except image_queue.UnknownModel:
+            if api_key_refusal():  # the served models are not listed to a request without a valid key
+                raise image_queue.UnknownModel(f"no model {wanted!r} is served") from None
+            raise
     each = ready_statuses([wanted] if wanted else models().ids())
     if api_key_refusal():
         return jsonify(ready=True)

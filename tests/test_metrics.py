@@ -368,6 +368,28 @@ def test_a_json_line_carries_the_request_id_of_the_request_being_served(make_app
     assert logs.REQUEST_ID.get() is None  # reset when the request ended: the thread's next request is not tagged
 
 
+def test_an_empty_prometheus_multiproc_dir_means_unset_outside_gunicorn(redis_url, tmp_path):
+    """An env file's "PROMETHEUS_MULTIPROC_DIR=" (the README's empty default) under mod_wsgi, uWSGI or the
+    development server: prometheus-client took it for multiprocess mode, every scrape was a 500 and its files
+    landed in the working directory."""
+    import subprocess
+    import sys
+
+    from support import ROOT
+
+    scrape = (
+        "import sys; sys.path.insert(0, sys.argv[1]); from run_web_server import create_app; "
+        "client = create_app({'REDIS_URL': sys.argv[2]}).test_client(); client.get('/healthz'); "
+        "response = client.get('/metrics'); print(response.status_code, b'http_requests_total' in response.data)"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"} | {"PROMETHEUS_MULTIPROC_DIR": ""}
+    done = subprocess.run(
+        [sys.executable, "-c", scrape, str(ROOT), redis_url], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert done.stdout.split() == ["200", "True"], done.stderr[-3000:]
+    assert list(tmp_path.iterdir()) == []  # no counter_*.db files in the working directory
+
+
 # --- Real gunicorn, two processes -----------------------------------------------------------------
 
 

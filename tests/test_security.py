@@ -153,7 +153,7 @@ def test_the_key_is_never_logged_or_echoed(make_app, caplog):
         responses = [post_image(client, headers=bearer(k)) for k in (KEY_A, KEY_A, KEY_B)]
     assert [r.status_code for r in responses] == [200, 429, 401]
     # The 401 and the rate limit were logged (the limit under the key's hash), without either key.
-    assert "POST /predict: 401, an unknown API key" in caplog.text
+    assert "POST '/predict': 401, an unknown API key" in caplog.text
     assert re.search(r"ratelimit .* \(key-[0-9a-f]{16}\) exceeded", caplog.text), caplog.text
     for secret in (KEY_A, KEY_B):
         assert secret not in caplog.text
@@ -328,4 +328,16 @@ def test_readyz_shows_the_queue_figures_only_with_a_valid_key(make_app):
             response = client.get("/readyz", headers=headers)
             assert response.status_code == 200 and response.json == {"ready": True}  # open, but says no more
         figures = client.get("/readyz", headers={"X-API-Key": KEY_A}).json
+        unknown = [client.get("/readyz?model=nope", headers=h) for h in ({}, {"X-API-Key": KEY_A})]
     assert figures["ready"] is True and figures["workers"] == 1 and "queue_depth" in figures and "model" in figures
+    assert [r.status_code for r in unknown] == [404, 404]
+    assert "models:" not in unknown[0].json["error"] and "models:" in unknown[1].json["error"]  # listed to keys only
+
+
+def test_a_line_break_in_a_refused_path_cannot_forge_a_log_line(make_app, caplog):
+    app = make_app(API_KEYS=(KEY_A,))
+    caplog.set_level(logging.INFO)
+    forged = "/x%0A2026-12-08 00:00:00,000 ERROR model_server[1]: FORGED"
+    assert app.test_client().get(forged, headers=bearer(KEY_B)).status_code == 401
+    assert not any(line.startswith("2026-12-08 00:00:00,000 ERROR") for line in caplog.text.splitlines())
+    assert "\\n2026-12-08" in caplog.text  # the line break shown escaped, on the 401's own line
