@@ -117,7 +117,12 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from settings import MAX_PIPELINE_DEPTH, MODEL_ID_PATTERN, is_queue_name
+from settings import (
+    MAX_PIPELINE_DEPTH,
+    MODEL_ID_PATTERN,
+    WEB_SOCKET_MARGIN_S,  # noqa: F401  the web's margin (settings checks the timeouts with it)
+    is_queue_name,
+)
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +157,6 @@ TRANSIENT_ERRORS = (
 # the Cluster client's own that mean a mistake in a call (keys of several slots in one transaction), not an outage
 CLUSTER_MISUSE = (redis.exceptions.CrossSlotTransactionError, redis.exceptions.InvalidPipelineStack)
 REDIS_ERRORS = (redis.RedisError, redis.exceptions.RedisClusterException)  # what the callers catch (redis_trouble)
-WEB_SOCKET_MARGIN_S = 0.5  # web: a stalled Redis delays a 503/504 by at most REDIS_BLOCK_S + this
 WORKER_SOCKET_MARGIN_S = 2.0  # worker: room to move a batch of messages over a slow link
 NO_DEADLINE = 1e18  # deadline for answers that must go out whatever the time (poison messages)
 # web, QUEUE_SHARDS: a shard whose status read or push has gone unanswered this long is passed over (overdue).

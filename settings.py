@@ -12,6 +12,7 @@ says how the timeouts are ordered.
 import math
 import os
 import re
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 
@@ -30,6 +31,13 @@ BATCH_BUCKET_MODES = ("auto", "on", "off")
 BATCH_TUNE_TOLERANCE = 0.05  # BATCH_TUNE: a larger batch stays unless this much slower per image (timing noise)
 MAX_PIPELINE_DEPTH = 3  # a model worker's lanes: the queue protocol's processing lists per worker (image_queue.LANES)
 MODEL_ID_PATTERN = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")  # a model id: lower case, safe in URLs and Redis keys
+WEB_SOCKET_MARGIN_S = 0.5  # web: Redis socket timeout REDIS_BLOCK_S + this (a stalled Redis delays a 503 so much)
+# REDIS_URL query options that would override what image_queue.connect sets (redis-py lets the URL win)
+URL_TIMING_OPTIONS = frozenset(
+    {"socket_timeout", "socket_connect_timeout", "socket_keepalive", "retry_on_timeout", "retry_on_error",
+     "health_check_interval"}
+)  # fmt: skip
+LATE_DECODE_S = 2.0  # an image decode begun just before the deadline runs to its end (a 50-megapixel PNG: ~1 s)
 
 
 def is_queue_name(name: str) -> bool:
@@ -207,6 +215,14 @@ class Settings:
                 raise SettingError(
                     f"{name} must be 1-64 of a-z, 0-9, '_', '.', '-', starting with a letter or digit, got {value!r}"
                 )
+        if self.TOP_K > TOP_K_MAX:
+            raise SettingError(f"TOP_K must be at most {TOP_K_MAX} (as ?top=K), got {self.TOP_K}")
+        timing = sorted(URL_TIMING_OPTIONS & set(urllib.parse.parse_qs(urllib.parse.urlsplit(self.REDIS_URL).query)))
+        if timing:
+            raise SettingError(
+                f"REDIS_URL must not set {', '.join(timing)}: the service sets its connections' timeouts and "
+                "retries from REDIS_BLOCK_S (a socket timeout shorter than a blocking call breaks every idle wait)"
+            )
         if self.WORKER_NICE > 19:
             raise SettingError(f"WORKER_NICE must be 0 to 19, got {self.WORKER_NICE}")
         if self.REDIS_BLOCK_S >= self.REQUEST_TIMEOUT_S:
@@ -214,10 +230,12 @@ class Settings:
                 f"REDIS_BLOCK_S ({self.REDIS_BLOCK_S:g} s) must be shorter than REQUEST_TIMEOUT_S "
                 f"({self.REQUEST_TIMEOUT_S:g} s): a request waits for its answer in calls of REDIS_BLOCK_S"
             )
-        if self.GUNICORN_TIMEOUT_S <= self.REQUEST_TIMEOUT_S:
+        if self.GUNICORN_TIMEOUT_S <= self.longest_request_s:
             raise SettingError(
-                f"GUNICORN_TIMEOUT_S ({self.GUNICORN_TIMEOUT_S} s) must be longer than REQUEST_TIMEOUT_S "
-                f"({self.REQUEST_TIMEOUT_S:g} s): under uWSGI it is harakiri, which kills a request still waiting"
+                f"GUNICORN_TIMEOUT_S ({self.GUNICORN_TIMEOUT_S} s) must be longer than the longest a request can "
+                f"take, {self.longest_request_s:g} s: REQUEST_TIMEOUT_S ({self.REQUEST_TIMEOUT_S:g} s), + 2 x a "
+                f"hung Redis call (REDIS_BLOCK_S + {WEB_SOCKET_MARGIN_S:g} s), + {LATE_DECODE_S:g} s for a decode "
+                "begun at the deadline: under uWSGI it is harakiri, which kills a request still running"
             )
         if self.REDIS_BLOCK_S >= self.WORKER_TTL_S:
             raise SettingError(
@@ -229,6 +247,13 @@ class Settings:
                 f"WORKER_HEARTBEAT_S ({self.WORKER_HEARTBEAT_S:g} s) must be shorter than WORKER_TTL_S "
                 f"({self.WORKER_TTL_S:g} s), or live workers would count as dead between heartbeats"
             )
+
+    @property
+    def longest_request_s(self) -> float:
+        """The longest a request can run, at worst: its 504 comes at REQUEST_TIMEOUT_S, later only by a Redis
+        call that hangs to its socket timeout (the wait for its answer; then, for a request of several images,
+        the withdrawal of the rest) and by an image decode that began just before the deadline."""
+        return self.REQUEST_TIMEOUT_S + 2 * (self.REDIS_BLOCK_S + WEB_SOCKET_MARGIN_S) + LATE_DECODE_S
 
     def pipeline_depth(self, model_on_host_cpu: bool) -> int:
         """PIPELINE_DEPTH for a worker whose model runs on the host's own cores, or not (an accelerator). auto:
@@ -364,11 +389,11 @@ class Settings:
             # delay them); each also requeues the batches of peers silent for WORKER_TTL_S.
             WORKER_HEARTBEAT_S=read.number("WORKER_HEARTBEAT_S", 0.5, 0.1),
             # Seconds without a heartbeat before a worker counts as dead: /predict then answers 503 and peers
-            # requeue its claimed messages. A worker keeps WORKER_TTL_S + WORKER_HEARTBEAT_S + 3 x its largest
-            # batch < REQUEST_TIMEOUT_S (lowering its batch size where needed; refusing to start if one image
-            # breaks it), so a dead worker's requests are answered in time. Too short, and a worker starved of
-            # CPU for that long (a niced one under a decode flood) counts as dead; its late answers are then
-            # dropped, never doubled.
+            # requeue its claimed messages. A worker keeps WORKER_TTL_S + WORKER_HEARTBEAT_S + 4 x its largest
+            # batch (4 + PIPELINE_DEPTH x when pipelined) < REQUEST_TIMEOUT_S (lowering its batch size where
+            # needed; refusing to start if one image breaks it), so a dead worker's requests are answered in time.
+            # Too short, and a worker starved of CPU for that long (a niced one under a decode flood) counts as
+            # dead; its late answers are then dropped, never doubled.
             WORKER_TTL_S=read.number("WORKER_TTL_S", 3.0, 1.0),
             # --- Model (the model worker only) -------------------------------------------------------------
             # Niceness the model worker runs at (0-19); 0: unchanged. On a CPU-only box whose cores the model shares
