@@ -5,6 +5,7 @@ Never imports TensorFlow or Keras. Serve it with `gunicorn -c gunicorn_conf.py r
 """
 
 import ctypes
+import dataclasses
 import hashlib
 import heapq
 import hmac
@@ -462,6 +463,10 @@ def v2_infer(model_id: str, version: str | None = None):
             images = [trip.prepare(upload, slot_held=True) for upload in infer.images]
         else:
             images = list(infer.pixels)
+    # The body and the encoded images are not needed while the request waits for its answers (up to
+    # REQUEST_TIMEOUT_S): held, 8 waiting requests of 14 MB took 200 MB, against 2 MB on /predict
+    del body
+    infer = dataclasses.replace(infer, images=None)
     top = infer.classification or current_app.config["TOP_K"]
     answers = trip.answer(images, top, probabilities=not infer.classification)
     payload, headers = open_inference.infer_response(model_id, infer, answers)
