@@ -47,6 +47,21 @@ def test_purge_drops_a_message_whose_id_cannot_be_read_without_answering_anyone(
     assert [k for k in redis_client.scan_iter(match=queue.keys.result("*"))] == []
 
 
+def test_purge_goes_in_chunks_and_answers_every_request_that_was_waiting(make_queue, redis_client, monkeypatch):
+    """Each script call copies its messages into Lua while Redis serves no one else: thousands in one call froze
+    Redis past its lua-time-limit. A chunk of 2 here: 5 waiting, purged in 3 calls, each answered once."""
+    monkeypatch.setattr(image_queue, "PURGE_CHUNK", 2)
+    queue = make_queue()
+    for n in range(5):
+        queue.enqueue(image_queue.encode_message(f"r{n}", time.time() + 30, 5, np.zeros((2, 2, 3), np.uint8)))
+    calls = []
+    purge = queue._purge
+    monkeypatch.setattr(queue, "_purge", lambda **kw: calls.append(kw["args"][-1]) or purge(**kw))
+    assert queue.purge("test") == 5 and calls == [2, 2, 2]
+    for n in range(5):
+        assert redis_client.llen(queue.keys.result(f"r{n}")) == 1
+
+
 def test_drain_refuses_new_requests_waits_until_nothing_is_held_and_resume_reopens(make_app, capsys):
     app = make_app()
     queue, client = app_queue(app), app.test_client()
