@@ -108,6 +108,7 @@ import random
 import re
 import threading
 import time
+import weakref
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -205,7 +206,7 @@ def reply_code(exc: redis.RedisError) -> str:
 def redis_trouble(exc: redis.RedisError) -> str:
     """ "transient", "configuration" or "unexpected" (see TRANSIENT_REPLIES)."""
     exc = underlying(exc)
-    if not_a_cluster(exc):
+    if not_a_cluster(exc) or sentinels_refused(exc):
         return "configuration"
     code = reply_code(exc)
     if isinstance(exc, CONFIGURATION_ERRORS) or code in CONFIGURATION_REPLIES:
@@ -222,6 +223,14 @@ def not_a_cluster(exc: redis.RedisError) -> bool:
     return isinstance(exc, redis.exceptions.RedisClusterException) and "Cluster mode is not enabled" in str(exc)
 
 
+def sentinels_refused(exc: redis.RedisError) -> bool:
+    """The sentinels refused the password or user (REDIS_SENTINEL_PASSWORD): redis-py's Sentinel client counts
+    that as a sentinel it could not reach, and says only that it found no master, naming each one's error."""
+    from redis.sentinel import MasterNotFoundError
+
+    return isinstance(exc, MasterNotFoundError) and "AuthenticationError" in str(exc)  # its repr: auth:Auth...
+
+
 def underlying(exc: redis.RedisError) -> redis.RedisError:
     """The Redis error behind a Cluster client's own: when it cannot read the slots from any node, redis-py
     raises RedisClusterException from the last node's error, which may be a refused password or ACL."""
@@ -236,6 +245,10 @@ def unavailable(exc: redis.RedisError) -> QueueUnavailable:
     kind = redis_trouble(exc)
     if isinstance(underlying(exc), redis.AuthenticationError):
         return QueueMisconfigured(f"Redis authentication failed ({exc}): check the password in REDIS_URL")
+    if sentinels_refused(exc):
+        return QueueMisconfigured(
+            "the Redis sentinels refused the password: check REDIS_SENTINEL_PASSWORD and REDIS_SENTINEL_USERNAME"
+        )
     if not_a_cluster(exc):
         return QueueMisconfigured(f"REDIS_CLUSTER is set, but {exc}: unset it, or name a cluster node in REDIS_URL")
     if kind == "configuration":
@@ -252,6 +265,7 @@ def connect(
     sentinels: tuple[tuple[str, int], ...] = (),
     sentinel_master: str = "mymaster",
     cluster: bool = False,
+    sentinel_auth: tuple[str, str] = ("", ""),
 ) -> redis.Redis:
     """A client whose socket timeout outlives the longest blocking call made through it by margin_s.
 
@@ -262,7 +276,8 @@ def connect(
     With sentinels, the client is redis-py's Sentinel client for sentinel_master: each new connection asks
     the sentinels where the master is, and a connection to a demoted master (READONLY) or a dead one
     fails, so the callers' backoff reconnects to the promoted one. url then gives only the password,
-    the database and TLS; the sentinels themselves are reached with the same TLS and timeouts.
+    the database and TLS; the sentinels themselves are reached with the same TLS and timeouts, and with
+    sentinel_auth (user, password) when they have their own.
     """
     options = {
         "socket_timeout": block_s + margin_s,
@@ -283,10 +298,37 @@ def connect(
         from_url.pop(ignored, None)
     ssl_options = {k: v for k, v in from_url.items() if k.startswith("ssl")}
     sentinel_options = {k: v for k, v in options.items() if k != "health_check_interval"}
+    sentinel_options |= {k: v for k, v in zip(("username", "password"), sentinel_auth, strict=True) if v}
     manager = Sentinel(
         sentinels, sentinel_kwargs=sentinel_options | ({"ssl": True} | ssl_options if tls else {}), **options
     )
-    return manager.master_for(sentinel_master, ssl=tls, **from_url)
+    client = manager.master_for(sentinel_master, ssl=tls, **from_url)
+    watch_the_master(client.connection_pool)
+    return client
+
+
+SENTINEL_CHECK_S = 0.5  # how often a Sentinel client asks where the master is (watch_the_master)
+
+
+def watch_the_master(pool, every_s: float = SENTINEL_CHECK_S) -> None:
+    """Ask the sentinels where the master is every every_s, from a thread of its own, for as long as the pool
+    lives. redis-py asks only when it opens a connection: after a planned failover (SENTINEL FAILOVER) or a
+    healed partition, the old master stays up and writable until the sentinels demote it (~10 s), and every
+    pooled connection went on writing there, to be thrown away at the demotion (found by a review: 3 x 504
+    and a web that answered 503 "no model worker" until then). When the address changes, redis-py closes the
+    idle connections, and those in use as they come back (SentinelConnectionPool.owns_connection)."""
+    pool_ref = weakref.ref(pool)
+
+    def watch() -> None:
+        while (watched := pool_ref()) is not None:
+            try:
+                watched.get_master_address()
+            except Exception:  # no sentinel answers, or none knows a master: the calls themselves fail and say so
+                pass
+            del watched
+            time.sleep(every_s)
+
+    threading.Thread(target=watch, name="sentinel-watch", daemon=True).start()
 
 
 class FollowsTheName:
@@ -1778,6 +1820,7 @@ def client_from_config(config: Mapping, margin_s: float = WORKER_SOCKET_MARGIN_S
         sentinels=tuple(config.get("REDIS_SENTINELS", ())),
         sentinel_master=config.get("REDIS_SENTINEL_MASTER", "mymaster"),
         cluster=config.get("REDIS_CLUSTER", False),
+        sentinel_auth=(config.get("REDIS_SENTINEL_USERNAME", ""), config.get("REDIS_SENTINEL_PASSWORD", "")),
     )
 
 

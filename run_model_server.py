@@ -35,6 +35,7 @@ from image_queue import (
     encode_error,
     queue_from_config,
     redis_trouble,
+    unavailable,
 )
 
 log = logging.getLogger("model_server")
@@ -553,6 +554,9 @@ def credentials_accepted(queue: ImageQueue) -> bool:
         log.error("Redis refused this worker's credentials (%s): check the password in REDIS_URL; exiting", exc)
         return False
     except REDIS_ERRORS as exc:
+        if redis_trouble(exc) == "configuration":  # the sentinels' own password (sentinels_refused), a NOPERM
+            log.error("Redis refused this worker (%s): %s; exiting", exc, unavailable(exc))
+            return False
         log.warning("Redis is not reachable yet (%s); the worker will wait for it once the model is loaded", exc)
     return True
 

@@ -152,6 +152,8 @@ class Settings:
     REDIS_BLOCK_S: float
     REDIS_SENTINELS: tuple[tuple[str, int], ...]
     REDIS_SENTINEL_MASTER: str
+    REDIS_SENTINEL_USERNAME: str
+    REDIS_SENTINEL_PASSWORD: str
     REDIS_WAIT_REPLICAS: int
     REDIS_CLUSTER: bool
     IMAGE_QUEUE: str
@@ -357,6 +359,10 @@ class Settings:
             # its host is ignored. Empty: REDIS_URL names the one Redis.
             REDIS_SENTINELS=read.addresses("REDIS_SENTINELS"),
             REDIS_SENTINEL_MASTER=read.text("REDIS_SENTINEL_MASTER", "mymaster"),  # the name the sentinels monitor
+            # The sentinels' own user and password (their requirepass, or an ACL user), when they have one: REDIS_URL's
+            # are the master's. Empty: none.
+            REDIS_SENTINEL_USERNAME=read.text("REDIS_SENTINEL_USERNAME", ""),
+            REDIS_SENTINEL_PASSWORD=read.text("REDIS_SENTINEL_PASSWORD", ""),
             # Replicas that must have each queued image before the web waits for its answer (Redis WAIT, up to
             # REDIS_BLOCK_S; fewer in time is logged, and the request goes on). 0: none, Redis's asynchronous
             # replication, where a failover can lose what the master had not yet sent. See the README's HA section.

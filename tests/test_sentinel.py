@@ -30,8 +30,8 @@ DEADLINE_SLACK_S = 1.5  # as in test_faults: a 2-core machine answers a little l
 class SentinelSet:
     """A master, one replica and three sentinels of the test's own, each stopped by its pid."""
 
-    def __init__(self, workdir):
-        self.workdir = workdir
+    def __init__(self, workdir, password: str = ""):
+        self.workdir, self.password = workdir, password
         self.processes: list[subprocess.Popen] = []
         self.master_port, self.replica_port = stack.free_port(), stack.free_port()
         self.master = self._redis(self.master_port)
@@ -44,6 +44,7 @@ class SentinelSet:
                 f"sentinel monitor {MASTER} 127.0.0.1 {self.master_port} 2\n"
                 f"sentinel down-after-milliseconds {MASTER} 1000\n"
                 f"sentinel failover-timeout {MASTER} 10000\n"
+                + (f"requirepass {password}\nsentinel sentinel-pass {password}\n" if password else "")
             )
             self._start(["redis-server", str(conf), "--sentinel"])
         wait_for(lambda: self._replica_in_sync() and self._sentinels_agree(), 30)
@@ -65,7 +66,7 @@ class SentinelSet:
     def _sentinels_agree(self) -> bool:
         """Every sentinel knows the replica and its two peers, so a kill can be failed over."""
         for port in self.sentinel_ports:
-            sentinel = redis.Redis(host="127.0.0.1", port=port, socket_timeout=2)
+            sentinel = redis.Redis(host="127.0.0.1", port=port, socket_timeout=2, password=self.password or None)
             state = sentinel.sentinel_master(MASTER)
             if state["num-slaves"] < 1 or state["num-other-sentinels"] < 2:
                 return False
@@ -96,6 +97,15 @@ def _answers(port: int) -> bool:
 
 
 @pytest.fixture
+def sentinels_with_a_password(tmp_path):
+    workdir = tmp_path / "sentinel"
+    workdir.mkdir()
+    s = SentinelSet(workdir, password="sentinels-own-pass")
+    yield s
+    s.stop()
+
+
+@pytest.fixture
 def sentinels(tmp_path):
     workdir = tmp_path / "sentinel"
     workdir.mkdir()
@@ -111,6 +121,51 @@ def test_the_client_finds_the_master_through_the_sentinels_with_the_urls_passwor
     plain = connect("redis://ignored-host:1/0", 0.5, sentinels=addresses, sentinel_master=MASTER)
     plain.set("k", "v")
     assert redis.Redis(host="127.0.0.1", port=sentinels.master_port).get("k") == b"v"
+
+
+def test_sentinels_with_their_own_password_are_reached_with_it_and_a_wrong_one_is_a_setting_to_fix(
+    sentinels_with_a_password,
+):
+    """Sentinels with requirepass: REDIS_SENTINEL_PASSWORD reaches them. Without it, redis-py says only that
+    it found no master, which read as an outage: the worker retried for ever instead of exiting 2."""
+    from image_queue import ImageQueue, client_from_config, redis_trouble, unavailable
+    from run_model_server import credentials_accepted
+
+    config = {
+        "REDIS_URL": "redis://ignored-host:1/0",
+        "REDIS_BLOCK_S": 0.5,
+        "REDIS_SENTINELS": [("127.0.0.1", port) for port in sentinels_with_a_password.sentinel_ports],
+        "REDIS_SENTINEL_MASTER": MASTER,
+    }
+    served = client_from_config(config | {"REDIS_SENTINEL_PASSWORD": "sentinels-own-pass"})
+    served.set("k", "v")
+    assert redis.Redis(host="127.0.0.1", port=sentinels_with_a_password.master_port).get("k") == b"v"
+    for wrong in ("", "not-the-pass"):
+        client = client_from_config(config | {"REDIS_SENTINEL_PASSWORD": wrong})
+        with pytest.raises(redis.ConnectionError) as refused:
+            client.ping()
+        assert redis_trouble(refused.value) == "configuration"
+        assert "REDIS_SENTINEL_PASSWORD" in str(unavailable(refused.value))
+        assert not credentials_accepted(ImageQueue(client, "q"))  # the worker exits 2 before loading the model
+
+
+def test_a_planned_failover_moves_pooled_connections_to_the_new_master_at_once(sentinels):
+    """SENTINEL FAILOVER (maintenance) leaves the old master up and writable until the sentinels demote it,
+    seconds later: a connection pooled before went on writing there, and the demotion threw that away. The
+    client asks the sentinels every SENTINEL_CHECK_S (0.5 s), so its next write goes to the new master."""
+    from image_queue import SENTINEL_CHECK_S
+
+    addresses = tuple(("127.0.0.1", port) for port in sentinels.sentinel_ports)
+    client = connect("redis://ignored-host:1/0", 0.5, sentinels=addresses, sentinel_master=MASTER)
+    client.set("before", 1)  # a connection to the old master, back in the pool
+    redis.Redis(host="127.0.0.1", port=sentinels.sentinel_ports[0]).execute_command("SENTINEL", "FAILOVER", MASTER)
+    wait_for(lambda: sentinels.master_address()[1] == sentinels.replica_port, 30)
+    time.sleep(2 * SENTINEL_CHECK_S + 0.2)
+    old = redis.Redis(host="127.0.0.1", port=sentinels.master_port)
+    still_writable = old.info("replication")["role"] == "master"  # the window this is about (not yet demoted)
+    client.set("after", 1)
+    assert redis.Redis(host="127.0.0.1", port=sentinels.replica_port).get("after") == b"1"
+    print(f"\nplanned failover: the write went to the new master (old master still a master: {still_writable})")
 
 
 def test_master_killed_under_load_the_service_follows_the_promotion_without_a_restart(
