@@ -10,6 +10,7 @@ import base64
 import itertools
 import json
 import math
+import os
 import re
 import subprocess
 import sys
@@ -25,6 +26,15 @@ import open_inference
 
 TIMEOUT_S = 60  # client timeout: longer than the service's REQUEST_TIMEOUT_S and gunicorn's timeout
 TOP = 5  # predictions asked for per image over v2 (/predict's default top-k is the service's TOP_K, 5)
+API_KEY_VARIABLE = "API_KEY"  # one of the service's API_KEYS, for the load tools (stress_test.py --api-key sets it)
+
+
+def key_headers() -> dict[str, str]:
+    """X-API-Key from API_KEY when it is set (processes a closed loop starts inherit it), else nothing."""
+    key = os.environ.get(API_KEY_VARIABLE, "")
+    return {"X-API-Key": key} if key else {}
+
+
 V2_INFER = re.compile(r"/v2/models/[^/]+(/versions/[^/]+)?/infer$")
 
 
@@ -50,7 +60,7 @@ def target_url(predict_url: str, model: str | None, protocol: str) -> str:
     if not model:
         readyz = f"{service_url(predict_url)}/readyz"
         try:
-            served = list(requests.get(readyz, timeout=10).json().get("models", {}))
+            served = list(requests.get(readyz, headers=key_headers(), timeout=10).json().get("models", {}))
         except (OSError, ValueError) as exc:  # requests' errors are OSErrors; a body that is not JSON, ValueError
             raise SystemExit(f"could not list the models at {readyz} ({exc}): is the service up?") from None
         if len(served) != 1:
@@ -75,10 +85,10 @@ def post_images(
             body, headers = open_inference.encode_pixels_request(images, *pixels, TOP)
         else:
             body, headers = open_inference.encode_infer_request(images, TOP)
-        return post(url, data=body, headers=headers, timeout=timeout_s)
+        return post(url, data=body, headers=headers | key_headers(), timeout=timeout_s)
     if len(images) != 1 or pixels:
         raise ValueError("/predict takes one encoded image per request: send several, or pixels, over v2")
-    return post(url, files={"image": ("image.jpg", images[0])}, timeout=timeout_s)
+    return post(url, files={"image": ("image.jpg", images[0])}, headers=key_headers(), timeout=timeout_s)
 
 
 @dataclass

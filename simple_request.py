@@ -1,9 +1,11 @@
 """Classify one image with the service and print the predictions; exits 1 on any error.
 
 python simple_request.py images/chelsea.jpg [--url http://127.0.0.1:5000/predict] [--top 5] [--model resnet50]
+    [--api-key KEY]   (or API_KEY=KEY in the environment, when the service has API_KEYS)
 """
 
 import argparse
+import os
 import sys
 
 import requests
@@ -19,6 +21,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top", type=int, help="how many predictions (1-20; the service's TOP_K by default)")
     parser.add_argument("--model", help="the model's id, when the service serves several (GET /readyz lists them)")
     parser.add_argument("--timeout", type=float, default=TIMEOUT_S, help=f"seconds to wait (default {TIMEOUT_S})")
+    parser.add_argument(
+        "--api-key", default=os.environ.get("API_KEY"), help="one of the service's API_KEYS (default: $API_KEY)"
+    )
     args = parser.parse_args(argv)
 
     try:
@@ -27,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.url,
                 files={"image": (args.image, f)},
                 params={"top": args.top, "model": args.model},  # None values are left out
+                headers={"X-API-Key": args.api_key} if args.api_key else {},
                 timeout=args.timeout,
             )
     except OSError as exc:  # an unreadable file, or the service unreachable (requests' errors are OSErrors)

@@ -12,16 +12,18 @@ request, so alone it caps the load near 700 requests/s, below what a GPU box ser
 
 --model picks one of several models the service serves (/predict?model=ID); --protocol v2 sends the same
 images over the Open Inference Protocol instead (POST /v2/models/ID/infer, as tritonclient does; without
---model, to the one model the service serves).
+--model, to the one model the service serves). --api-key KEY (or API_KEY=KEY in the environment) sends one of
+the service's API_KEYS as X-API-Key.
 """
 
 import argparse
 import json
+import os
 import sys
 import threading
 from pathlib import Path
 
-from loadgen import TIMEOUT_S, LoadRun, format_summary, summarize, target_url
+from loadgen import API_KEY_VARIABLE, TIMEOUT_S, LoadRun, format_summary, summarize, target_url
 
 DEFAULT_URL = "http://127.0.0.1:5000/predict"
 DEFAULT_IMAGE = Path(__file__).resolve().parent / "images" / "chelsea.jpg"
@@ -40,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--model", help="the model's id, when the service serves several (GET /readyz lists them)")
     parser.add_argument("--protocol", choices=("predict", "v2"), default="predict", help="/predict or v2 infer")
+    parser.add_argument("--api-key", help="one of the service's API_KEYS, sent as X-API-Key (default: $API_KEY)")
     parser.add_argument("--json", type=Path, help="also write the summary as JSON to this file")
     parser.add_argument("--plot", type=Path, help="also draw latency over the run and its histogram to this PNG")
     args = parser.parse_args(argv)
@@ -50,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
         images = [path.read_bytes() for path in (args.image or [DEFAULT_IMAGE])]
     except OSError as exc:
         parser.error(f"cannot read {exc.filename}: {exc.strerror}")
+    if args.api_key:  # read by loadgen, in this process and in those a closed loop spreads over
+        os.environ[API_KEY_VARIABLE] = args.api_key
     url = target_url(args.url, args.model, args.protocol)
     run = LoadRun(url, images, args.timeout)
     if args.processes == 1:  # other processes' answers arrive only when they end

@@ -158,6 +158,44 @@ def test_requests_of_several_images_or_pixels_go_over_v2_and_are_counted_per_ima
         LoadRun("http://127.0.0.1:9/predict", images, per_request=2)
 
 
+def test_the_clients_send_an_api_key_to_a_service_with_api_keys(make_app):
+    """With API_KEYS set, simple_request.py and stress_test.py got 401s and loadgen's v2 model lookup saw no
+    model: --api-key (or API_KEY) sends one, to /readyz too, and from the processes a closed loop spreads over."""
+    import subprocess
+    import sys
+
+    from support import ROOT
+    from support.stand_in import StandInWorker, app_queue
+    from werkzeug.serving import make_server
+
+    key = "a-key-of-the-service-0123456789"
+    app = make_app(API_KEYS=(key,))
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_port}/predict"
+
+    def run(*argv, **env):
+        import os
+
+        environment = {k: v for k, v in os.environ.items() if k != "API_KEY"} | env
+        return subprocess.run([sys.executable, *argv], cwd=ROOT, env=environment, capture_output=True, text=True)
+
+    try:
+        with StandInWorker(app_queue(app)):
+            assert run("simple_request.py", "images/chelsea.jpg", "--url", url).returncode == 1  # 401
+            assert run("simple_request.py", "images/chelsea.jpg", "--url", url, "--api-key", key).returncode == 0
+            assert run("simple_request.py", "images/chelsea.jpg", "--url", url, API_KEY=key).returncode == 0
+            load = ["stress_test.py", "--url", url, "--count", "6", "--concurrency", "2", "--processes", "2"]
+            done = run(*load, "--api-key", key)
+            assert done.returncode == 0 and "succeeded 6" in done.stdout, done.stdout + done.stderr
+            assert "failed 6 (401: 6)" in run(*load).stdout  # no key
+            v2 = run(*load, "--protocol", "v2", "--count", "1", API_KEY=key)  # the model found through /readyz
+            assert "/v2/models/standin/infer" in v2.stdout, v2.stdout + v2.stderr
+            assert "the service lists none" in run(*load, "--protocol", "v2").stderr  # /readyz lists none without
+    finally:
+        server.shutdown()
+
+
 def test_the_clients_say_in_one_line_what_is_wrong_with_a_missing_image_or_a_service_that_is_down():
     import subprocess
     import sys
