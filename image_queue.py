@@ -159,6 +159,7 @@ TRANSIENT_ERRORS = (
 CLUSTER_MISUSE = (redis.exceptions.CrossSlotTransactionError, redis.exceptions.InvalidPipelineStack)
 REDIS_ERRORS = (redis.RedisError, redis.exceptions.RedisClusterException)  # what the callers catch (redis_trouble)
 WORKER_SOCKET_MARGIN_S = 2.0  # worker: room to move a batch of messages over a slow link
+REPLICAS_SHORT_S = 5.0  # REDIS_WAIT_REPLICAS: after a push the replicas lacked in time, pushes do not WAIT this long
 # admin.py purge: messages per script call. Each is copied into Lua (~0.5 ms for a 150 KB image) while Redis
 # serves no one else: purged in one call, thousands froze Redis for seconds, past its lua-time-limit (BUSY).
 PURGE_CHUNK = 100
@@ -874,6 +875,7 @@ class ImageQueue:
     ):
         self.redis = client
         self.wait_replicas = wait_replicas
+        self._replicas_short_until = 0.0  # time.monotonic() until which pushes do not WAIT (_wait)
         self.keys = Keys(name)
         self.registry = registry  # (registry key, model id) this queue's heartbeats register, if any
         self.queue_max = queue_max
@@ -1141,8 +1143,17 @@ class ImageQueue:
         push's own connection: WAIT counts the replicas that have the writes made on its connection, so on
         another pooled connection (another thread's older write, or none) it could answer at once, before any
         replica had the message. Fewer replicas in time, or a failed WAIT, is logged and the request goes on:
-        the message is queued on the master either way, and refusing it now would not take it back."""
-        wait_s = self.block_s if deadline is None else min(self.block_s, deadline - time.monotonic())
+        the message is queued on the master either way, and refusing it now would not take it back.
+
+        After a shortfall, pushes do not WAIT for REPLICAS_SHORT_S, then one tries again: a promoted replica has
+        no replica of its own until another joins (hours, if the old master's machine died), and every push
+        waited REDIS_BLOCK_S, a web thread each (16 threads: ~16 requests/s), just when the failover had made
+        the service's capacity matter most (found by a review). One warning per shortfall, one line when the
+        replicas have the messages again."""
+        now = time.monotonic()
+        if now < self._replicas_short_until:
+            return
+        wait_s = self.block_s if deadline is None else min(self.block_s, deadline - now)
         if wait_s < 0.001:  # WAIT 0 would wait for ever
             return
         try:
@@ -1152,8 +1163,21 @@ class ImageQueue:
             connection.disconnect()
             log.warning("WAIT for %d replicas failed (%s); the message is queued", self.wait_replicas, exc)
             return
-        if acked < self.wait_replicas:
-            log.warning("only %d of %d replicas had the message within %.2g s", acked, self.wait_replicas, wait_s)
+        if acked >= self.wait_replicas:
+            if self._replicas_short_until:
+                self._replicas_short_until = 0.0
+                log.info("%d replicas have the messages again: each push waits for them", self.wait_replicas)
+            return
+        if not self._replicas_short_until:
+            log.warning(
+                "only %d of %d replicas had the message within %.2g s; pushes do not wait for them for %g s at a "
+                "time until they have the messages again",
+                acked,
+                self.wait_replicas,
+                wait_s,
+                REPLICAS_SHORT_S,
+            )
+        self._replicas_short_until = time.monotonic() + REPLICAS_SHORT_S
 
     def wait_for(self, request_id: str, deadline: float) -> bytes | None:
         """Block on the request's result key until an answer or the time.monotonic() deadline."""

@@ -587,6 +587,24 @@ def test_wait_replicas_holds_the_enqueue_for_the_replicas_then_goes_on_saying_so
     assert "only 0 of 1 replicas had the message" in caplog.text
 
 
+def test_after_a_replica_shortfall_pushes_do_not_wait_for_a_while_then_try_again(make_queue, caplog, monkeypatch):
+    """A promoted replica has no replica of its own for a long time: each push waiting REDIS_BLOCK_S would hold
+    a web thread per request. After a shortfall, pushes skip WAIT for REPLICAS_SHORT_S; then one waits again."""
+    import image_queue
+
+    monkeypatch.setattr(image_queue, "REPLICAS_SHORT_S", 0.6)
+    queue = make_queue(wait_replicas=1, block_s=0.3)  # no replica
+    took = []
+    for pause in (0, 0, 0, 0.7):
+        time.sleep(pause)
+        started = time.monotonic()
+        queue.enqueue(b"message")
+        took.append(time.monotonic() - started)
+    assert took[0] >= 0.25 and max(took[1:3]) < 0.1 and took[3] >= 0.25  # waited, skipped twice, tried again
+    assert caplog.text.count("replicas had the message") == 1  # one warning for the shortfall
+    assert queue.status().queue_depth == 4
+
+
 def test_wait_replicas_never_waits_past_the_requests_deadline(make_queue, caplog):
     """A request pushed with less than REDIS_BLOCK_S left waits for the replicas only until its deadline (its
     504 is not held up), and one with no time left does not wait at all (WAIT 0 would wait for ever)."""
