@@ -29,8 +29,7 @@ log = logging.getLogger(__name__)
 def top_k(probabilities: np.ndarray, labels: list[str], k: int) -> list[dict]:
     """The k most probable classes of one row, most probable first: label, probability and class index."""
     k = min(k, len(probabilities))
-    best = np.argpartition(-probabilities, k - 1)[:k]
-    best = best[np.argsort(-probabilities[best], kind="stable")]
+    best = np.argsort(-probabilities, kind="stable")[:k]  # ties in class order (argpartition picked any of them)
     return [{"label": labels[i], "probability": float(probabilities[i]), "index": int(i)} for i in best]
 
 
@@ -228,13 +227,31 @@ def load_classifier(
         prep = preprocess_function(preprocess) if preprocess else module.preprocess_input
         labels = load_labels(labels_path) if labels_path else imagenet_labels()
         classifier = Classifier(name, model, prep, labels)
+    check_shapes(classifier.model, "MODEL_PATH" if model_path else "MODEL_NAME")
     check_labels(int(classifier.model.output_shape[-1]), classifier.labels)
-    if runtime == "openvino":  # the files' times again: one replaced meanwhile is converted under its new name
-        source = cache_source(name, weights, model_path, preprocess)
+    if runtime == "openvino":
+        if source and cache_source(name, weights, model_path, preprocess) != source:
+            log.warning("the model's file changed while it loaded: converted this once, not kept in the cache")
+            source = ""  # which file was read is not known: neither key may name it (the next start converts)
         return openvino_classifier(name, classifier.labels, precision, cache_dir, source, classifier)
     classifier.precision = "float32" if precision == "auto" else precision
     classifier.calls_take_turns = predict_takes_turns(keras.backend.backend())
     return classifier
+
+
+def check_shapes(model, setting: str) -> None:
+    """The model takes RGB images of one fixed size, (batch, height, width, 3), and gives one row of class
+    scores per image: what the web prepares and the worker reads (else a traceback at warm-up, or a size
+    read wrong)."""
+    given, gives = model.input_shape, model.output_shape
+    fixed = isinstance(given, tuple) and len(given) == 4 and all(isinstance(d, int) for d in given[1:3])
+    if not (fixed and given[3] == 3):
+        raise ModelConfigError(
+            f"{setting}: the model must take RGB images of one fixed size, (batch, height, width, 3); this one "
+            f"takes {given}"
+        )
+    if not (isinstance(gives, tuple) and len(gives) == 2 and isinstance(gives[1], int)):
+        raise ModelConfigError(f"{setting}: the model must give (batch, classes) scores; this one gives {gives}")
 
 
 def check_labels(classes: int, labels: list[str]) -> None:
@@ -267,14 +284,16 @@ def load_configured_classifier(settings) -> Classifier:
 
 
 def cache_source(name: str, weights: str, model_path: str, preprocess: str) -> str:
-    """What names a converted model in the cache: the same files (path, size, time) give the same model.
-    The part before the last "#" names the model (name, weights, preprocessing, paths); after it come the
-    files' sizes and times, which change when a file is replaced. "" for random weights (MODEL_WEIGHTS=none),
-    which differ at every load and are never cached."""
+    """What names a converted model in the cache: the same files (path, inode, size, times) give the same
+    model. The part before the last "#" names the model (name, weights, preprocessing, paths); after it come
+    the files' inodes, sizes, and modification and change times, which change when a file is replaced: the
+    change time (ctime) too, which no copy can set (cp -p, tar and image layers keep the modification time,
+    and weights of one architecture have one size: a replaced file was served as the old model). "" for
+    random weights (MODEL_WEIGHTS=none), which differ at every load and are never cached."""
     if not model_path and weights in ("none", ""):
         return ""
     files = [os.path.abspath(f) for f in ([model_path] if model_path else [] if weights == "imagenet" else [weights])]
-    stats = ",".join(f"{st.st_size}:{st.st_mtime_ns}" for st in map(os.stat, files))
+    stats = ",".join(f"{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}" for st in map(os.stat, files))
     return "|".join([name, weights, preprocess, *files]) + "#" + stats
 
 
@@ -299,7 +318,12 @@ def runs_on_host_cpu(runtime: str) -> bool:
 
 
 def gpu_device() -> str:
-    """The first NVIDIA or AMD GPU device file, or "" (cheap, and the same whatever the Keras backend)."""
+    """The first NVIDIA or AMD GPU device file, or "" (cheap, and the same whatever the Keras backend); ""
+    also where CUDA_VISIBLE_DEVICES hides every GPU ("" or "-1", the usual way to force the CPU: as
+    stack.visible_gpus reads it), which chose Keras on the CPU and a GPU's pipeline depth."""
+    hidden = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if hidden is not None and (not hidden.strip() or hidden.split(",")[0].strip().startswith("-")):
+        return ""
     return next(iter(sorted(glob.glob("/dev/nvidia[0-9]*")) + glob.glob("/dev/kfd")), "")
 
 
@@ -340,44 +364,76 @@ def openvino_classifier(
     ov = import_openvino()
     core = ov.Core()
     hint = openvino_hint(precision, core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
-    os.makedirs(cache_dir, exist_ok=True)
     path = openvino_cache_path(cache_dir, name, source)
     started = time.perf_counter()
     # One process at a time converts, tidies and compiles in cache_dir: two workers starting together on a cold
     # cache raced on the compiled blob, and one died ("cannot set permissions: No such file"); now the second
     # waits, then reads what the first wrote, and nothing is removed while another process reads it.
-    with open(os.path.join(cache_dir, ".compile.lock"), "w") as lock:
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+        lock = open(os.path.join(cache_dir, ".compile.lock"), "w")  # noqa: SIM115 (closed by the with below)
+    except OSError as exc:
+        raise ModelConfigError(
+            f"MODEL_CACHE_DIR={cache_dir} cannot be used ({exc}): point it at a directory this worker may write"
+        ) from None
+    with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if source and os.path.exists(path):
-            graph, how = path, f"from {path}"
-        elif convert_from is None:
-            return None
-        else:
-            folder = export_with_preprocessing(convert_from)
             try:
-                graph = ov.convert_model(folder)
-            finally:
-                shutil.rmtree(folder, ignore_errors=True)
-            how = "converted from Keras"
-            if source:  # written whole under another name, then renamed: nothing ever reads half of it
-                for orphan in glob.glob(os.path.join(glob.escape(cache_dir), ".[0-9]*-*.[xb][mi][ln]")):
-                    os.remove(orphan)  # a conversion killed half-way (we hold the lock: none is running)
-                partial = os.path.join(cache_dir, f".{os.getpid()}-{os.path.basename(path)}")
-                ov.save_model(graph, partial, compress_to_fp16=False)
-                os.replace(partial[:-4] + ".bin", path[:-4] + ".bin")
-                os.replace(partial, path)
-                graph, how = path, how + f", saved to {path}"
-                removed = remove_older_versions(path)
-                how += f" (older versions of it removed: {', '.join(removed)})" if removed else ""
-        if source:  # compiled from the saved file, its compiled form kept beside it: the next start loads that
-            core.set_property({"CACHE_DIR": compiled_cache_dir(path)})
-        compiled = core.compile_model(graph, "CPU", {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY"})
+                return compiled_classifier(core, path, hint, name, labels, source, f"from {path}", started)
+            except ModelConfigError:
+                raise
+            except Exception as exc:  # a damaged entry (a power cut mid-write, a file removed): convert again
+                log.warning("the cached OpenVINO model %s cannot be read (%s); converting it again", path, exc)
+                remove_entry(path)  # (without Keras loaded, None: the caller loads it and comes back to convert)
+        if convert_from is None:
+            return None
+        folder = export_with_preprocessing(convert_from)
+        try:
+            graph = ov.convert_model(folder)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        how = "converted from Keras"
+        if source:  # written whole under another name, synced, then renamed: nothing ever reads half of it
+            for orphan in glob.glob(os.path.join(glob.escape(cache_dir), ".[0-9]*-*.[xb][mi][ln]")):
+                os.remove(orphan)  # a conversion killed half-way (we hold the lock: none is running)
+            partial = os.path.join(cache_dir, f".{os.getpid()}-{os.path.basename(path)}")
+            ov.save_model(graph, partial, compress_to_fp16=False)
+            for written in (partial[:-4] + ".bin", partial):
+                with open(written, "rb") as f:
+                    os.fsync(f.fileno())  # on disk before the rename (a power cut left empty files named right)
+            os.replace(partial[:-4] + ".bin", path[:-4] + ".bin")
+            os.replace(partial, path)
+            graph, how = path, how + f", saved to {path}"
+            removed = remove_older_versions(path)
+            how += f" (older versions of it removed: {', '.join(removed)})" if removed else ""
+        return compiled_classifier(core, graph, hint, name, labels, source, how, started)
+
+
+def compiled_classifier(core, graph, hint: str, name: str, labels, source: str, how: str, started: float) -> Classifier:
+    """The graph (a model, or the cached file's path) compiled for the CPU, as a Classifier; its precision the one
+    OpenVINO runs, which may differ from the hint (logged)."""
+    ov = import_openvino()
+    if source:  # compiled from the saved file, its compiled form kept beside it: the next start loads that
+        core.set_property({"CACHE_DIR": compiled_cache_dir(graph)})  # graph is the saved file's path then
+    compiled = core.compile_model(graph, "CPU", {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY"})
+    runs = compiled.get_property("INFERENCE_PRECISION_HINT").to_string()  # f32, bf16, f16
     took = time.perf_counter() - started
-    log.info("OpenVINO %s: %s model %s and compiled in %.1f s", ov.__version__.split("-")[0], hint, how, took)
+    log.info("OpenVINO %s: %s model %s and compiled in %.1f s", ov.__version__.split("-")[0], runs, how, took)
+    if runs != hint:
+        log.warning("OpenVINO runs this model at %s, not the %s asked for (MODEL_PRECISION)", runs, hint)
     input_shape, output_shape = (shape(port.get_partial_shape()) for port in (compiled.input(0), compiled.output(0)))
     check_labels(output_shape[-1], labels)
     model = OpenVINOModel(compiled, input_shape, output_shape)
-    return Classifier(name, model, lambda x: x, labels, (), True, "openvino", hint)
+    return Classifier(name, model, lambda x: x, labels, (), True, "openvino", runs)
+
+
+def remove_entry(path: str) -> None:
+    """A converted model's files in the cache (.xml, .bin) and its compiled forms."""
+    for stale in (path, path[:-4] + ".bin"):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(stale)
+    shutil.rmtree(compiled_cache_dir(path), ignore_errors=True)
 
 
 def import_openvino():

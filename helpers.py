@@ -138,12 +138,10 @@ def tiff_segments(data: bytes) -> int:
             return 0
         (entries,) = struct.unpack_from(order + count_format, data, ifd)
         at, step = ifd + struct.calcsize(count_format), 12 if magic == 42 else 20
-        most = 0
-        for n in range(min(entries, 4096)):
-            tag, _, count = struct.unpack_from(order + entry_format, data, at + n * step)
-            if tag in (273, 324):  # StripOffsets, TileOffsets
-                most = max(most, count)
-        return most
+        table = data[at : at + min(entries, (len(data) - at) // step) * step]  # every entry (Pillow reads all)
+        padded = order + entry_format + ("4x" if magic == 42 else "8x")  # the value (or its offset), unread
+        # a tag listed twice counts at its largest: Pillow keeps the last
+        return max((count for tag, _, count in struct.iter_unpack(padded, table) if tag in (273, 324)), default=0)
     except struct.error:
         return 0
 

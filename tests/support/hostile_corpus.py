@@ -202,13 +202,15 @@ def dds_without_pixel_format() -> bytes:
     return b"DDS " + header + bytes(64)
 
 
-def tiff_of_many_strips(strips: int) -> bytes:
+def tiff_of_many_strips(strips: int, padding: int = 0) -> bytes:
     """A 1 x 2 gray TIFF listing `strips` one-byte strips: Pillow spends ~10 us of Python on each, at open and
-    again at decode (2 million of them, 4 MB, took 20 s of CPU)."""
+    again at decode (2 million of them, 4 MB, took 20 s of CPU). padding: that many dummy entries (tag 254)
+    before the strips' (a check that read the first 4096 entries only missed them)."""
     offsets_at, ifd_at = 16, 16 + 2 * strips
     entries = [(256, 1), (257, 2), (258, 8), (259, 1), (262, 1), (277, 1), (278, 1), (279, 1)]
     ifd = [struct.pack("<HHIHH", tag, 3, 1, value, 0) for tag, value in entries]
     ifd.insert(5, struct.pack("<HHII", 273, 3, strips, offsets_at))  # StripOffsets, in tag order
+    ifd[:0] = [struct.pack("<HHIHH", 254, 3, 1, 0, 0)] * padding
     head = b"II*\x00" + struct.pack("<I", ifd_at) + b"\x80" * 8 + struct.pack(f"<{strips}H", *[8] * strips)
     return head + struct.pack("<H", len(ifd)) + b"".join(ifd) + struct.pack("<I", 0)
 
@@ -446,6 +448,14 @@ def build_corpus(max_upload_mb: float = 2) -> list[Case]:
             "tiff-100000-strips",
             "a 1 x 2 TIFF listing 100,000 one-byte strips (200 KB): refused before Pillow reads them",
             tiff_of_many_strips(100_000),
+            filename=b"x.tif",
+            status=415,
+            words=("100,000 strips",),
+        ),
+        upload(
+            "tiff-100000-strips-after-4100-entries",
+            "the same, its strips listed after 4,100 dummy entries of its first IFD",
+            tiff_of_many_strips(100_000, padding=4100),
             filename=b"x.tif",
             status=415,
             words=("100,000 strips",),
