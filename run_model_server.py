@@ -42,6 +42,17 @@ log = logging.getLogger("model_server")
 
 
 EXIT_HUNG = 3  # the model hung in a batch (ModelWorker._watch); 2: Redis refused the worker; 1: anything else
+FEEDER_STOP_S = 5.0  # the watchdog waits this long at most for the feeder's blocking claim to end
+
+
+def runqueue_wait_s(thread_id: int) -> float:
+    """Seconds a thread of this process has spent runnable but waiting for a core (Linux schedstat); 0 where
+    that cannot be read."""
+    try:
+        with open(f"/proc/self/task/{thread_id}/schedstat") as f:
+            return int(f.read().split()[1]) / 1e9
+    except (OSError, ValueError, IndexError):
+        return 0.0
 
 
 class Answered(NamedTuple):
@@ -311,7 +322,8 @@ class ModelWorker:
         for lane in range(self.depth):
             self._lanes.put((lane, False))
         heartbeat.start()
-        feeder = threading.Thread(target=self._stage, args=(self._feed,), name="feeder", daemon=True)
+        self._model_thread = threading.get_native_id()  # this thread runs the model (the watchdog reads its wait)
+        feeder = self._feeder = threading.Thread(target=self._stage, args=(self._feed,), name="feeder", daemon=True)
         acker = threading.Thread(target=self._stage, args=(self._acknowledge,), name="acker", daemon=True)
         feeder.start()
         acker.start()
@@ -349,15 +361,19 @@ class ModelWorker:
         """A model that never returns from a batch (a hung GPU or driver, a deadlock) would leave a worker whose
         heartbeats go on while it answers nothing: its batches never requeued, its requests all 504s, and
         /readyz content. A batch running hung_after_s (REQUEST_TIMEOUT_S: every request in it has had its
-        504 by then) means a hung model: the worker stops beating, hands back every batch it holds, and
-        exits 3 at once (the stuck call cannot be interrupted), for its supervisor to start a fresh one. Only
-        time this thread saw pass counts: a worker stopped mid-batch (SIGSTOP) and woken later is not hung
-        (its peers wrote it off meanwhile: its late answers are dropped, and it serves on)."""
+        504 by then) means a hung model: the worker stops claiming and beating, lets a blocking claim end,
+        hands back every batch it holds, and exits 3 at once (the stuck call cannot be interrupted), for its
+        supervisor to start a fresh one. Only time this thread saw pass counts: a worker stopped mid-batch
+        (SIGSTOP) and woken later is not hung (its peers wrote it off meanwhile: its late answers are dropped,
+        and it serves on); nor does time the model thread spent waiting for a core (runqueue_wait_s): a
+        niced worker starved by a busy host is slow, not hung."""
         every_s = min(self.heartbeat_s, self.hung_after_s / 4)
-        batch, watched, last = None, 0.0, time.monotonic()
+        batch, watched, last, waited = None, 0.0, time.monotonic(), runqueue_wait_s(self._model_thread)
         while not self._ran.wait(every_s):
-            now = time.monotonic()
-            step, last = min(now - last, 2 * every_s), now  # a stalled process (SIGSTOP, a paused VM) is not hung
+            now, now_waited = time.monotonic(), runqueue_wait_s(self._model_thread)
+            step = min(now - last, 2 * every_s)  # a stalled process (SIGSTOP, a paused VM) is not hung ...
+            step = max(0.0, step - (now_waited - waited))  # ... nor a model thread starved of CPU (niced, busy host)
+            last, waited = now, now_waited
             if self._running_since != batch:
                 batch, watched = self._running_since, 0.0
             elif batch is not None:
@@ -371,8 +387,10 @@ class ModelWorker:
                 now - batch,
                 self.hung_after_s,
             )
-            self.stopping = True  # the feeder claims no more
+            self.stopping = True  # the feeder claims no more ...
+            self._handoff.close()  # ... nor waits to hand a batch over
             self._heartbeat.stop()
+            self._feeder.join(FEEDER_STOP_S)  # a blocking claim ends within REDIS_BLOCK_S: its message is handed back
             try:
                 left = self.queue.unregister(self.worker_id)
                 log.info("worker %s: %d messages handed back", self.worker_id, left)
