@@ -5,6 +5,7 @@ Timeouts, shortest first: a Redis blocking call (REDIS_BLOCK_S, 1 s) < a request
 """
 
 import glob
+import math
 import os
 import shutil
 import tempfile
@@ -15,6 +16,7 @@ import logs
 import settings
 
 logs.configure()  # the app's own loggers, in the workers too (they are forked from this process)
+settings.current.check_web()  # the web's own settings (GUNICORN_TIMEOUT_S against the longest request): at start
 
 
 class ServiceLogger(Logger):
@@ -41,8 +43,8 @@ threads = settings.WEB_THREADS
 
 # A worker silent for this long is killed and replaced; longer than any request's wait.
 timeout = settings.GUNICORN_TIMEOUT_S
-# On SIGTERM, in-flight requests get this long to finish (each is bounded by REQUEST_TIMEOUT_S).
-graceful_timeout = int(settings.REQUEST_TIMEOUT_S) + 5
+# On SIGTERM, in-flight requests get this long to finish: the longest a request can take (15 s by default).
+graceful_timeout = math.ceil(settings.current.longest_request_s)
 keepalive = 5  # seconds an idle keep-alive connection is held open (2-10 behind a proxy)
 backlog = 2048  # connections waiting to be accepted
 

@@ -132,6 +132,7 @@ bp = Blueprint("api", __name__)
 
 def create_app(config: dict | None = None) -> Flask:
     """The Flask app; config overrides settings (tests pass their Redis URL, queue name, ...)."""
+    settings.current.check_web()
     app = Flask(__name__)
     app.config.from_mapping({key: getattr(settings, key) for key in CONFIG_KEYS})
     app.config.update(config or {})

@@ -33,10 +33,7 @@ MAX_PIPELINE_DEPTH = 3  # a model worker's lanes: the queue protocol's processin
 MODEL_ID_PATTERN = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")  # a model id: lower case, safe in URLs and Redis keys
 WEB_SOCKET_MARGIN_S = 0.5  # web: Redis socket timeout REDIS_BLOCK_S + this (a stalled Redis delays a 503 so much)
 # REDIS_URL query options that would override what image_queue.connect sets (redis-py lets the URL win)
-URL_TIMING_OPTIONS = frozenset(
-    {"socket_timeout", "socket_connect_timeout", "socket_keepalive", "retry_on_timeout", "retry_on_error",
-     "health_check_interval"}
-)  # fmt: skip
+URL_TIMING_OPTIONS = frozenset({"socket_timeout", "socket_connect_timeout", "health_check_interval"})
 LATE_DECODE_S = 2.0  # an image decode begun just before the deadline runs to its end (a 50-megapixel PNG: ~1 s)
 
 
@@ -217,8 +214,6 @@ class Settings:
                 raise SettingError(
                     f"{name} must be 1-64 of a-z, 0-9, '_', '.', '-', starting with a letter or digit, got {value!r}"
                 )
-        if self.TOP_K > TOP_K_MAX:
-            raise SettingError(f"TOP_K must be at most {TOP_K_MAX} (as ?top=K), got {self.TOP_K}")
         timing = sorted(URL_TIMING_OPTIONS & set(urllib.parse.parse_qs(urllib.parse.urlsplit(self.REDIS_URL).query)))
         if timing:
             raise SettingError(
@@ -232,12 +227,10 @@ class Settings:
                 f"REDIS_BLOCK_S ({self.REDIS_BLOCK_S:g} s) must be shorter than REQUEST_TIMEOUT_S "
                 f"({self.REQUEST_TIMEOUT_S:g} s): a request waits for its answer in calls of REDIS_BLOCK_S"
             )
-        if self.GUNICORN_TIMEOUT_S <= self.longest_request_s:
+        if self.GUNICORN_TIMEOUT_S <= self.REQUEST_TIMEOUT_S:
             raise SettingError(
-                f"GUNICORN_TIMEOUT_S ({self.GUNICORN_TIMEOUT_S} s) must be longer than the longest a request can "
-                f"take, {self.longest_request_s:g} s: REQUEST_TIMEOUT_S ({self.REQUEST_TIMEOUT_S:g} s), + 2 x a "
-                f"hung Redis call (REDIS_BLOCK_S + {WEB_SOCKET_MARGIN_S:g} s), + {LATE_DECODE_S:g} s for a decode "
-                "begun at the deadline: under uWSGI it is harakiri, which kills a request still running"
+                f"GUNICORN_TIMEOUT_S ({self.GUNICORN_TIMEOUT_S} s) must be longer than REQUEST_TIMEOUT_S "
+                f"({self.REQUEST_TIMEOUT_S:g} s): under uWSGI it is harakiri, which kills a request still waiting"
             )
         if self.REDIS_BLOCK_S >= self.WORKER_TTL_S:
             raise SettingError(
@@ -249,6 +242,19 @@ class Settings:
                 f"WORKER_HEARTBEAT_S ({self.WORKER_HEARTBEAT_S:g} s) must be shorter than WORKER_TTL_S "
                 f"({self.WORKER_TTL_S:g} s), or live workers would count as dead between heartbeats"
             )
+
+    def check_web(self) -> None:
+        """The checks of settings only the web reads (gunicorn_conf.py and create_app run them; a model worker
+        started with an environment these refuse still serves)."""
+        if self.GUNICORN_TIMEOUT_S <= self.longest_request_s:
+            raise SettingError(
+                f"GUNICORN_TIMEOUT_S ({self.GUNICORN_TIMEOUT_S} s) must be longer than the longest a request can "
+                f"take, {self.longest_request_s:g} s: REQUEST_TIMEOUT_S ({self.REQUEST_TIMEOUT_S:g} s), + 2 x a "
+                f"hung Redis call (REDIS_BLOCK_S + {WEB_SOCKET_MARGIN_S:g} s), + {LATE_DECODE_S:g} s for a decode "
+                "begun at the deadline: under uWSGI it is harakiri, which kills a request still running"
+            )
+        if self.TOP_K > TOP_K_MAX:
+            raise SettingError(f"TOP_K must be at most {TOP_K_MAX} (as ?top=K), got {self.TOP_K}")
 
     @property
     def longest_request_s(self) -> float:
