@@ -111,6 +111,13 @@ SIGNATURES = {
 }
 
 
+def has_accepted_signature(data: bytes) -> bool:
+    """Whether the upload starts like a format we decode (JPEG, PNG, GIF, BMP, WebP, TIFF): anything else is
+    refused without waiting for a decoder (Trip.prepare)."""
+    webp = data[:4] == b"RIFF" and data[8:12] == b"WEBP"
+    return webp or data.startswith((*SIGNATURES, b"BM", b"II+\x00", b"MM\x00+"))
+
+
 def _unidentified(data: bytes) -> ImageError:
     kind = "WebP" if data[:4] == b"RIFF" and data[8:12] == b"WEBP" else None
     kind = kind or next((name for magic, name in SIGNATURES.items() if data.startswith(magic)), None)

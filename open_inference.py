@@ -46,7 +46,7 @@ class InferRequest:
 
     @property
     def count(self) -> int:
-        return len(self.images) if self.images is not None else len(self.pixels)
+        return len(self.images) if self.images is not None else len(self.pixels) if self.pixels is not None else 0
 
 
 def model_metadata(model_id: str, height: int, width: int, classes: int, platform: str) -> dict:

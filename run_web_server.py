@@ -528,7 +528,11 @@ class Trip:
     def prepare(self, upload: bytes, slot_held: bool = False) -> np.ndarray:
         """An uploaded image's pixels at the model's input size, within the decode budget and slots. Reading
         the header is decoding work too (a PNG's or JPEG's metadata chunks, a TIFF's strips: seconds for a few
-        MB crafted so), so it holds the slot as well: a bad header may wait for a slot under load."""
+        MB crafted so), so it holds the slot as well. An upload that does not even start like a format we
+        decode is refused at once instead (400, or 415 for a format Pillow knows), not after a wait for a slot."""
+        if not helpers.has_accepted_signature(upload):
+            helpers.open_image(upload, current_app.config["MAX_IMAGE_PIXELS"]).close()  # raises, unless Pillow finds
+            # one of our formats after all: then it is decoded as any other
         with nullcontext() if slot_held else decode_slot(self.deadline):
             if time.monotonic() >= self.deadline:  # a slow upload, or a slot freed at the deadline
                 raise self.late()
@@ -603,7 +607,7 @@ class DecodeBudget:
     """DECODE_MEGAPIXELS_S: a token bucket of decoded pixels for this process. Decode slots bound how many
     images decode at once, not how much: a few KB of flat PNG can be 50 megapixels and ~1 s of CPU, so a
     client sending them could keep every slot busy. An image that would overdraw the budget is refused
-    before it is decoded (503 + Retry-After), which costs nothing."""
+    before it is decoded (503 + Retry-After): its header is read (under a decode slot), its pixels are not."""
 
     def __init__(self, megapixels_s: float, burst_pixels: int):
         self.rate = megapixels_s * 1e6

@@ -208,7 +208,10 @@ def start_web(env: dict | None = None, log_path: Path | None = None, app: str = 
     Its own program beside this Python, as systemd and the image start it: a binary upgrade (USR2) re-executes
     what started the master, and 'python .../gunicorn/__main__.py' would import gunicorn's http package as
     the standard library's (its workers then fail to boot)."""
-    argv = [str(Path(sys.executable).parent / "gunicorn"), "-c", "gunicorn_conf.py", app]
+    program = Path(sys.executable).parent / "gunicorn"
+    found = str(program) if program.exists() else shutil.which("gunicorn")  # pip --user: ~/.local/bin
+    command = [found] if found else [sys.executable, "-m", "gunicorn"]  # no program: as a module (no USR2)
+    argv = [*command, "-c", "gunicorn_conf.py", app]
     return _start("gunicorn", argv, env, log_path)
 
 

@@ -247,6 +247,20 @@ def test_no_decode_slot_free_by_the_deadline_is_503_with_retry_after(app, client
     assert response.headers["Retry-After"] == "1" and 1.4 < time.monotonic() - started < 4
 
 
+def test_an_upload_that_is_no_image_of_ours_is_refused_at_once_while_every_decoder_is_busy(app, client, worker):
+    """Headers are read under a decode slot; text, or a format we do not decode, need not wait for one."""
+    icon = io.BytesIO()
+    Image.new("RGB", (16, 16)).save(icon, "ICO")
+    app.extensions["decode_slots"].acquire()
+    app.extensions["decode_slots"].acquire()
+    started = time.monotonic()
+    text = post_image(client, b"these are not the pixels")
+    ico = post_image(client, icon.getvalue())
+    assert_json_error(text, 400, "not an image")
+    assert_json_error(ico, 415, "ICO images are not supported")
+    assert time.monotonic() - started < 1
+
+
 @pytest.mark.parametrize(
     ("kwargs", "status", "words"),
     [
