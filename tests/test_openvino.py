@@ -194,6 +194,81 @@ def test_a_model_file_replaced_in_place_is_converted_again_and_only_its_older_ve
     assert [p.name for p in (tmp_path / "random").iterdir()] == [".compile.lock"]
 
 
+def test_a_copy_keeping_size_and_time_a_damaged_entry_and_an_unwritable_cache_dir(tmp_path, caplog):
+    """A file replaced by one of the same size keeping its modification time (cp -p, tar, image layers) is
+    converted again (its change time differs), not served as the old model; a damaged entry (a power cut mid-
+    write) is converted again, not a crash at every start; a cache directory that cannot be written is one
+    line naming MODEL_CACHE_DIR."""
+    import keras
+
+    cache, path, other = tmp_path / "cache", tmp_path / "m.weights.h5", tmp_path / "other.weights.h5"
+    for seed, file in ((3, path), (4, other)):
+        keras.utils.set_random_seed(seed)
+        keras.applications.MobileNetV2(weights=None).save_weights(file)
+    assert path.stat().st_size == other.stat().st_size  # one architecture, one size
+
+    def load(weights=path, cache_dir=cache):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, "classifier"):
+            loaded = seam.load_classifier("MobileNetV2", str(weights), labels_path=str(IMAGENET_INDEX),
+                                          runtime="openvino", cache_dir=str(cache_dir))  # fmt: skip
+        return caplog.text, loaded
+
+    def weights_in(folder) -> bytes:  # the converted model's weights (random MobileNetV2s answer alike: uniform)
+        (converted,) = folder.glob("*.bin")
+        return converted.read_bytes()
+
+    load()
+    first = weights_in(cache)
+    modified = path.stat().st_mtime_ns
+    shutil.copyfile(other, path)
+    os.utime(path, ns=(modified, modified))  # the same size and modification time: only the content differs
+    text, _ = load()
+    assert "converted from Keras" in text, text
+    load(other, tmp_path / "direct")
+    assert weights_in(cache) == weights_in(tmp_path / "direct") != first  # the new file's model, not the old
+    (xml,) = cache.glob("*.xml")
+    xml.write_bytes(b"")  # renamed into place before it reached the disk
+    shutil.rmtree(cache / f"{xml.stem}.compiled")
+    text, repaired = load()
+    assert "cannot be read" in text and "converted from Keras" in text, text
+    assert weights_in(cache) == weights_in(tmp_path / "direct") and repaired.predict(photo_pixels(1)).shape == (1, 1000)
+    with pytest.raises(seam.ModelConfigError, match="MODEL_CACHE_DIR=/proc/no-cache-here cannot be used"):
+        load(cache_dir="/proc/no-cache-here")
+
+
+def test_top_k_breaks_ties_in_class_order():
+    probabilities = np.zeros(1000, np.float32)
+    probabilities[[900, 500, 10]] = 0.3
+    probabilities[7] = 0.1
+    assert [p["index"] for p in seam.top_k(probabilities, [str(i) for i in range(1000)], 4)] == [10, 500, 900, 7]
+
+
+def test_a_model_that_does_not_take_fixed_size_rgb_images_is_one_line_naming_the_setting(tmp_path):
+    import keras
+
+    labels = tmp_path / "labels.json"
+    labels.write_text('["a", "b"]')
+    for name, shape in (("any-size", (None, None, 3)), ("gray", (28, 28, 1))):
+        inputs = keras.Input(shape)
+        outputs = keras.layers.Dense(2)(keras.layers.GlobalAveragePooling2D()(inputs))
+        keras.Model(inputs, outputs).save(tmp_path / f"{name}.keras")
+        with pytest.raises(
+            seam.ModelConfigError, match=r"MODEL_PATH: the model must take RGB images of one fixed size"
+        ):
+            seam.load_classifier("", "", str(tmp_path / f"{name}.keras"), str(labels), runtime="keras")
+
+
+def test_cuda_visible_devices_that_hides_every_gpu_means_no_gpu(monkeypatch):
+    monkeypatch.setattr(seam.glob, "glob", lambda pattern: ["/dev/nvidia0"] if "nvidia" in pattern else [])
+    for hidden, expected in ((None, "/dev/nvidia0"), ("0", "/dev/nvidia0"), ("", ""), ("-1", ""), (" -1,0", "")):
+        if hidden is None:
+            monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+        else:
+            monkeypatch.setenv("CUDA_VISIBLE_DEVICES", hidden)
+        assert seam.gpu_device() == expected, hidden
+
+
 # Run in a fresh interpreter: every outgoing connection and every child process is recorded, then the
 # model is converted (an empty cache) and run. The last line tries an outside address on purpose, so the
 # recording is shown to work.
