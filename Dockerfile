@@ -57,8 +57,10 @@ ENV WEB_HOST=0.0.0.0 \
 EXPOSE 5000
 
 # The web process is up (whether a model worker is, is /readyz's question). The model worker serves no
-# HTTP: docker-compose.yml turns this check off for it.
-HEALTHCHECK --interval=10s --timeout=5s --start-period=20s --retries=3 \
-    CMD ["python", "-c", "import settings, stack, urllib.request as r; r.urlopen(stack.web_url(settings.WEB_HOST, settings.WEB_PORT) + 'healthz', timeout=4)"]
+# HTTP: docker-compose.yml turns this check off for it. /healthz waits for a free gunicorn thread like any
+# request, and under overload with stalled workers every thread may wait up to the longest a request can take
+# (15 s by default): the timeout outlasts that, so an overloaded web is not taken for a dead one.
+HEALTHCHECK --interval=10s --timeout=20s --start-period=20s --retries=3 \
+    CMD ["python", "-c", "import settings, stack, urllib.request as r; r.urlopen(stack.web_url(settings.WEB_HOST, settings.WEB_PORT) + 'healthz', timeout=18)"]
 
 CMD ["gunicorn", "-c", "gunicorn_conf.py", "run_web_server:app"]
