@@ -17,26 +17,32 @@ from typing import NamedTuple
 
 import numpy as np
 
-import logs
-import settings
-from image_queue import (
-    CONFIGURATION_ERRORS,
-    LANES,
-    REDIS_ERRORS,
-    Backoff,
-    Claim,
-    Done,
-    ImageQueue,
-    Message,
-    MessageError,
-    ModelInfo,
-    decode_message,
-    encode_answer,
-    encode_error,
-    queue_from_config,
-    redis_trouble,
-    unavailable,
-)
+try:  # settings reads the environment as it is imported
+    import logs
+    import settings
+    from image_queue import (
+        CONFIGURATION_ERRORS,
+        LANES,
+        REDIS_ERRORS,
+        Backoff,
+        Claim,
+        Done,
+        ImageQueue,
+        Message,
+        MessageError,
+        ModelInfo,
+        decode_message,
+        encode_answer,
+        encode_error,
+        queue_from_config,
+        redis_trouble,
+        unavailable,
+    )
+except ValueError as exc:  # a bad setting (settings.SettingError): one line and exit 2, which systemd does not restart
+    if __name__ != "__main__" or type(exc).__name__ != "SettingError":
+        raise
+    print(f"run_model_server: {exc}", file=sys.stderr)
+    sys.exit(2)
 
 log = logging.getLogger("model_server")
 

@@ -247,6 +247,18 @@ def test_labels_files_in_each_supported_format(tmp_path):
         load_labels(tmp_path / "gap.json")
 
 
+def test_a_bad_setting_stops_the_worker_in_one_line_with_status_2():
+    """Exit 2 is what the systemd unit does not restart (RestartPreventExitStatus=2): a bad setting is fixed by a
+    person, not by restarting every 5 s with a traceback (it exited 1 before)."""
+    import os
+    import subprocess
+    import sys
+
+    env = os.environ | {"WORKER_TTL_S": "abc"}
+    done = subprocess.run([sys.executable, "run_model_server.py"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert done.returncode == 2 and done.stderr == "run_model_server: WORKER_TTL_S must be a number, got 'abc'\n"
+
+
 @pytest.mark.parametrize(
     ("settings", "words"),
     [
