@@ -111,16 +111,21 @@ SIGNATURES = {
 }
 
 
+def signature_kind(data: bytes) -> str | None:
+    """The accepted format the upload's first bytes name (WebP or one of SIGNATURES), or None."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WebP"
+    return next((name for magic, name in SIGNATURES.items() if data.startswith(magic)), None)
+
+
 def has_accepted_signature(data: bytes) -> bool:
     """Whether the upload starts like a format we decode (JPEG, PNG, GIF, BMP, WebP, TIFF): anything else is
     refused without waiting for a decoder (Trip.prepare)."""
-    webp = data[:4] == b"RIFF" and data[8:12] == b"WEBP"
-    return webp or data.startswith((*SIGNATURES, b"BM", b"II+\x00", b"MM\x00+"))
+    return signature_kind(data) is not None or data.startswith((b"BM", b"II+\x00", b"MM\x00+"))
 
 
 def _unidentified(data: bytes) -> ImageError:
-    kind = "WebP" if data[:4] == b"RIFF" and data[8:12] == b"WEBP" else None
-    kind = kind or next((name for magic, name in SIGNATURES.items() if data.startswith(magic)), None)
+    kind = signature_kind(data)
     if kind:
         return NotAnImage(f"the {kind} image is corrupt or truncated (its header cannot be read)")
     head = data[:512].lstrip().lower()

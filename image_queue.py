@@ -342,14 +342,11 @@ class FollowsTheName:
     def read_response(self, *args, **kwargs):
         try:
             return super().read_response(*args, **kwargs)
-        except redis.exceptions.ReadOnlyError as exc:
+        except redis.ResponseError as exc:
+            if not isinstance(exc, redis.exceptions.ReadOnlyError) and not str(exc).startswith("UNBLOCKED"):
+                raise
             self.disconnect()
             raise redis.ConnectionError(f"the master is now a replica; reconnecting ({exc})") from exc
-        except redis.ResponseError as exc:
-            if str(exc).startswith("UNBLOCKED"):
-                self.disconnect()
-                raise redis.ConnectionError(f"the master is now a replica; reconnecting ({exc})") from exc
-            raise
 
 
 FOLLOWING = {  # REDIS_URL's connection class (redis://, rediss://, unix://) -> the same, following the name
